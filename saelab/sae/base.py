@@ -1,0 +1,241 @@
+"""The SAE base class: parameters, encode/decode, the training hooks every variant fills in, save/load.
+
+Row-vector convention throughout: x [B, d_in], W_enc [d_in, n], W_dec [n, d_in],
+pre = (x - b_dec) @ W_enc + b_enc, x_hat = z @ W_dec + b_dec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from saelab.atomic import atomic_directory
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CONFIG_FILE = "cfg.json"
+
+
+@dataclass
+class SAEConfig:
+    """Fields shared by every variant. `d_in=0` / `d_sae=0` mean "fill in from the data" before build."""
+
+    architecture: str = "topk"
+    d_in: int = 0
+    d_sae: int = 0
+    expansion_factor: int = 16
+    dtype: str = "float32"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self, d_in: int) -> SAEConfig:
+        """Return a copy with d_in / d_sae filled in; raises if an explicit d_in disagrees with the data."""
+        if self.d_in not in (0, d_in):
+            raise ValueError(
+                f"sae.d_in={self.d_in} but the activation source yields vectors of size {d_in}; "
+                f"set sae.d_in={d_in} (or 0 to infer it)."
+            )
+        d_sae = self.d_sae or self.expansion_factor * d_in
+        return dataclasses.replace(self, d_in=d_in, d_sae=d_sae)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for any inconsistent value."""
+        if self.d_in <= 0:
+            raise ValueError(f"sae.d_in must be a positive integer, got {self.d_in}.")
+        if self.d_sae <= 0:
+            raise ValueError(f"sae.d_sae must be a positive integer, got {self.d_sae}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"sae.dtype={self.dtype!r} is not one of {sorted(DTYPES)}.")
+
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class TrainContext:
+    """What the trainer tells the SAE each step.
+
+    dead_mask: [n] bool, latents that have not fired within the dead window.
+    any_dead: host-side flag refreshed periodically, so a step with no dead latents skips auxiliary work
+    without a device sync.
+    """
+
+    step: int
+    total_steps: int
+    dead_mask: Tensor
+    any_dead: bool
+
+
+@dataclass
+class TrainOutput:
+    """One training forward pass.
+
+    loss: scalar to minimise. x_hat: [B, d_in]. fired: [n] bool, latents active on any row of the batch.
+    l0: scalar, mean active latents per row. metrics: scalar tensors to log (fvu, auxk, l1, ...).
+    """
+
+    loss: Tensor
+    x_hat: Tensor
+    fired: Tensor
+    l0: Tensor
+    metrics: dict[str, Tensor]
+
+
+class SAE(nn.Module):
+    """Base sparse autoencoder. Subclasses set `config_class` and implement `encode` and `training_forward`."""
+
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    #: Variants whose decoder rows are kept at unit norm during training.
+    unit_norm_decoder: ClassVar[bool] = False
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        dtype = DTYPES[cfg.dtype]
+        d, n = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d, n, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype))
+        self.reset_parameters()
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    # ----------------------------------------------------------------- init
+    def reset_parameters(self) -> None:
+        """Decoder rows random unit directions, encoder tied to the decoder transpose, biases zero."""
+        with torch.no_grad():
+            w = torch.randn(self.d_sae, self.d_in, dtype=torch.float32)
+            w /= w.norm(dim=1, keepdim=True)
+            self.W_dec.copy_(w)
+            self.W_enc.copy_(w.T)
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    def initialize_from_sample(self, x: Tensor) -> None:
+        """Data-dependent init from a sample x [N, d_in]; default: b_dec = geometric median."""
+        with torch.no_grad():
+            self.b_dec.copy_(geometric_median(x).to(self.b_dec.dtype))
+
+    # ----------------------------------------------------------- inference
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """x [B, d_in] -> pre-activations [B, n]."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x [B, d_in] -> dense codes z [B, n]."""
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z [B, n] -> x_hat [B, d_in]."""
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., d_in] -> reconstruction [..., d_in]; leading dims are flattened and restored."""
+        self.check_input(x)
+        flat = x.reshape(-1, self.d_in)
+        return self.decode(self.encode(flat)).reshape(x.shape)
+
+    def check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}; "
+                "pass activations from the hook the SAE was trained on."
+            )
+
+    # ------------------------------------------------------------ training
+    def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
+        """One training pass on x [B, d_in]."""
+        raise NotImplementedError
+
+    def default_lr(self, batch_size: int) -> float:
+        """Adam learning rate used when trainer.lr is left unset."""
+        return 2e-4 / math.sqrt(self.d_sae / 2**14) * math.sqrt(batch_size / 4096)
+
+    def before_optimizer_step(self) -> None:
+        """Project out the gradient component parallel to each unit-norm decoder row."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            with torch.no_grad():
+                w, g = self.W_dec, self.W_dec.grad
+                g -= (g * w).sum(dim=1, keepdim=True) * w
+
+    def after_optimizer_step(self) -> None:
+        """Re-normalise decoder rows to unit norm where the variant keeps them so."""
+        if self.unit_norm_decoder:
+            with torch.no_grad():
+                self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """Parameters the optimizer updates (variants may exclude some, e.g. GBA biases)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make the SAE accept raw inputs x when it was trained on scale * x (exact for linear encoders)."""
+        self.W_enc *= scale
+        self.W_dec /= scale
+        self.b_dec /= scale
+
+    # ------------------------------------------------------------ save/load
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-ready config (SAELens-style keys: architecture, d_in, d_sae, dtype, metadata)."""
+        out = dataclasses.asdict(self.cfg)
+        out["apply_b_dec_to_input"] = True
+        out["normalize_activations"] = "none"
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write `cfg.json` + `sae_weights.safetensors` into directory `path`, atomically."""
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_directory(path) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2))
+        return Path(path)
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any]) -> SAE:
+        """Build an untrained SAE of this class from a config dict (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls.config_class)}
+        return cls(cls.config_class(**{k: v for k, v in data.items() if k in names}))
+
+
+def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld's algorithm on x [N, d] in float64; returns [d]."""
+    pts = x.detach().to(torch.float64)
+    median = pts.mean(dim=0)
+    for _ in range(iters):
+        weights = 1.0 / (pts - median).norm(dim=1).clamp_min(eps)
+        new = (weights[:, None] * pts).sum(dim=0) / weights.sum()
+        if (new - median).norm() <= 1e-7 * (median.norm() + 1e-12):
+            median = new
+            break
+        median = new
+    return median.to(x.dtype)
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """Read a safetensors file, turning any read failure into a clear error naming the file."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises several types for truncated/corrupt files
+        raise ValueError(
+            f"could not read SAE weights from {path}: {err}. The file is missing or corrupt."
+        ) from err

@@ -1,0 +1,44 @@
+"""String registry of SAE variants: `architecture` in a config picks the class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from saelab.sae.base import SAE, SAEConfig
+
+_REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(name: str, *aliases: str) -> Callable[[type[SAE]], type[SAE]]:
+    """Class decorator adding a variant under `name` (and aliases, e.g. SAELens's names)."""
+
+    def add(cls: type[SAE]) -> type[SAE]:
+        for key in (name, *aliases):
+            if key in _REGISTRY and _REGISTRY[key] is not cls:
+                raise ValueError(
+                    f"architecture name {key!r} is already registered to {_REGISTRY[key].__name__}"
+                )
+            _REGISTRY[key] = cls
+        cls.architecture = name
+        return cls
+
+    return add
+
+
+def get_sae_class(name: str) -> type[SAE]:
+    """Look up a variant by name; unknown names raise with the list of known ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"sae.architecture={name!r} is unknown; choose one of {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def available_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_sae(cfg: SAEConfig) -> SAE:
+    """Instantiate the variant named by cfg.architecture (cfg must be that variant's config class)."""
+    cls = get_sae_class(cfg.architecture)
+    if not isinstance(cfg, cls.config_class):
+        raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(cfg).__name__}")
+    return cls(cfg)

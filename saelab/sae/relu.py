@@ -1,0 +1,77 @@
+"""ReLU SAE with a decoder-norm-weighted L1 penalty (Anthropic, "Circuits Updates", April 2024).
+
+z = ReLU(pre). Loss = sum_d (x - x_hat)^2 (mean over batch) + lambda * sum_i z_i ||W_dec,i||_2, with
+lambda ramped linearly from 0 over the first `l1_warmup_frac` of training. Decoder rows are free in norm;
+init: rows random directions of norm `init_decoder_norm`, W_enc = W_dec^T, biases 0. The penalty is
+scale-dependent: inputs are expected normalised so that E||x|| = sqrt(d_in) (the trainer does this).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
+from saelab.sae.registry import register
+from saelab.sae.topk import fraction_of_variance_unexplained
+
+
+@dataclass
+class ReLUConfig(SAEConfig):
+    """l1_coefficient: lambda. l1_warmup_frac: fraction of steps over which lambda ramps up from 0."""
+
+    architecture: str = "relu"
+    l1_coefficient: float = 5.0
+    l1_warmup_frac: float = 0.05
+    init_decoder_norm: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.l1_coefficient < 0:
+            raise ValueError(f"sae.l1_coefficient={self.l1_coefficient} must be >= 0.")
+        if not 0 <= self.l1_warmup_frac <= 1:
+            raise ValueError(f"sae.l1_warmup_frac={self.l1_warmup_frac} must be in [0, 1].")
+        if self.init_decoder_norm <= 0:
+            raise ValueError(f"sae.init_decoder_norm={self.init_decoder_norm} must be > 0.")
+
+
+@register("relu", "standard")
+class ReLUSAE(SAE):
+    config_class = ReLUConfig
+    cfg: ReLUConfig
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            self.W_dec.mul_(self.cfg.init_decoder_norm)
+            self.W_enc.copy_(self.W_dec.T)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.pre_activations(x).relu()
+
+    def l1_coefficient_at(self, step: int, total_steps: int) -> float:
+        """Lambda after linear warm-up over the first l1_warmup_frac * total_steps steps."""
+        warmup = self.cfg.l1_warmup_frac * total_steps
+        return self.cfg.l1_coefficient * (min(1.0, (step + 1) / warmup) if warmup >= 1 else 1.0)
+
+    def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
+        z = self.encode(x)
+        x_hat = self.decode(z)
+        mse = (x - x_hat).pow(2).sum(dim=-1).mean()
+        l1 = (z * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+        loss = mse + self.l1_coefficient_at(ctx.step, ctx.total_steps) * l1
+        active = z > 0
+        metrics = {
+            "mse": mse.detach(),
+            "l1": l1.detach(),
+            "fvu": fraction_of_variance_unexplained(x, x_hat.detach()),
+        }
+        return TrainOutput(
+            loss=loss, x_hat=x_hat, fired=active.any(dim=0), l0=active.sum(-1).float().mean(), metrics=metrics
+        )
+
+    def default_lr(self, batch_size: int) -> float:
+        return 4e-4 / math.sqrt(self.d_sae / 2**14) * math.sqrt(batch_size / 4096)

@@ -1,0 +1,82 @@
+"""Trainer and logging settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation, schedule, dead-latent window and checkpointing.
+
+    lr: Adam learning rate; None picks the variant's width- and batch-scaled default.
+    lr_warmup_frac / lr_decay_frac: linear warm-up over the first, linear decay to 0 over the last fraction.
+    dead_window_tokens: a latent is dead after this many tokens without firing; 0 -> min(10M, total / 20).
+    checkpoint_every: steps between checkpoints (0: only the final save).
+    """
+
+    total_tokens: int = 20_000_000
+    batch_size: int = 4096
+    lr: float | None = None
+    lr_warmup_frac: float = 0.02
+    lr_decay_frac: float = 0.2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 1.0
+    normalize_activations: bool = True
+    dead_window_tokens: int = 0
+    dead_check_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 50
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume_from: str | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.total_tokens // self.batch_size)
+
+    @property
+    def dead_window(self) -> int:
+        return self.dead_window_tokens or min(10_000_000, max(self.total_tokens // 20, 10 * self.batch_size))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending trainer field."""
+        positive = ("total_tokens", "batch_size", "log_every", "dead_check_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be > 0.")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"trainer.lr={self.lr} must be > 0 (or null for the automatic default).")
+        for name in ("lr_warmup_frac", "lr_decay_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be in [0, 1].")
+        if self.lr_warmup_frac + self.lr_decay_frac > 1:
+            raise ValueError("trainer.lr_warmup_frac + trainer.lr_decay_frac must be <= 1.")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError("trainer.adam_beta1 and trainer.adam_beta2 must be in [0, 1).")
+        for name in ("grad_clip_norm", "dead_window_tokens", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 disables it).")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1.")
+
+
+@dataclass
+class LoggingConfig:
+    """wandb_mode: 'disabled', 'offline' or 'online'. progress: show a progress bar."""
+
+    wandb_mode: str = "disabled"
+    project: str = "saelab"
+    entity: str | None = None
+    group: str | None = None
+    run_name: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.wandb_mode not in ("disabled", "offline", "online"):
+            raise ValueError(
+                f"logging.wandb_mode={self.wandb_mode!r} must be 'disabled', 'offline' or 'online'."
+            )

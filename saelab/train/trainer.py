@@ -1,0 +1,269 @@
+"""The training loop: any stream of activation batches [B, d_in] in, a trained SAE out.
+
+Per step: normalise, variant forward/loss, backward, decoder-gradient projection, gradient clipping,
+Adam step, decoder renormalisation, schedule, dead-latent bookkeeping. Host syncs happen only every
+`dead_check_every` / `log_every` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from saelab.sae.base import SAE, TrainContext
+from saelab.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from saelab.train.config import LoggingConfig, TrainerConfig
+from saelab.train.dead import DeadLatentTracker
+from saelab.train.logger import RunLogger
+from saelab.train.schedule import lr_multiplier
+
+
+class BatchSource(Protocol):
+    """An activation source that can restart its stream at a given batch number (for exact resume)."""
+
+    d_in: int
+
+    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]: ...
+
+
+@dataclass
+class TrainResult:
+    """The trained SAE (accepting raw, un-normalised inputs), its input scale and the logged history."""
+
+    sae: SAE
+    steps: int
+    tokens: int
+    input_scale: float
+    dead_fraction: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    output_dir: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def norm_scale(x: Tensor) -> float:
+    """sqrt(d_in) / mean ||x||, so that scaled inputs have E||x|| = sqrt(d_in)."""
+    mean_norm = x.double().norm(dim=-1).mean().item()
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise ValueError("cannot normalise activations: the first batch has zero or non-finite norm.")
+    return math.sqrt(x.shape[-1]) / mean_norm
+
+
+def check_batch(x: Tensor, d_in: int, step: int) -> None:
+    if x.ndim != 2 or x.shape[1] != d_in:
+        raise ValueError(
+            f"batch at step {step} has shape {tuple(x.shape)}, expected [batch, {d_in}]; "
+            "sae.d_in must match the activation source."
+        )
+
+
+class Trainer:
+    """Trains `sae` on batches; `fit(source_or_iterator)` runs to trainer.total_tokens."""
+
+    def __init__(
+        self,
+        sae: SAE,
+        cfg: TrainerConfig,
+        logging: LoggingConfig | None = None,
+        output_dir: str | Path | None = None,
+        run_config: dict[str, Any] | None = None,
+    ):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.sae = sae.to(self.device)
+        self.logging = logging or LoggingConfig(progress=False)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.run_config = run_config or {}
+        self.lr = cfg.lr if cfg.lr is not None else sae.default_lr(cfg.batch_size)
+        self.optimizer = torch.optim.Adam(
+            sae.optimizer_param_groups(),
+            lr=self.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            foreach=True,
+        )
+        total = cfg.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, total, cfg.lr_warmup_frac, cfg.lr_decay_frac)
+        )
+        self.tracker = DeadLatentTracker(sae.d_sae, cfg.dead_window, self.device)
+        self.step = 0
+        self.input_scale = 1.0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "step": self.step,
+            "input_scale": self.input_scale,
+            "lr": self.lr,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "cpu_rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.input_scale = float(state["input_scale"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.tracker.load_state_dict(state["tracker"])
+        torch.set_rng_state(state["cpu_rng"].cpu())
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        cfg: TrainerConfig,
+        logging: LoggingConfig | None = None,
+        output_dir: str | Path | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> Trainer:
+        """Rebuild a trainer (SAE, optimizer, schedule, tracker, RNG) from a checkpoint to continue the run."""
+        ckpt = resolve_checkpoint(path)
+        sae, state = load_checkpoint(ckpt, resolve_device(cfg.device))
+        sae.train()
+        trainer = cls(sae, cfg, logging, output_dir, run_config)
+        trainer.load_state_dict(state)
+        return trainer
+
+    # ------------------------------------------------------------------- loop
+    def _stream(self, source: BatchSource | Iterator[Tensor]) -> Iterator[Tensor]:
+        if hasattr(source, "batches"):
+            return iter(source.batches(self.cfg.batch_size, start_batch=self.step))
+        return iter(source)
+
+    def _prepare(self, stream: Iterator[Tensor]) -> Tensor:
+        """First batch of a fresh run: estimate the input scale and run the data-dependent init."""
+        first = next(stream).to(self.device, dtype=self.sae.W_enc.dtype)
+        check_batch(first, self.sae.d_in, 0)
+        if not torch.isfinite(first).all():
+            raise ValueError("the first activation batch contains NaN or Inf; check the activation source.")
+        if self.cfg.normalize_activations:
+            self.input_scale = norm_scale(first)
+        self.sae.initialize_from_sample(first * self.input_scale)
+        return first
+
+    def fit(self, source: BatchSource | Iterator[Tensor]) -> TrainResult:
+        """Train until trainer.total_tokens; returns the SAE with the input scale folded in."""
+        cfg, sae = self.cfg, self.sae
+        total = cfg.total_steps
+        stream = self._stream(source)
+        pending = [self._prepare(stream)] if self.step == 0 else []
+        logger = RunLogger(self.logging, total, self.run_config, self.output_dir)
+        logger.start_at(self.step)
+        any_dead = bool(self.tracker.dead_mask.any())
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        window_start, window_tokens, last_check = time.perf_counter(), 0, self.step
+        sae.train()
+        try:
+            while self.step < total:
+                x = pending.pop() if pending else next(stream)
+                x = x.to(self.device, dtype=sae.W_enc.dtype, non_blocking=True)
+                check_batch(x, sae.d_in, self.step)
+                finite &= torch.isfinite(x).all()
+                ctx = TrainContext(self.step, total, self.tracker.dead_mask, any_dead)
+                out = sae.training_forward(x * self.input_scale, ctx)
+                self.optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                sae.before_optimizer_step()
+                if cfg.grad_clip_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm, foreach=True)
+                self.optimizer.step()
+                sae.after_optimizer_step()
+                self.scheduler.step()
+                self.tracker.update(out.fired, x.shape[0])
+                self.step += 1
+                window_tokens += x.shape[0]
+                logger.advance()
+                if self.step % cfg.dead_check_every == 0 or self.step == total:
+                    if not bool(finite):
+                        raise ValueError(
+                            f"an activation batch between steps {last_check} and {self.step} contains NaN or Inf; "
+                            "check the activation source (no checkpoint was written for these steps)."
+                        )
+                    any_dead, last_check = bool(self.tracker.dead_mask.any()), self.step
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    elapsed = time.perf_counter() - window_start
+                    row = self._metrics_row(out, window_tokens / max(elapsed, 1e-9))
+                    self.history.append(row)
+                    logger.log(self.step, row)
+                    window_start, window_tokens = time.perf_counter(), 0
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
+                    self.save_checkpoint()
+            result = self._finish(logger)
+        finally:
+            logger.close()
+        return result
+
+    def _metrics_row(self, out: Any, tokens_per_s: float) -> dict[str, float]:
+        row = {
+            "step": float(self.step),
+            "tokens": float(self.tracker.tokens_seen),
+            "loss": out.loss.item(),
+            "l0": out.l0.item(),
+            "dead_frac": self.tracker.dead_fraction(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens_per_s,
+        }
+        row.update({k: v.item() for k, v in out.metrics.items()})
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(
+                f"loss became {row['loss']} at step {self.step}; lower trainer.lr or check the activations."
+            )
+        return row
+
+    def save_checkpoint(self) -> Path | None:
+        if self.output_dir is None:
+            return None
+        return save_checkpoint(
+            self.output_dir / "checkpoints", self.step, self.sae, self.state_dict(), self.cfg.keep_checkpoints
+        )
+
+    def inference_sae(self) -> SAE:
+        """A copy of the SAE that takes raw inputs (input scale folded into its weights)."""
+        folded = type(self.sae)(self.sae.cfg).to(self.device)
+        folded.load_state_dict(self.sae.state_dict())
+        folded.fold_input_scale(self.input_scale)
+        folded.cfg.metadata = {**folded.cfg.metadata, "input_scale_folded": self.input_scale}
+        return folded.eval()
+
+    def _finish(self, logger: RunLogger) -> TrainResult:
+        final = self.inference_sae()
+        dead = self.tracker.dead_fraction()
+        last = self.history[-1] if self.history else {}
+        final.cfg.metadata = {
+            **final.cfg.metadata,
+            "training_tokens": self.tracker.tokens_seen,
+            "final_metrics": {k: last[k] for k in ("loss", "l0", "fvu", "dead_frac") if k in last},
+        }
+        if self.output_dir is not None:
+            final.save(self.output_dir / "sae")
+        logger.summary({"final/dead_frac": dead, **{f"final/{k}": v for k, v in last.items()}})
+        return TrainResult(
+            sae=final,
+            steps=self.step,
+            tokens=self.tracker.tokens_seen,
+            input_scale=self.input_scale,
+            dead_fraction=dead,
+            history=self.history,
+            output_dir=self.output_dir,
+        )

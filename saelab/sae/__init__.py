@@ -1,6 +1,6 @@
 """SAE variants. Importing this package registers every built-in variant."""
 
-from saelab.sae import relu, topk  # noqa: F401  (registration side effects)
+from saelab.sae import batchtopk, gba, jumprelu, mp, relu, topk  # noqa: F401  (registration side effects)
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
 from saelab.sae.loading import load_sae
 from saelab.sae.registry import available_architectures, build_sae, get_sae_class, register

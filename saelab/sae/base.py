@@ -21,6 +21,8 @@ from saelab.atomic import atomic_directory
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
+#: cfg.json follows SAELens >= 6's layout; SAELens reads a config's nested `metadata` only when it says so.
+SAELENS_LAYOUT_VERSION = "6.0.0"
 
 
 @dataclass
@@ -103,13 +105,16 @@ class SAE(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        dtype = DTYPES[cfg.dtype]
-        d, n = cfg.d_in, cfg.d_sae
+        self.create_parameters(DTYPES[cfg.dtype])
+        self.reset_parameters()
+
+    def create_parameters(self, dtype: torch.dtype) -> None:
+        """Register the weights (values are set by reset_parameters). Tied variants register fewer."""
+        d, n = self.d_in, self.d_sae
         self.W_enc = nn.Parameter(torch.empty(d, n, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype))
         self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype))
-        self.reset_parameters()
 
     @property
     def d_in(self) -> int:
@@ -196,10 +201,12 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------ save/load
     def config_dict(self) -> dict[str, Any]:
-        """JSON-ready config (SAELens-style keys: architecture, d_in, d_sae, dtype, metadata)."""
+        """JSON-ready config in SAELens-6 layout (architecture, d_in, d_sae, dtype, metadata) + variant fields."""
         out = dataclasses.asdict(self.cfg)
         out["apply_b_dec_to_input"] = True
         out["normalize_activations"] = "none"
+        out["reshape_activations"] = "none"
+        out["sae_lens_version"] = SAELENS_LAYOUT_VERSION
         return out
 
     def save(self, path: str | Path) -> Path:

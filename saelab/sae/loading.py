@@ -1,19 +1,126 @@
-"""Load a saved SAE directory (`cfg.json` + `sae_weights.safetensors`)."""
+"""Load an SAE from a local directory, a saelab training run or checkpoint, or a Hugging Face hub repo.
+
+A directory holds `cfg.json` + `sae_weights.safetensors` in saelab's or SAELens's layout (see
+`saelab.interop.saelens`). Whatever the source, the SAE returned takes raw model activations: input scales
+(saelab's trainer scale in a checkpoint, SAELens's "expected_average_only_in" factor) are folded in.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from saelab.interop.saelens import dtype_name, needs_input_scale, to_saelab
 from saelab.sae.base import CONFIG_FILE, DTYPES, SAE, WEIGHTS_FILE, load_weights
 from saelab.sae.registry import get_sae_class
 
+#: SAELens training checkpoints store the activation scale they have not folded in yet here.
+SCALER_FILE = "activation_scaler.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^/].*)?$")
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> SAE:
-    """Load the SAE saved in directory `path`, ready for encode/decode, on `device` (optionally cast to dtype)."""
+
+def load_sae(
+    source: str | Path,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    norm_scaling_factor: float | None = None,
+    cache_dir: str | Path | None = None,
+) -> SAE:
+    """Load an SAE ready for encode/decode on raw activations, on `device` (cast to `dtype` if given).
+
+    source: an SAE directory (saelab or SAELens layout); a saelab run directory (loads `sae/`, else the newest
+    checkpoint); a checkpoint directory (its trainer input scale is folded in); or a Hugging Face repo id
+    ("owner/name", optionally followed by "/sub/folder") fetched with `huggingface_hub` into `cache_dir`
+    (respects HF_HUB_OFFLINE). subfolder: folder inside the directory or repo. norm_scaling_factor: the
+    activation factor of a SAELens SAE saved with normalize_activations="expected_average_only_in".
+    The SAE's `cfg.metadata` holds model/hook/layer, training tokens, metrics and `loaded_from`.
+    """
+    folder, origin = locate(source, subfolder, revision, cache_dir)
+    raw, state = read_files(folder)
+    if origin["kind"] == "hub" and norm_scaling_factor is None and needs_input_scale(raw):
+        with contextlib.suppress(FileNotFoundError):  # if absent, build_from_files asks for the factor
+            hub_file(origin["repo_id"], origin["subfolder"], SCALER_FILE, revision, cache_dir)
+    input_scale, extra = input_scale_of(raw, folder, origin["kind"] == "checkpoint", norm_scaling_factor)
+    sae = build_from_files(raw, state, folder, input_scale=input_scale, dtype=dtype)
+    sae.cfg.metadata.update(extra)
+    sae.cfg.metadata["loaded_from"] = origin
+    return sae.to(device).eval()
+
+
+def locate(
+    source: str | Path, subfolder: str | None, revision: str | None, cache_dir: str | Path | None
+) -> tuple[Path, dict[str, Any]]:
+    """(local folder holding cfg.json, description of where it came from) for any load_sae source."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        folder, is_checkpoint = resolve_local(local / subfolder if subfolder else local)
+        return folder, {"kind": "checkpoint" if is_checkpoint else "directory", "path": str(folder)}
+    if not _REPO_ID.match(str(source)) or str(source).startswith((".", "~")):
+        raise FileNotFoundError(
+            f"{source} is not a directory (nor a Hugging Face repo id such as 'owner/name')."
+        )
+    parts = str(source).split("/")
+    repo_id, inner = "/".join(parts[:2]), "/".join([*parts[2:], *([subfolder] if subfolder else [])])
+    folder = hub_file(repo_id, inner, CONFIG_FILE, revision, cache_dir).parent
+    hub_file(repo_id, inner, WEIGHTS_FILE, revision, cache_dir)
+    return folder, {"kind": "hub", "repo_id": repo_id, "subfolder": inner, "revision": revision or "main"}
+
+
+def input_scale_of(
+    raw: dict[str, Any], folder: Path, is_checkpoint: bool, given: float | None
+) -> tuple[float | None, dict[str, Any]]:
+    """(factor the SAE's inputs were scaled by in training and is still to be folded, extra metadata)."""
+    if is_checkpoint:
+        if given is not None:
+            raise ValueError(
+                f"{folder} is a saelab checkpoint that stores its input scale; drop norm_scaling_factor."
+            )
+        return checkpoint_scale(folder)
+    if given is not None and not needs_input_scale(raw):
+        raise ValueError(
+            f"{folder / CONFIG_FILE} says normalize_activations={raw.get('normalize_activations', 'none')!r}: "
+            "its weights already take raw activations, so norm_scaling_factor must not be given."
+        )
+    if given is None and needs_input_scale(raw) and (folder / SCALER_FILE).is_file():
+        given = json.loads((folder / SCALER_FILE).read_text()).get("scaling_factor")
+    return given, {}
+
+
+def read_sae_dir(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> SAE:
+    """The SAE exactly as stored in directory `path` (no input scale folded in): for resuming training."""
     folder = Path(path)
+    raw, state = read_files(folder)
+    return build_from_files(raw, state, folder, dtype=dtype).to(device).eval()
+
+
+def resolve_local(folder: Path) -> tuple[Path, bool]:
+    """(directory holding cfg.json, whether it is a saelab training checkpoint) for a local source."""
+    from saelab.train.checkpoint import STATE_FILE, list_checkpoints  # train depends on sae: import late
+
+    if (folder / CONFIG_FILE).is_file():
+        return folder, (folder / STATE_FILE).is_file()
+    if (folder / "sae" / CONFIG_FILE).is_file():
+        return folder / "sae", False
+    for root in (folder, folder / "checkpoints"):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1], True
+    raise FileNotFoundError(
+        f"{folder / CONFIG_FILE} is missing: an SAE directory needs {CONFIG_FILE} and {WEIGHTS_FILE} "
+        "(a saelab run directory needs sae/ or checkpoints/step_*/)."
+    )
+
+
+def read_files(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(cfg.json dict, tensors) of an SAE directory; errors name the missing or corrupt file."""
     cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for needed in (cfg_path, weights_path):
         if not needed.is_file():
@@ -21,19 +128,85 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", dtype: str | 
                 f"{needed} is missing: an SAE directory needs {CONFIG_FILE} and {WEIGHTS_FILE}."
             )
     try:
-        data = json.loads(cfg_path.read_text())
+        raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path} is not valid JSON ({err}); the checkpoint is corrupt.") from err
-    if "architecture" not in data:
-        raise ValueError(f"{cfg_path} has no 'architecture' field; cannot tell which SAE variant it holds.")
-    sae = get_sae_class(data["architecture"]).from_config_dict(data)
-    state = load_weights(weights_path)
-    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
+        raise ValueError(f"{cfg_path} is not valid JSON ({err}); the file is corrupt.") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path} holds a JSON {type(raw).__name__}, expected an object.")
+    return raw, load_weights(weights_path)
+
+
+def build_from_files(
+    raw: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    folder: Path,
+    input_scale: float | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> SAE:
+    """Build the SAE a (cfg.json, tensors) pair describes, with `input_scale` folded in (in float64)."""
+    cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if needs_input_scale(raw) and input_scale is None:
         raise ValueError(
-            f"{weights_path} does not match {cfg_path}: expected tensors {expected}, found {got}."
+            f"{cfg_path}: normalize_activations={raw['normalize_activations']!r} but the factor activations "
+            "were scaled by is not stored with the SAE; pass norm_scaling_factor=<float> (SAELens lists it per "
+            "release as norm_scaling_factor), or norm_scaling_factor=1.0 to use the SAE on pre-scaled inputs."
         )
-    sae.load_state_dict(state)
-    sae.to(device=device, dtype=DTYPES[dtype] if dtype else None)
-    return sae.eval()
+    target = dtype_name(dtype, "load_sae") if dtype is not None else None
+    cfg, tensors = to_saelab(raw, state, where=str(cfg_path), dtype=target)
+    target = cfg["dtype"]
+    work = "float64" if input_scale is not None else target  # fold the scale before rounding to the target
+    try:
+        sae = get_sae_class(cfg["architecture"]).from_config_dict({**cfg, "dtype": work})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{cfg_path}: {err}") from err
+    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        unexpected = sorted(set(got) - set(expected))
+        wrong = {k: (got[k], expected[k]) for k in set(got) & set(expected) if got[k] != expected[k]}
+        raise ValueError(
+            f"{weights_path} does not match {cfg_path}: missing tensors {missing}, unexpected tensors "
+            f"{unexpected}, wrong shapes (found, expected) {wrong}."
+        )
+    sae.load_state_dict(tensors)
+    if input_scale is not None:
+        sae.fold_input_scale(input_scale)
+        sae.cfg.metadata["input_scale_folded"] = input_scale * sae.cfg.metadata.get("input_scale_folded", 1.0)
+    sae.cfg.dtype = target
+    return sae.to(DTYPES[target])
+
+
+def checkpoint_scale(folder: Path) -> tuple[float, dict[str, Any]]:
+    """(input scale, metadata) from the trainer state of saelab checkpoint `folder`."""
+    from saelab.train.checkpoint import STATE_FILE
+
+    state_path = folder / STATE_FILE
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"could not read {state_path}: {err}. The checkpoint is corrupt.") from err
+    meta = {"checkpoint_step": int(state["step"]), "training_tokens": int(state["tracker"]["tokens_seen"])}
+    return float(state["input_scale"]), meta
+
+
+def hub_file(
+    repo_id: str, subfolder: str, filename: str, revision: str | None, cache_dir: str | Path | None
+) -> Path:
+    """Local path of one file of a hub repo, downloaded with `huggingface_hub` or found in its cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id, filename, subfolder=subfolder or None, revision=revision, cache_dir=cache_dir
+            )
+        )
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
+        name = "/".join(p for p in (repo_id, subfolder, filename) if p)
+        raise FileNotFoundError(
+            f"{name} (revision {revision or 'main'}) is neither on the Hugging Face hub nor in the local cache "
+            f"{cache_dir or '$HF_HUB_CACHE'} ({type(err).__name__}). Check the repo id and subfolder, or unset "
+            "HF_HUB_OFFLINE to download it."
+        ) from err

@@ -3,6 +3,10 @@
 z keeps the k largest pre-activations per row (ReLU on the kept values). Loss = FVU + aux_k_coef * AuxK,
 where AuxK fits the detached residual e = x - x_hat with the top `aux_k` pre-activations among dead
 latents (decoded without b_dec), normalised by the residual's variance. Decoder rows are unit norm.
+
+Training selects on detached pre-activations and attaches gradients through the kept codes only
+(`saelab.kernels`), so everything after the encoder matmul costs O(B * (k + aux_k) * d_in). Init:
+tied weights, b_dec = geometric median of the first batch, encoder scaled to the least-squares fit of it.
 """
 
 from __future__ import annotations
@@ -11,9 +15,16 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from saelab.kernels import (
+    SlotPlan,
+    dead_topk,
+    sparse_decode,
+    sparse_decode_groups,
+    sparse_encoder_values,
+    topk_select,
+)
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
 from saelab.sae.registry import register
 
@@ -49,14 +60,65 @@ class TopKSAE(SAE):
     config_class = TopKConfig
     unit_norm_decoder = True
     cfg: TopKConfig
+    #: CPU workspace for `selection_pre_activations` (not a parameter or buffer: never saved or moved).
+    _pre_buffer: Tensor | None = None
 
     @property
     def aux_k(self) -> int:
         return min(self.cfg.aux_k or max(self.d_in // 2, 1), self.d_sae)
 
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """x [B, d_in] -> pre-activations [B, n], as one fused addmm for 2-D input."""
+        if x.ndim != 2:
+            return super().pre_activations(x)
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+
+    @torch.no_grad()
+    def initialize_from_sample(self, x: Tensor) -> None:
+        """b_dec = geometric median of x [N, d_in]; then the tied encoder (and b_enc) is scaled by the s > 0
+        minimising ||(x - b_dec) - s * x_hat||^2 over the sample, x_hat being the TopK reconstruction.
+
+        A positive scale leaves every top-k choice unchanged and only sizes the codes: with unit-norm tied
+        weights the k largest projections overshoot x (on planted features s is about 0.5 and the initial
+        FVU halves), which otherwise costs the first few hundred steps of training.
+        """
+        super().initialize_from_sample(x)
+        centred = (x - self.b_dec).double()
+        values, indices = self.select(self.pre_activations(x), self.cfg.k)
+        x_hat = self.decode_sparse(values, indices, with_bias=False).double()
+        scale = float((centred * x_hat).sum() / x_hat.pow(2).sum())
+        if math.isfinite(scale) and scale > 0:
+            self.W_enc.mul_(scale)
+            self.b_enc.mul_(scale)
+
+    @torch.no_grad()
+    def selection_pre_activations(self, x: Tensor) -> Tensor:
+        """Detached pre-activations [B, n] for training-time selection.
+
+        On CPU (no autocast, not under torch.compile, default pre_activations) they are written into a
+        [B, n] buffer kept between steps: a fresh tensor of that size costs page faults comparable to a
+        third of the encoder matmul. The buffer is overwritten by the next call.
+        """
+        plain = type(self).pre_activations is TopKSAE.pre_activations
+        if (
+            x.device.type != "cpu"
+            or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()
+            or not plain
+        ):
+            return self.pre_activations(x)
+        buffer = self._pre_buffer
+        if buffer is None or buffer.shape != (x.shape[0], self.d_sae) or buffer.dtype != self.W_enc.dtype:
+            buffer = self._pre_buffer = torch.empty(x.shape[0], self.d_sae, dtype=self.W_enc.dtype)
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc, out=buffer)
+
     def select(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """pre [B, n] -> (values [B, k] >= 0, indices [B, k])."""
-        values, indices = pre.topk(k, dim=-1, sorted=False)
+        """pre [B, n] -> (values [B, k] >= 0, indices [B, k]).
+
+        Contract used by training: each value is pre[b, indices[b, j]] or exactly 0, and gradients reach
+        pre only through the nonzero values (as for ReLU after a per-row selection).
+        """
+        values, indices = topk_select(pre, k)
         return values.relu(), indices
 
     def encode_sparse(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
@@ -64,9 +126,8 @@ class TopKSAE(SAE):
         return self.select(self.pre_activations(x), k or self.cfg.k)
 
     def decode_sparse(self, values: Tensor, indices: Tensor, with_bias: bool = True) -> Tensor:
-        """(values [B, k], indices [B, k]) -> x_hat [B, d_in], via an embedding bag over W_dec rows."""
-        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
-        return out + self.b_dec if with_bias else out
+        """(values [B, k], indices [B, k]) -> x_hat [B, d_in], via an embedding bag with a sparse backward."""
+        return sparse_decode(values, indices, self.W_dec, self.b_dec if with_bias else None)
 
     def encode(self, x: Tensor) -> Tensor:
         values, indices = self.encode_sparse(x)
@@ -80,29 +141,44 @@ class TopKSAE(SAE):
         return self.decode_sparse(*self.encode_sparse(flat)).reshape(x.shape)
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
-        pre = self.pre_activations(x)
-        values, indices = self.select(pre, self.cfg.k)
-        x_hat = self.decode_sparse(values, indices)
+        k, use_aux = self.cfg.k, self.cfg.aux_k_coef > 0 and ctx.any_dead
+        with torch.no_grad():
+            pre = self.selection_pre_activations(x)
+            values, indices = self.select(pre, k)
+            if use_aux:  # one sparse encoder backward serves the TopK and the AuxK codes
+                aux_values, aux_indices = dead_topk(pre, ctx.dead_mask, self.aux_k)
+                values = torch.cat([values, aux_values.relu().to(values.dtype)], dim=1)
+                indices = torch.cat([indices, aux_indices], dim=1)
+            del pre
+        plan = SlotPlan(indices, self.d_sae)  # one sort of the slots serves every sparse backward below
+        codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec, plan)
+        decoded = sparse_decode_groups(codes, indices, self.W_dec, (k, self.aux_k) if use_aux else (k,), plan)
+        x_hat = decoded[:, 0] + self.b_dec
         fvu = fraction_of_variance_unexplained(x, x_hat)
         loss = fvu
         metrics = {"fvu": fvu.detach()}
-        if self.cfg.aux_k_coef > 0 and ctx.any_dead:
-            auxk = self.auxk_loss(pre, x - x_hat.detach(), ctx.dead_mask)
+        if use_aux:
+            auxk = self.auxk_error(decoded[:, 1], x - x_hat.detach(), ctx.dead_mask)
             loss = loss + self.cfg.aux_k_coef * auxk
             metrics["auxk"] = auxk.detach()
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[indices[values > 0]] = True
-        l0 = (values > 0).sum(dim=-1).float().mean()
+        with torch.no_grad():
+            values, indices = codes[:, :k], indices[:, :k]
+            active = values > 0
+            counts = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
+            fired = counts.index_add_(0, indices.reshape(-1), active.reshape(-1).int()) > 0
+            l0 = active.sum(dim=-1).float().mean()
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
 
     def auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
-        """Normalised error of reconstructing residual [B, d] from the top aux_k dead pre-activations."""
-        dead_pre = pre.masked_fill(~dead_mask, -torch.inf)
-        values, indices = dead_pre.topk(self.aux_k, dim=-1, sorted=False)
-        values = values.relu()  # non-dead slots are -inf -> 0
-        residual_hat = self.decode_sparse(values, indices, with_bias=False)
-        n_dead = dead_mask.sum()
-        scale = (n_dead / self.aux_k).clamp(max=1.0)
+        """AuxK from differentiable pre-activations [B, n] (the top aux_k dead latents per row)."""
+        values, indices = dead_topk(pre.clone(), dead_mask, self.aux_k)
+        residual_hat = self.decode_sparse(values.relu(), indices, with_bias=False)
+        return self.auxk_error(residual_hat, residual, dead_mask)
+
+    def auxk_error(self, residual_hat: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
+        """min(n_dead / aux_k, 1) * FVU of the residual [B, d] rebuilt as residual_hat [B, d] from the top
+        aux_k dead latents (slots past the number of dead latents hold value 0); NaN -> 0."""
+        scale = (dead_mask.sum() / self.aux_k).clamp(max=1.0)
         loss = fraction_of_variance_unexplained(residual, residual_hat)
         return (scale * loss).nan_to_num(0.0)
 

@@ -16,7 +16,7 @@ import torch
 
 from saelab.atomic import atomic_directory
 from saelab.sae.base import CONFIG_FILE, SAE, WEIGHTS_FILE
-from saelab.sae.loading import load_sae
+from saelab.sae.loading import read_sae_dir
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -63,7 +63,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[SAE, dict[str, Any]]:
     """Load (sae, trainer state) from a checkpoint directory."""
-    sae = load_sae(path, device=device)
+    sae = read_sae_dir(path, device=device)
     try:
         state = torch.load(path / STATE_FILE, map_location=device, weights_only=True)
     except Exception as err:

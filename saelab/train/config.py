@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+#: trainer.autocast_dtype values -> the autocast dtype (None: no autocast).
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bfloat16": torch.bfloat16}
+
 
 @dataclass
 class TrainerConfig:
@@ -13,6 +18,11 @@ class TrainerConfig:
     lr_warmup_frac / lr_decay_frac: linear warm-up over the first, linear decay to 0 over the last fraction.
     dead_window_tokens: a latent is dead after this many tokens without firing; 0 -> min(10M, total / 20).
     checkpoint_every: steps between checkpoints (0: only the final save).
+    eval_every: steps between held-out evaluations (FVU, L0, cosine, dead fraction; 0 disables). The first
+    eval_batches batches of the source are held out for it and never trained on.
+    autocast_dtype: "bfloat16" runs the forward pass under bf16 autocast (float32 master weights, optimizer
+    and gradients); "none" keeps everything in the SAE's dtype. compile: wrap the SAE's training forward in
+    torch.compile.
     """
 
     total_tokens: int = 20_000_000
@@ -33,6 +43,10 @@ class TrainerConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     resume_from: str | None = None
+    eval_every: int = 0
+    eval_batches: int = 4
+    autocast_dtype: str = "none"
+    compile: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -57,9 +71,15 @@ class TrainerConfig:
             raise ValueError("trainer.lr_warmup_frac + trainer.lr_decay_frac must be <= 1.")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ValueError("trainer.adam_beta1 and trainer.adam_beta2 must be in [0, 1).")
-        for name in ("grad_clip_norm", "dead_window_tokens", "checkpoint_every"):
+        for name in ("grad_clip_norm", "dead_window_tokens", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 disables it).")
+        if self.autocast_dtype not in AUTOCAST_DTYPES:
+            raise ValueError(
+                f"trainer.autocast_dtype={self.autocast_dtype!r} must be one of {sorted(AUTOCAST_DTYPES)}."
+            )
+        if self.eval_every and self.eval_batches < 1:
+            raise ValueError(f"trainer.eval_batches={self.eval_batches} must be >= 1 when eval_every > 0.")
         if self.keep_checkpoints < 1:
             raise ValueError(f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1.")
 

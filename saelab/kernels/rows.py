@@ -1,0 +1,80 @@
+"""Row gather/scatter primitives for sparse codes (values [B, K], indices [B, K] into a table [n, d]).
+
+They run in O(B * K * d) on top of fused `embedding_bag` kernels (CPU and CUDA) and never build a [B, n]
+or [B, K, d] tensor. A slot is one (b, j) entry of the codes; the slots of a row may be split into column
+groups that are summed separately (bags), e.g. TopK codes and AuxK codes of the same row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+
+class SlotPlan:
+    """The slots of indices [B, K] grouped by latent, for scatters into an [n, d] table.
+
+    The sort runs on first use and is then shared by every scatter over the same indices (the encoder and
+    decoder backward of one step), so a step sorts its B * K slots once.
+    """
+
+    def __init__(self, indices: Tensor, n: int):
+        self.indices, self.n = indices, n
+        self._sorted: tuple[Tensor, Tensor] | None = None
+
+    def sorted(self) -> tuple[Tensor, Tensor]:
+        """(order [B * K]: slots sorted by latent, offsets [n]: where each latent's slots start in order)."""
+        if self._sorted is None:
+            latents, order = rearrange(self.indices, "b k -> (b k)").sort()
+            offsets = torch.searchsorted(latents, torch.arange(self.n, device=latents.device))  # no host sync
+            self._sorted = (order, offsets)
+        return self._sorted
+
+
+def group_bags(batch: int, sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Bags for rows split into column groups of `sizes`: (offsets [B * G] into the flattened [B, K] slots,
+    bag of each column [K]); bag b * G + g sums row b's columns of group g. Built from Python ints with
+    device ops only (no host-to-device copy, hence no sync on CUDA)."""
+    row_start = torch.arange(batch, device=device) * sum(sizes)
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    offsets = rearrange(torch.stack([row_start + s for s in starts], dim=1), "b g -> (b g)")
+    column_group = torch.cat([torch.full((size,), g, device=device) for g, size in enumerate(sizes)])
+    return offsets, column_group
+
+
+def accumulate_rows(
+    plan: SlotPlan, weights: Tensor, rows: Tensor, row_of_slot: Tensor | None = None
+) -> Tensor:
+    """out[i] = sum over slots s on latent i of weights[s] * rows[row_of_slot[s]]; returns [n, d].
+
+    weights: [B, K]; rows: [R, d]; row_of_slot: [B, K] indices into rows (default: the slot's own row b, with
+    R = B). With the default this is S^T @ rows for the sparse [B, n] matrix S holding `weights` at the
+    plan's indices: each latent's slots, contiguous in the plan's order, are summed as one bag.
+    """
+    order, offsets = plan.sorted()
+    if row_of_slot is None:
+        row_ids = torch.div(order, weights.shape[1], rounding_mode="floor")
+    else:
+        row_ids = rearrange(row_of_slot, "b k -> (b k)")[order]
+    slot_weights = rearrange(weights, "b k -> (b k)")[order].to(rows.dtype)
+    return F.embedding_bag(row_ids, rows, offsets, mode="sum", per_sample_weights=slot_weights)
+
+
+def gather_dot(indices: Tensor, table: Tensor, rows: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """out[b, j] = <table[indices[b, j]], rows[bag of slot (b, j)]> -> [B, K].
+
+    indices [B, K] into table [n, d]; without offsets each row is one bag and rows is [B, d]; with offsets
+    (bag starts in the flattened slots, see `group_bags`) rows holds one [d] vector per bag. Computed as the
+    per-sample-weight gradient of an embedding bag, whose kernel never materialises the gathered rows.
+    """
+    with torch.enable_grad():
+        probe = torch.ones(indices.shape, dtype=table.dtype, device=table.device, requires_grad=True)
+        flat_probe = rearrange(probe, "b k -> (b k)") if offsets is not None else probe
+        flat_indices = rearrange(indices, "b k -> (b k)") if offsets is not None else indices
+        bags = F.embedding_bag(
+            flat_indices, table.detach(), offsets, mode="sum", per_sample_weights=flat_probe
+        )
+        (grad,) = torch.autograd.grad(bags, probe, rows.to(table.dtype))
+    return grad

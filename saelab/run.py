@@ -1,0 +1,70 @@
+"""Run a training job from a composed Hydra config: build source and SAE, train, save, summarise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from saelab.atomic import atomic_file
+from saelab.config import sae_config, to_dataclass
+from saelab.sae.registry import build_sae
+from saelab.sources import build_source
+from saelab.synth import recovery_metrics
+from saelab.train.trainer import Trainer, TrainResult, resolve_device
+
+
+def hydra_output_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> TrainResult:
+    """Train the SAE described by cfg (sae, source, trainer, logging groups); writes <output_dir>/sae."""
+    sae_cfg = sae_config(cfg.sae)
+    source_cfg = to_dataclass(cfg.source, "source")
+    trainer_cfg = to_dataclass(cfg.trainer, "trainer")
+    logging_cfg = to_dataclass(cfg.logging, "logging")
+    trainer_cfg.validate()
+    logging_cfg.validate()
+    out = Path(output_dir) if output_dir is not None else hydra_output_dir()
+    device = resolve_device(trainer_cfg.device)
+    torch.manual_seed(trainer_cfg.seed)
+    source = build_source(source_cfg, device)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    if trainer_cfg.resume_from:
+        trainer = Trainer.from_checkpoint(trainer_cfg.resume_from, trainer_cfg, logging_cfg, out, run_config)
+    else:
+        sae_cfg = sae_cfg.resolved(source.d_in)
+        sae_cfg.metadata = {**source.metadata(), **sae_cfg.metadata}
+        trainer = Trainer(build_sae(sae_cfg), trainer_cfg, logging_cfg, out, run_config)
+    result = trainer.fit(source)
+    if out is not None:
+        write_summary(out / "summary.json", result, source, run_config)
+    return result
+
+
+def write_summary(path: Path, result: TrainResult, source: Any, run_config: dict[str, Any]) -> dict[str, Any]:
+    """One JSON row per run: final metrics, dead fraction, recovery when the source has planted features."""
+    summary: dict[str, Any] = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "dead_frac": result.dead_fraction,
+        "input_scale": result.input_scale,
+        **{
+            k: v
+            for k, v in (result.history[-1] if result.history else {}).items()
+            if k not in ("step", "tokens")
+        },
+    }
+    features = getattr(source, "features", None)
+    if features is not None:
+        summary.update(recovery_metrics(features, result.sae.W_dec.detach().cpu()))
+    summary["config"] = run_config
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+    return summary

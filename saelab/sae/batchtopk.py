@@ -1,0 +1,122 @@
+"""BatchTopK SAE (Bussmann, Leask, Nanda 2024, "BatchTopK Sparse Autoencoders"), a TopK option.
+
+Training keeps the B * k largest pre-activations of the whole batch [B, n] (ReLU on the kept values), so
+rows use k latents on average but each as many as it needs. Inference cannot depend on the batch, so it
+uses a threshold: z = pre * (pre > threshold), where the threshold is a running estimate (exponential
+moving average, decay `threshold_decay`) of the smallest positive kept value of each training batch.
+Loss, AuxK, unit-norm decoder, initialisation and the sparse training kernels are TopK's: a batch-level
+selection is, row by row, a top-w selection padded with zeros (w = the largest row count in the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saelab.kernels import dead_topk, sparse_encoder_values, topk_select
+from saelab.sae.base import TrainContext, TrainOutput
+from saelab.sae.registry import register
+from saelab.sae.topk import TopKConfig, TopKSAE, fraction_of_variance_unexplained
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    """k: mean active latents per row in training. threshold_decay: EMA decay of the inference threshold."""
+
+    architecture: str = "batchtopk"
+    threshold_decay: float = 0.99
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.threshold_decay < 1:
+            raise ValueError(f"sae.threshold_decay={self.threshold_decay} must be in [0, 1).")
+
+
+@register("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    config_class = BatchTopKConfig
+    cfg: BatchTopKConfig
+
+    def __init__(self, cfg: BatchTopKConfig):
+        super().__init__(cfg)
+        # NaN until the first training batch; saved with the weights.
+        self.register_buffer("threshold", torch.full((), float("nan"), dtype=self.W_dec.dtype))
+
+    def select(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """pre [B, n] -> the batch's B*k largest entries as (values [B, w] >= 0, indices [B, w]): each row's
+        kept entries, then zeros. Needs one host sync for w."""
+        cutoff = pre.reshape(-1).topk(pre.shape[0] * k, sorted=False).values.min()
+        kept = pre >= cutoff
+        width = max(int(kept.sum(dim=1).max()), 1)
+        values, indices = topk_select(pre, width)
+        return torch.where(values >= cutoff, values, torch.zeros_like(values)).relu(), indices
+
+    @torch.no_grad()
+    def update_threshold(self, values: Tensor) -> None:
+        """Fold the smallest positive kept value of this batch into the running threshold (no host sync)."""
+        smallest = torch.where(values > 0, values, torch.inf).min()
+        decay = self.cfg.threshold_decay
+        blended = torch.where(
+            self.threshold.isnan(), smallest, decay * self.threshold + (1 - decay) * smallest
+        )
+        self.threshold.copy_(torch.where(smallest.isfinite(), blended, self.threshold))
+
+    # ----------------------------------------------------------- inference
+    def encode(self, x: Tensor) -> Tensor:
+        """x [B, d_in] -> z [B, n] = pre * (pre > threshold)."""
+        if bool(self.threshold.isnan()):
+            raise RuntimeError(
+                "this BatchTopK SAE has no inference threshold yet (it is estimated during training); "
+                "train it first, or load a trained one."
+            )
+        pre = self.pre_activations(x)
+        return pre * (pre > self.threshold)
+
+    def encode_sparse(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """x [B, d_in] -> threshold codes as (values [B, w], indices [B, w]), w = the batch's largest row L0
+        (k, if given, caps w); slots past a row's own L0 hold value 0."""
+        z = self.encode(x)
+        width = max(int((z > 0).sum(dim=1).max()), 1)
+        values, indices = z.topk(min(width, k or width), dim=1, sorted=False)
+        return values, indices
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        flat = x.reshape(-1, self.d_in)
+        return self.decode_sparse(*self.encode_sparse(flat)).reshape(x.shape)
+
+    # ------------------------------------------------------------ training
+    def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
+        use_aux = self.cfg.aux_k_coef > 0 and ctx.any_dead
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+            values, indices = self.select(pre, self.cfg.k)
+            width = values.shape[1]
+            self.update_threshold(values)
+            if use_aux:
+                aux_values, aux_indices = dead_topk(pre, ctx.dead_mask, self.aux_k)
+                values = torch.cat([values, aux_values.relu().to(values.dtype)], dim=1)
+                indices = torch.cat([indices, aux_indices], dim=1)
+            del pre
+        codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec)
+        values, indices = codes[:, :width], indices[:, :width]
+        x_hat = self.decode_sparse(values, indices)
+        fvu = fraction_of_variance_unexplained(x, x_hat)
+        loss = fvu
+        metrics = {"fvu": fvu.detach(), "threshold": self.threshold.clone()}
+        if use_aux:
+            residual_hat = self.decode_sparse(codes[:, width:], aux_indices, with_bias=False)
+            scale = (ctx.dead_mask.sum() / self.aux_k).clamp(max=1.0)
+            auxk = (scale * fraction_of_variance_unexplained(x - x_hat.detach(), residual_hat)).nan_to_num(
+                0.0
+            )
+            loss = loss + self.cfg.aux_k_coef * auxk
+            metrics["auxk"] = auxk.detach()
+        with torch.no_grad():
+            active = values > 0
+            counts = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
+            fired = counts.index_add_(0, indices.reshape(-1), active.reshape(-1).int()) > 0
+            l0 = active.sum(dim=-1).float().mean()
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)

@@ -1,0 +1,188 @@
+"""Shared helpers of scripts/bench_train.py and scripts/bench_vs_peers.py: devices, interleaved timing,
+the encoder-matmul floor, peak-memory probes in fresh processes, and table + JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from saelab.atomic import atomic_file
+from saelab.synth import SyntheticConfig, SyntheticSource
+
+#: Prefix of the single stdout line a memory probe prints.
+PROBE_TAG = "PEAK_MEMORY_JSON "
+
+
+class Activations:
+    """Fresh synthetic batches [batch, d_in] drawn on the device: planted features as in `saelab.synth`
+    (uniform structure), scaled so that E||x|| = sqrt(d_in). Batch i is the same on every call."""
+
+    HELD_OUT = 10**6  # batch indices from here on are never trained on
+
+    def __init__(
+        self, d_in: int, n_features: int, mean_active: float, batch: int, device: torch.device, seed: int = 0
+    ):
+        self.cfg = SyntheticConfig(d_in=d_in, n_features=n_features, mean_active=mean_active, seed=seed)
+        source = SyntheticSource(self.cfg)
+        self.batch_size, self.device = batch, device
+        self.features = source.features.to(device)
+        self.frequencies = source.frequencies.to(device)
+        self.scale = 1.0
+        self.scale = math.sqrt(d_in) / self.batch(self.HELD_OUT - 1).norm(dim=1).mean().item()
+
+    def batch(self, index: int) -> torch.Tensor:
+        cfg, device = self.cfg, self.device
+        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + index + 1)
+        shape = (self.batch_size, cfg.n_features)
+        active = torch.rand(shape, generator=gen, device=device) < self.frequencies
+        magnitudes = cfg.min_magnitude + (cfg.max_magnitude - cfg.min_magnitude) * torch.rand(
+            shape, generator=gen, device=device
+        )
+        noise = torch.randn(self.batch_size, cfg.d_in, generator=gen, device=device)
+        return self.scale * ((active * magnitudes) @ self.features + cfg.noise_std * noise)
+
+    def held_out(self, count: int) -> list[torch.Tensor]:
+        return [self.batch(self.HELD_OUT + i) for i in range(count)]
+
+
+def setup_device(name: str, threads: int) -> torch.device:
+    """'auto' -> cuda if available else cpu; threads > 0 sets torch's CPU thread count."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was requested but CUDA is not available; use --device cpu.")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable device, e.g. 'NVIDIA H100 80GB HBM3' or 'CPU (AMD EPYC), 2 threads of 2 cores'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
+        ]
+        model = names[0] if names else model
+    threads = torch.get_num_threads()
+    return f"CPU ({model}), {threads} thread{'s' if threads > 1 else ''} of {psutil.cpu_count()} cores"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    runs: dict[str, Callable[[], None]], rounds: int, device: torch.device, first: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of each run, over `rounds` rounds that call every run once in a rotating order
+    (round r starts at run number first + r), so that load changes on a shared machine hit all alike."""
+    names = list(runs)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(first, first + rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(device)
+            start = time.perf_counter()
+            runs[name]()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def encoder_matmul(
+    batch: int, d_in: int, n: int, device: torch.device, dtype: torch.dtype
+) -> Callable[[], None]:
+    """A call of the encoder's [batch, d_in] x [d_in, n] product (2 * batch * d_in * n FLOPs), the floor."""
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, d_in, device=device, dtype=dtype, generator=gen)
+    w = torch.randn(d_in, n, device=device, dtype=dtype, generator=gen)
+    out = torch.empty(batch, n, device=device, dtype=dtype)
+
+    def matmul() -> None:
+        torch.mm(x, w, out=out)
+
+    return matmul
+
+
+def current_memory(device: torch.device) -> int:
+    """Bytes in use now: CUDA tensor memory, or the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart the high-water mark: CUDA allocator stats, or Linux's peak resident set (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as err:
+        raise SystemExit(
+            f"CPU peak-memory probes need Linux's /proc/self/clear_refs ({err}); pass --no-memory."
+        ) from err
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes at the high-water mark since `reset_peak_memory`."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit("no VmHWM in /proc/self/status; pass --no-memory.")
+
+
+def report_probe(extra_bytes: int) -> None:
+    """Print a memory probe's result for `run_probe` to parse."""
+    print(PROBE_TAG + json.dumps({"peak_bytes": extra_bytes}), flush=True)
+
+
+def run_probe(script: str, args: list[str]) -> float | None:
+    """Run `python script *args` in a fresh process and return its reported peak memory in MiB."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith(PROBE_TAG):
+            return json.loads(line[len(PROBE_TAG) :])["peak_bytes"] / 2**20
+    print(f"memory probe {args} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[str(v) for v in row])
+    Console().print(table)
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    """Print the JSON and, if `path` is given, write it there atomically."""
+    text = json.dumps(payload, indent=2)
+    print(text)
+    if path:
+        with atomic_file(path) as tmp:
+            tmp.write_text(text + "\n")

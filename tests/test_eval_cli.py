@@ -1,0 +1,139 @@
+"""`saelab eval` end to end, and the trainer's periodic held-out evaluation."""
+
+import json
+from itertools import islice
+
+import pytest
+import torch
+
+from saelab.cli import main
+from saelab.eval import EvalConfig, evaluate
+from saelab.sae import available_architectures, get_sae_class
+from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.train.config import TrainerConfig
+from saelab.train.trainer import Trainer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fvu64(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    x, x_hat = x.double(), x_hat.double()
+    return ((x - x_hat) ** 2).sum().item() / ((x - x.mean(0)) ** 2).sum().item()
+
+
+class FakeRunLogger:
+    """Stands in for the wandb-backed RunLogger: records what the eval command logs."""
+
+    calls: list = []
+
+    def __init__(self, cfg, total_steps, run_config, output_dir):
+        self.wandb_run = self
+        FakeRunLogger.calls.append(("init", cfg.wandb_mode))
+
+    def summary(self, values):
+        FakeRunLogger.calls.append(("summary", values))
+
+    def log(self, values):
+        FakeRunLogger.calls.append(("log", values))
+
+    def close(self):
+        FakeRunLogger.calls.append(("close", None))
+
+
+def test_saelab_eval_writes_report_and_plots_and_logs_to_wandb(tmp_path, monkeypatch):
+    monkeypatch.setattr("saelab.eval.run.RunLogger", FakeRunLogger)
+    torch.manual_seed(123)  # not the source's seed: random rows must not equal its features
+    source = SyntheticSource(SyntheticConfig())
+    sae = TopKSAE(TopKConfig(d_in=64, d_sae=128, k=8))
+    with torch.no_grad():  # half the latents are the planted features: recovery is known exactly
+        sae.W_dec[:64] = source.features[:64]
+    sae.save(tmp_path / "sae")
+    out = tmp_path / "report"
+    main([
+        "eval", f"sae={tmp_path / 'sae'}", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'run'}",
+        "eval.total_tokens=5000", "eval.batch_size=2048", "eval.start_batch=7", "eval.cooccurrence_latents=64",
+        "logging.progress=false", "logging.wandb_mode=offline",
+    ])  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["tokens"] == 5000
+    x = torch.cat(list(islice(source.batches(2048, start_batch=7), 3)))[:5000]
+    with torch.no_grad():
+        want = fvu64(x, sae(x))
+    assert report["reconstruction"]["fvu"] == pytest.approx(want, rel=1e-6)
+    assert report["recovery"]["frac_recovered"] == pytest.approx(64 / source.cfg.n_features)
+    for key in ("dead_frac", "density_histogram"):
+        assert key in report["dead"]
+    assert report["geometry"]["n_duplicate_pairs"] == 0
+    assert report["cooccurrence"]["n_latents"] > 0
+    for name in ("density.png", "spectrum.png", "cosine.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    calls = dict(FakeRunLogger.calls)
+    assert calls["init"] == "offline" and "close" in calls
+    assert calls["summary"]["eval/reconstruction/fvu"] == report["reconstruction"]["fvu"]
+    assert sorted(calls["log"]) == ["eval/cosine", "eval/density", "eval/spectrum"]
+
+
+def test_saelab_eval_rejects_a_missing_sae_and_a_wrong_width(tmp_path, capsys):
+    common = [f"output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run'}", "logging.progress=false"]
+    with pytest.raises(SystemExit):
+        main(["eval", f"sae={tmp_path}", *common])
+    assert "cfg.json is missing" in capsys.readouterr().err
+    TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)).save(tmp_path / "sae32")
+    with pytest.raises(SystemExit):
+        main(["eval", f"sae={tmp_path / 'sae32'}", *common])
+    assert "SAE has d_in=32" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainer_periodic_eval_on_held_out_batches():
+    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3))
+    starts = []
+    original = source.batches
+
+    def recording(batch_size, start_batch=0):
+        starts.append(start_batch)
+        return original(batch_size, start_batch)
+
+    source.batches = recording
+    cfg = TrainerConfig(
+        total_tokens=256 * 12, batch_size=256, device="cpu", eval_every=5, eval_batches=2, lr=3e-3
+    )
+    torch.manual_seed(0)
+    result = Trainer(TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4)), cfg).fit(source)
+    assert sorted(starts) == [0, 2]  # held-out batches 0-1; training starts at batch 2
+    assert [row["step"] for row in result.eval_history] == [5.0, 10.0, 12.0]
+    held = list(islice(original(256, 0), 2))
+    with torch.no_grad():  # the final row used the final weights; FVU is unchanged by the folded input scale
+        want = fvu64(torch.cat(held), result.sae(torch.cat(held)))
+        codes = [result.sae.encode(x) for x in held]
+    final = result.eval_history[-1]
+    assert final["heldout/fvu"] == pytest.approx(want, rel=1e-4)
+    assert final["heldout/l0"] == pytest.approx(4.0)
+    silent = ~torch.cat(codes).ne(0).any(dim=0)
+    assert final["heldout/dead_frac"] == pytest.approx(silent.double().mean().item())
+    assert result.eval_history[0]["heldout/fvu"] > final["heldout/fvu"]
+
+
+@pytest.mark.parametrize("arch", sorted({get_sae_class(a).architecture for a in available_architectures()}))
+def test_evaluate_runs_on_every_variant(arch):
+    """Streamed FVU and L0 of each registered variant equal float64 formulas on the same rows."""
+    torch.manual_seed(5)
+    cls = get_sae_class(arch)
+    sae = cls(cls.config_class(d_in=16, d_sae=64)).eval()
+    with torch.no_grad():
+        threshold = getattr(sae, "threshold", None)
+        if threshold is not None and bool(threshold.isnan().any()):
+            threshold.fill_(0.1)  # BatchTopK has no inference threshold before training
+    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=32, mean_active=3))
+    report = evaluate(
+        sae, source, EvalConfig(total_tokens=1000, batch_size=512, cooccurrence_latents=0)
+    ).report
+    x = torch.cat(list(islice(source.batches(512), 2)))[:1000]
+    with torch.no_grad():
+        z = sae.encode(x)
+        want_fvu = fvu64(x, sae.decode(z))
+    assert report["tokens"] == 1000
+    assert report["reconstruction"]["fvu"] == pytest.approx(want_fvu, rel=1e-5)
+    assert report["reconstruction"]["l0"] == pytest.approx((z != 0).sum(1).double().mean().item())

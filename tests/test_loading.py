@@ -1,0 +1,307 @@
+"""load_sae from every kind of source, its errors, and reading feature activations for texts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saelab import load_sae
+from saelab.features import read_features
+from saelab.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from saelab.sae.registry import available_architectures, get_sae_class
+from saelab.sae.relu import ReLUConfig, ReLUSAE
+from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.train.config import TrainerConfig
+from saelab.train.trainer import Trainer
+
+D_IN, D_SAE, K = 16, 48, 4
+META = {"model_name": "tiny", "hook_name": "blocks.3.hook_resid_post", "training_tokens": 4096}
+
+
+def make(arch: str, seed: int = 0):
+    """A saelab SAE with random, nonzero parameters of every kind."""
+    torch.manual_seed(seed)
+    sae = {
+        "relu": lambda: ReLUSAE(ReLUConfig(d_in=D_IN, d_sae=D_SAE, metadata=dict(META))),
+        "topk": lambda: TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, metadata=dict(META))),
+        "jumprelu": lambda: JumpReLUSAE(JumpReLUConfig(d_in=D_IN, d_sae=D_SAE, metadata=dict(META))),
+    }[arch]()
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.rand_like(p) * 0.2 if name == "threshold" else torch.randn_like(p) * 0.3)
+    return sae.eval()
+
+
+def assert_same_params(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for name in sa:
+        assert torch.equal(sa[name].to(sb[name].dtype), sb[name]), name
+
+
+# ------------------------------------------------------------------------------------ local directories
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_directory_round_trip_is_exact(tmp_path, arch):
+    sae = make(arch)
+    sae.save(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    assert type(loaded) is type(sae) and loaded.cfg.architecture == arch and not loaded.training
+    assert_same_params(loaded, sae)
+    x = torch.randn(32, D_IN)
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+    meta = loaded.cfg.metadata
+    assert (meta["model_name"], meta["hook_name"], meta["hook_layer"], meta["training_tokens"]) == (
+        "tiny",
+        "blocks.3.hook_resid_post",
+        3,
+        4096,
+    )
+    assert meta["loaded_from"] == {"kind": "directory", "path": str(tmp_path / "sae")}
+
+
+@pytest.mark.parametrize("arch", sorted({get_sae_class(n).architecture for n in available_architectures()}))
+def test_every_registered_variant_round_trips(tmp_path, arch):
+    """Every variant's own save (parameters and persistent buffers) comes back bit for bit."""
+    cls = get_sae_class(arch)
+    torch.manual_seed(1)
+    sae = cls(cls.config_class(d_in=D_IN, d_sae=D_SAE))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        for name, b in sae.named_buffers():
+            if name == "threshold" and b.isnan().all():  # BatchTopK before training
+                b.fill_(0.1)
+    sae.eval().save(tmp_path / arch)
+    loaded = load_sae(tmp_path / arch)
+    assert type(loaded) is cls
+    for name, value in sae.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0, equal_nan=True)
+    x = torch.randn(16, D_IN)
+    torch.testing.assert_close(loaded(x), sae(x), rtol=0, atol=0)
+
+
+def test_dtype_is_applied_and_recorded(tmp_path):
+    make("topk").save(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae", dtype="float64")
+    assert all(p.dtype == torch.float64 for p in loaded.parameters()) and loaded.cfg.dtype == "float64"
+    assert_same_params(loaded, make("topk"))
+
+
+@pytest.mark.gpu
+def test_device_is_applied(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    make("jumprelu").save(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae", device="cuda", dtype="bfloat16")
+    assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in loaded.parameters())
+
+
+def test_missing_files_are_named(tmp_path):
+    folder = make("relu").save(tmp_path / "sae")
+    (folder / "sae_weights.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"sae_weights\.safetensors is missing"):
+        load_sae(folder)
+    (folder / "cfg.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"cfg\.json is missing"):
+        load_sae(folder)
+
+
+def test_corrupt_and_unknown_configs_are_named(tmp_path):
+    folder = make("relu").save(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "nope"}))
+    with pytest.raises(ValueError, match=r"cfg\.json: architecture='nope' is unknown"):
+        load_sae(folder)
+    (folder / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "architecture"}))
+    with pytest.raises(ValueError, match="no 'architecture' field"):
+        load_sae(folder)
+    (folder / "cfg.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_sae(folder)
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "d_sae": D_SAE + 1}))
+    with pytest.raises(ValueError, match=r"does not match .*wrong shapes.*'W_enc'"):
+        load_sae(folder)
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
+    with pytest.raises(ValueError, match=r"missing tensors \['threshold'\]"):
+        load_sae(folder)
+    (folder / "sae_weights.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors.*corrupt"):
+        load_sae(folder)
+
+
+def test_neither_directory_nor_repo_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        load_sae(tmp_path / "absent")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/cfg\.json is missing"):
+        load_sae(empty)
+
+
+# -------------------------------------------------------------------- saelab training runs / checkpoints
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> tuple[Path, Trainer]:
+    """A 6-step TopK run on planted features with checkpoints at steps 2 and 4 and the final SAE."""
+    out = tmp_path_factory.mktemp("run")
+    source = SyntheticSource(SyntheticConfig(d_in=D_IN, n_features=64, seed=3))
+    sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, metadata=dict(META)))
+    cfg = TrainerConfig(total_tokens=6 * 64, batch_size=64, checkpoint_every=2, device="cpu", log_every=2)
+    trainer = Trainer(sae, cfg, output_dir=out)
+    trainer.result = trainer.fit(source)
+    return out, trainer
+
+
+def test_run_directory_loads_the_final_sae(run_dir):
+    out, trainer = run_dir
+    loaded = load_sae(out)
+    assert_same_params(loaded, trainer.result.sae)
+    meta = loaded.cfg.metadata
+    assert meta["training_tokens"] == 6 * 64 and "fvu" in meta["final_metrics"]
+    assert meta["input_scale_folded"] == pytest.approx(trainer.input_scale)
+    assert meta["loaded_from"] == {"kind": "directory", "path": str(out / "sae")}
+
+
+def test_checkpoint_is_loaded_with_its_input_scale_folded(run_dir):
+    out, trainer = run_dir
+    step_dir = out / "checkpoints" / "step_000000004"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000000002", "step_000000004"]
+    loaded = load_sae(out / "checkpoints")  # the newest checkpoint
+    raw = {k: v.double() for k, v in load_file(str(step_dir / "sae_weights.safetensors")).items()}
+    s = torch.load(step_dir / "trainer_state.pt", weights_only=True)["input_scale"]
+    assert s != pytest.approx(1.0)  # the fold is visible
+    x = torch.randn(64, D_IN, dtype=torch.float64) * 3
+    pre = (s * x - raw["b_dec"]) @ raw["W_enc"] + raw["b_enc"]  # the SAE trained on s * x ...
+    values, idx = pre.topk(K, dim=-1)
+    z_ref = torch.zeros_like(pre).scatter_(1, idx, values.clamp_min(0))
+    x_hat_ref = (z_ref @ raw["W_dec"] + raw["b_dec"]) / s  # ... and reconstructed s * x
+    torch.testing.assert_close(loaded.encode(x.float()).double(), z_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loaded(x.float()).double(), x_hat_ref, atol=1e-4, rtol=1e-4)
+    meta = loaded.cfg.metadata
+    assert (meta["checkpoint_step"], meta["training_tokens"]) == (4, 4 * 64)
+    assert meta["loaded_from"] == {"kind": "checkpoint", "path": str(step_dir)}
+
+
+def test_resume_still_reads_training_space_weights(run_dir):
+    out, _ = run_dir
+    cfg = TrainerConfig(total_tokens=6 * 64, batch_size=64, checkpoint_every=2, device="cpu", log_every=2)
+    resumed = Trainer.from_checkpoint(out, cfg)
+    raw = load_file(str(out / "checkpoints" / "step_000000004" / "sae_weights.safetensors"))
+    assert resumed.step == 4
+    for name, value in raw.items():
+        assert torch.equal(resumed.sae.state_dict()[name], value), name
+
+
+# --------------------------------------------------------------------------- Hugging Face hub (offline)
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_hf_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """Lay files out as huggingface_hub's cache does: blobs by content hash, snapshot symlinks, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for rel, src in files.items():
+        data = src.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = repo / "snapshots" / COMMIT / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    folder = make("jumprelu").save(tmp_path / "src")
+    cache = tmp_path / "hf_cache"
+    put_in_hf_cache(
+        cache, "saelab-test/tiny-saes", {f"layer_3/{f.name}": f for f in folder.iterdir() if f.is_file()}
+    )
+    return cache
+
+
+def test_hub_repo_and_subfolder_load_from_the_cache(hub_cache):
+    a = load_sae("saelab-test/tiny-saes", subfolder="layer_3", cache_dir=hub_cache)
+    b = load_sae("saelab-test/tiny-saes/layer_3", cache_dir=hub_cache, revision=COMMIT, dtype="float64")
+    assert_same_params(a, make("jumprelu"))
+    assert_same_params(b, make("jumprelu"))
+    assert a.cfg.metadata["loaded_from"] == {
+        "kind": "hub",
+        "repo_id": "saelab-test/tiny-saes",
+        "subfolder": "layer_3",
+        "revision": "main",
+    }
+    assert a.cfg.metadata["hook_layer"] == 3
+
+
+def test_hub_missing_entry_names_the_file(hub_cache):
+    with pytest.raises(FileNotFoundError, match=r"saelab-test/tiny-saes/layer_9/cfg\.json"):
+        load_sae("saelab-test/tiny-saes", subfolder="layer_9", cache_dir=hub_cache)
+    with pytest.raises(FileNotFoundError, match=r"saelab-test/other/cfg\.json"):
+        load_sae("saelab-test/other", cache_dir=hub_cache)
+
+
+# ------------------------------------------------------------------------------ feature activations
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A 2-layer GPT-2 with random weights and a whitespace word-level tokenizer (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_embd=D_IN,
+        n_head=2,
+        vocab_size=len(words),
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).eval(), tokenizer
+
+
+def test_read_features_matches_per_text_reference(tiny_lm):
+    model, tokenizer = tiny_lm
+    sae = make("relu")
+    texts = ["the cat sat on a mat", "a dog ran", "the dog ran far far away"]
+    feats = read_features(model, sae, texts, tokenizer=tokenizer, hook_name="transformer.h.0")
+    lengths = [len(t.split()) for t in texts]
+    assert feats.acts.shape == (3, max(lengths), D_SAE) and feats.tokens.shape == (3, max(lengths))
+    assert feats.mask.sum(dim=1).tolist() == lengths
+    p = {k: v.double() for k, v in sae.state_dict().items()}
+    for row, text in enumerate(texts):
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():  # block 0's output, each text alone (no padding)
+            h = model(ids, output_hidden_states=True).hidden_states[1][0].double()
+        z_ref = ((h - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).relu()
+        n = lengths[row]
+        torch.testing.assert_close(feats.acts[row, :n].double(), z_ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(feats.tokens[row, :n], ids[0])
+        assert not feats.acts[row, n:].any()
+    assert feats.acts.count_nonzero() > 0
+
+
+def test_read_features_needs_a_hook(tiny_lm):
+    model, tokenizer = tiny_lm
+    sae = make("relu")
+    sae.cfg.metadata = {}
+    with pytest.raises(ValueError, match="pass hook_name"):
+        read_features(model, sae, ["the cat"], tokenizer=tokenizer)
+    with pytest.raises(TypeError, match="list of strings"):
+        read_features(model, sae, "the cat", tokenizer=tokenizer, hook_name="transformer.h.0")

@@ -24,6 +24,9 @@ def hydra_app(config_name: str, task: Callable[[DictConfig], object]) -> Callabl
         sys.argv = [f"saelab {config_name}", *argv]
         try:
             app()
+            from saelab.train.distributed import finish
+
+            finish()  # under torchrun: all ranks end together (a failed rank exits without waiting)
         finally:
             sys.argv = saved
 
@@ -59,11 +62,18 @@ def _fetch_assets(argv: list[str]) -> None:
     fetch_main(argv)
 
 
+def _sweep_summary(argv: list[str]) -> None:
+    from saelab.sweep import main as sweep_main
+
+    sweep_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": hydra_app("config", _train),
     "eval": _eval_command,
     "harvest": hydra_app("harvest", _harvest),
     "fetch-assets": _fetch_assets,
+    "sweep-summary": _sweep_summary,
 }
 
 

@@ -13,6 +13,7 @@ from saelab.atomic import atomic_file
 from saelab.config import sae_config, to_dataclass
 from saelab.sae.registry import build_sae
 from saelab.sources import build_source
+from saelab.sweep import sweep_logging
 from saelab.synth import recovery_metrics
 from saelab.train.trainer import Trainer, TrainResult, resolve_device
 
@@ -24,11 +25,12 @@ def hydra_output_dir() -> Path | None:
 
 
 def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> TrainResult:
-    """Train the SAE described by cfg (sae, source, trainer, logging groups); writes <output_dir>/sae."""
+    """Train the SAE described by cfg (sae, source, trainer, logging groups); writes <output_dir>/sae.
+    Under torchrun every rank calls this; rank 0 alone writes."""
     sae_cfg = sae_config(cfg.sae)
     source_cfg = to_dataclass(cfg.source, "source")
     trainer_cfg = to_dataclass(cfg.trainer, "trainer")
-    logging_cfg = to_dataclass(cfg.logging, "logging")
+    logging_cfg = sweep_logging(to_dataclass(cfg.logging, "logging"))
     trainer_cfg.validate()
     logging_cfg.validate()
     out = Path(output_dir) if output_dir is not None else hydra_output_dir()
@@ -43,7 +45,7 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
         sae_cfg.metadata = {**source.metadata(), **sae_cfg.metadata}
         trainer = Trainer(build_sae(sae_cfg), trainer_cfg, logging_cfg, out, run_config)
     result = trainer.fit(source)
-    if out is not None:
+    if out is not None and trainer.dist.is_main:
         write_summary(out / "summary.json", result, source, run_config)
     return result
 

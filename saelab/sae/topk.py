@@ -181,7 +181,3 @@ class TopKSAE(SAE):
         scale = (dead_mask.sum() / self.aux_k).clamp(max=1.0)
         loss = fraction_of_variance_unexplained(residual, residual_hat)
         return (scale * loss).nan_to_num(0.0)
-
-    def default_lr(self, batch_size: int) -> float:
-        """Gao et al.'s width scaling, times sqrt(batch / 4096); floored so small SAEs still converge quickly."""
-        return 2e-4 / math.sqrt(self.d_sae / 2**14) * math.sqrt(batch_size / 4096)

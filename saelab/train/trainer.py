@@ -2,7 +2,8 @@
 
 Per step: normalise, variant forward/loss, backward, decoder-gradient projection, gradient clipping,
 Adam step, decoder renormalisation, schedule, dead-latent bookkeeping. Host syncs happen only every
-`dead_check_every` / `log_every` steps.
+`dead_check_every` / `log_every` steps. Under torchrun the same loop runs data-parallel (saelab.train.distributed):
+each rank trains on its slice of every global batch and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from saelab.eval.heldout import heldout_metrics
 from saelab.sae.base import SAE, TrainContext, TrainOutput
+from saelab.train import distributed
 from saelab.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from saelab.train.config import AUTOCAST_DTYPES, LoggingConfig, TrainerConfig
 from saelab.train.dead import DeadLatentTracker
@@ -52,9 +54,10 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda or cpu; under torchrun a bare `cuda` is this process's GPU (cuda:LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.local_device(torch.device(name))
 
 
 def norm_scale(x: Tensor) -> float:
@@ -74,7 +77,11 @@ def check_batch(x: Tensor, d_in: int, step: int) -> None:
 
 
 class Trainer:
-    """Trains `sae` on batches; `fit(source_or_iterator)` runs to trainer.total_tokens."""
+    """Trains `sae` on batches; `fit(source_or_iterator)` runs to trainer.total_tokens.
+
+    Under torchrun (or with a process group already initialised) it trains data-parallel: batch_size and
+    total_tokens stay global, and on ranks other than 0 logging is off and nothing is written (output_dir None).
+    """
 
     def __init__(
         self,
@@ -87,9 +94,14 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        self.dist = distributed.setup(self.device)
+        self.dist.check(sae, cfg.batch_size)
         self.sae = sae.to(self.device)
         self.logging = logging or LoggingConfig(progress=False)
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        if not self.dist.is_main:
+            self.logging = LoggingConfig(wandb_mode="disabled", progress=False)
+            self.output_dir = None
         self.run_config = run_config or {}
         self.lr = cfg.lr if cfg.lr is not None else sae.default_lr(cfg.batch_size)
         fused = self.device.type in FUSED_ADAM_DEVICES
@@ -107,7 +119,8 @@ class Trainer:
                 f"trainer.autocast_dtype={cfg.autocast_dtype} keeps float32 master weights, but the SAE is "
                 f"{sae.W_dec.dtype}; set sae.dtype=float32 (or trainer.autocast_dtype=none)."
             )
-        self.forward = torch.compile(sae.training_forward) if cfg.compile else sae.training_forward
+        forward = torch.compile(sae.training_forward) if cfg.compile else sae.training_forward
+        self.forward = self.dist.wrap(sae, forward)
         total = cfg.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, total, cfg.lr_warmup_frac, cfg.lr_decay_frac)
@@ -190,7 +203,8 @@ class Trainer:
         return batches
 
     def prepare(self, first: Tensor) -> Tensor:
-        """First batch [B, d_in] of a fresh run: estimate the input scale and run the data-dependent init."""
+        """First batch [B, d_in] of a fresh run (the whole global batch under torchrun): estimate the input
+        scale and run the data-dependent init."""
         first = first.to(self.device, dtype=self.sae.W_enc.dtype)
         check_batch(first, self.sae.d_in, 0)
         if not torch.isfinite(first).all():
@@ -207,6 +221,7 @@ class Trainer:
         stream = self._stream(source)
         self.heldout = self._take_heldout(source, stream)
         pending = [self.prepare(next(stream))] if self.step == 0 else []
+        self.input_scale = self.dist.broadcast_start(sae, self.input_scale)
         logger = RunLogger(self.logging, total, self.run_config, self.output_dir)
         logger.start_at(self.step)
         self.any_dead = bool(self.tracker.dead_mask.any())
@@ -216,11 +231,11 @@ class Trainer:
         try:
             while self.step < total:
                 x = pending.pop() if pending else next(stream)
-                out = self.train_step(x)
+                out = self.train_step(self.dist.shard(x))
                 window_tokens += x.shape[0]
                 logger.advance()
                 if self.step % cfg.dead_check_every == 0 or self.step == total:
-                    if not bool(self.finite):
+                    if not self.dist.all_true(self.finite):
                         raise ValueError(
                             f"an activation batch between steps {last_check} and {self.step} contains NaN or Inf; "
                             "check the activation source (no checkpoint was written for these steps)."
@@ -232,7 +247,8 @@ class Trainer:
                     self.history.append(row)
                     logger.log(self.step, row)
                     window_start, window_tokens = time.perf_counter(), 0
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total):
+                evaluate = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total)
+                if evaluate and self.dist.is_main:
                     row = {"step": float(self.step), **heldout_metrics(sae, self.heldout, self.input_scale)}
                     self.eval_history.append(row)
                     logger.log(self.step, row)
@@ -244,8 +260,9 @@ class Trainer:
         return result
 
     def train_step(self, x: Tensor) -> TrainOutput:
-        """One optimisation step on a raw batch x [B, d_in]; no host sync (NaN/Inf inputs are flagged in
-        `self.finite`, checked by `fit` every dead_check_every steps)."""
+        """One optimisation step on a raw batch x [B, d_in] (this rank's slice of the global batch under
+        torchrun); no host sync (NaN/Inf inputs are flagged in `self.finite`, checked by `fit` every
+        dead_check_every steps)."""
         cfg, sae = self.cfg, self.sae
         x = x.to(self.device, dtype=sae.W_enc.dtype, non_blocking=True)
         check_batch(x, sae.d_in, self.step)
@@ -255,29 +272,34 @@ class Trainer:
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
             out = self.forward(x * self.input_scale, ctx)
+        fired = self.dist.any_fired(out.fired)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         sae.before_optimizer_step()
         if cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm, foreach=True)
         self.optimizer.step()
+        self.dist.sync_state(sae)
         sae.after_optimizer_step()
         self.scheduler.step()
-        self.tracker.update(out.fired, x.shape[0])
+        self.tracker.update(fired.result(), x.shape[0] * self.dist.world_size)
         self.step += 1
         return out
 
     def _metrics_row(self, out: Any, tokens_per_s: float) -> dict[str, float]:
+        """The log row: step, tokens, lr, throughput, dead fraction, and the step's loss / L0 / variant metrics
+        (averaged over ranks under torchrun)."""
+        means = self.dist.mean_over_ranks({"loss": out.loss, "l0": out.l0, **out.metrics})
         row = {
             "step": float(self.step),
             "tokens": float(self.tracker.tokens_seen),
-            "loss": out.loss.item(),
-            "l0": out.l0.item(),
+            "loss": means.pop("loss"),
+            "l0": means.pop("l0"),
             "dead_frac": self.tracker.dead_fraction(),
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": tokens_per_s,
+            **means,
         }
-        row.update({k: v.item() for k, v in out.metrics.items()})
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(
                 f"loss became {row['loss']} at step {self.step}; lower trainer.lr or check the activations."

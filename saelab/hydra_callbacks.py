@@ -1,0 +1,73 @@
+"""Hydra callbacks of `saelab train`, listed under `hydra.callbacks` in configs/config.yaml.
+
+SharedRunDir: under torchrun every rank composes its own config, and Hydra's `${now:...}` resolves to each
+process's own clock, so the ranks could pick different run directories. Rank 0's resolved directory is
+broadcast to all ranks before any of them creates it; the other ranks also skip `.hydra/` and the log file.
+
+SweepSummary: when a multirun ends, gather the runs' summary.json files into the sweep's summary.jsonl
+(saelab.sweep).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+
+def _drop_file_handlers(job_logging: DictConfig) -> None:
+    """Remove the logging handlers that write files (and their uses) from a logging dictConfig."""
+    handlers = job_logging.get("handlers") or {}
+    files = [name for name, h in handlers.items() if "FileHandler" in str(h.get("class", ""))]
+    for name in files:
+        del handlers[name]
+    owners = [job_logging.get("root"), *(job_logging.get("loggers") or {}).values()]
+    for owner in owners:
+        if owner is not None and owner.get("handlers") is not None:
+            owner.handlers = [h for h in owner.handlers if h not in files]
+
+
+class SharedRunDir(Callback):
+    """Give every torchrun rank rank 0's run directory; only rank 0 writes Hydra's files there."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from saelab.train import distributed
+
+        if distributed.env_world_size() <= 1:
+            return
+        from saelab.train.trainer import resolve_device
+
+        device = resolve_device(str(OmegaConf.select(config, "trainer.device", default="auto")))
+        ranks = distributed.setup(device)
+        run_dir = ranks.broadcast_object(str(config.hydra.run.dir))
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = run_dir
+            if not ranks.is_main:
+                config.hydra.output_subdir = None
+                _drop_file_handlers(config.hydra.job_logging)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from saelab.train import distributed
+
+        if distributed.env_world_size() > 1:
+            raise ValueError(
+                "a Hydra multirun (-m) cannot run under torchrun: every rank would launch the whole sweep. "
+                "Run the sweep with one process per job (locally, or on SLURM with hydra/launcher=slurm and "
+                "hydra.launcher.tasks_per_node=hydra.launcher.gpus_per_node for data-parallel jobs), or call "
+                "torchrun once per configuration."
+            )
+
+
+class SweepSummary(Callback):
+    """Write <sweep dir>/summary.jsonl (one row per run) and log its table when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from saelab.sweep import format_table, write_sweep_summary
+
+        path, rows = write_sweep_summary(Path(str(config.hydra.sweep.dir)))
+        log.info("sweep summary (%s):\n%s", path, format_table(rows))

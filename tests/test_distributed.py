@@ -1,0 +1,267 @@
+"""Data-parallel training: 2 processes (gloo, CPU) against single-process runs over the same global batches.
+
+The workers train every variant once and save their final state; the references are ordinary single-process
+Trainer runs. ReLU's loss is a mean over rows, so its reference is the plain global-batch run. The other
+variants normalise their loss by the batch (FVU, AuxK), and data-parallel training normalises it per rank slice,
+so their reference averages the losses of the 2 slices of each global batch in one process (documented in
+saelab/train/distributed.py); it also applies the variants' state rules by hand (GBA counts one window batch per
+step, BatchTopK's threshold is the mean of the slices' updates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from saelab.cli import main
+from saelab.hydra_callbacks import SharedRunDir
+from saelab.sae import TrainOutput, build_sae, load_sae
+from saelab.sae.batchtopk import BatchTopKConfig
+from saelab.sae.gba import GBAConfig
+from saelab.sae.mp import MPConfig
+from saelab.sae.relu import ReLUConfig
+from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.train.config import TrainerConfig
+from saelab.train.distributed import Distributed, env_world_size
+from saelab.train.trainer import Trainer
+
+WORLD = 2
+BATCH = 128  # global rows per step
+STEPS = 24
+SOURCE = SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=1)
+CASES = {
+    "relu": ReLUConfig(d_in=16, d_sae=64, l1_coefficient=1.0),
+    "topk": TopKConfig(d_in=16, d_sae=128, k=4),
+    "batchtopk": BatchTopKConfig(d_in=16, d_sae=128, k=4),
+    "mp": MPConfig(d_in=16, d_sae=128, k=4),
+    "gba": GBAConfig(d_in=16, d_sae=64, n_groups=4, update_every=5),
+}
+#: History columns that must match (tokens_per_s is timing).
+COMPARED = (
+    "step",
+    "tokens",
+    "loss",
+    "l0",
+    "dead_frac",
+    "lr",
+    "fvu",
+    "auxk",
+    "revival",
+    "mse",
+    "l1",
+    "threshold",
+)
+
+
+def trainer_config() -> TrainerConfig:
+    """Short run whose dead window (2 batches) switches on AuxK and the MP revival term."""
+    return TrainerConfig(
+        total_tokens=STEPS * BATCH,
+        batch_size=BATCH,
+        lr=3e-3,
+        adam_eps=1e-6,  # above the rounding noise of near-zero gradients, which Adam would blow up to lr steps
+        device="cpu",
+        dead_window_tokens=2 * BATCH,
+        dead_check_every=2,
+        log_every=4,
+        eval_every=8,
+        eval_batches=2,
+        checkpoint_every=12,
+    )
+
+
+def train(architecture: str, output_dir: Path | None = None, sliced: bool = False) -> dict:
+    """Train one variant from seed 0 on the synthetic source; return its final training-space state."""
+    torch.manual_seed(0)
+    sae = build_sae(CASES[architecture])
+    if sliced:
+        sae.training_forward = slice_averaged(sae, sae.training_forward)
+    trainer = Trainer(sae, trainer_config(), output_dir=output_dir)
+    trainer.fit(SyntheticSource(SOURCE))
+    return {
+        "state": {k: v.clone() for k, v in trainer.sae.state_dict().items()},
+        "input_scale": trainer.input_scale,
+        "tracker": trainer.tracker.state_dict(),
+        "history": trainer.history,
+        "eval_history": trainer.eval_history,
+    }
+
+
+def slice_averaged(sae, forward):
+    """Single-process reference for per-slice loss normalisation: the mean of the WORLD slices' losses (so the
+    gradient is the mean of theirs), the OR of their fired latents, the mean of their metrics."""
+
+    def run(x: torch.Tensor, ctx) -> TrainOutput:
+        start = sae.threshold.clone() if hasattr(sae, "threshold") else None
+        outs, thresholds = [], []
+        for part in x.chunk(WORLD):
+            if start is not None:  # BatchTopK: every slice updates the threshold from the same value ...
+                sae.threshold.copy_(start)
+            outs.append(forward(part, ctx))
+            if start is not None:
+                thresholds.append(sae.threshold.clone())
+        if start is not None:  # ... and the ranks then average their updates
+            sae.threshold.copy_(torch.stack(thresholds).mean())
+        if hasattr(sae, "window_batches"):  # GBA: one step is one window batch of the global rows
+            sae.window_batches -= WORLD - 1
+
+        def mean(values):
+            return torch.stack(values).mean()
+
+        return TrainOutput(
+            loss=mean([o.loss for o in outs]),
+            x_hat=torch.cat([o.x_hat for o in outs]),
+            fired=torch.stack([o.fired for o in outs]).any(dim=0),
+            l0=mean([o.l0 for o in outs]),
+            metrics={k: mean([o.metrics[k] for o in outs]) for k in outs[0].metrics},
+        )
+
+    return run
+
+
+def _worker(rank: int, port: int, out: Path) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
+    torch.set_num_threads(1)
+    results = {arch: train(arch, output_dir=out / f"rank{rank}" / arch) for arch in CASES}
+    torch.save(results, out / f"results{rank}.pt")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Both ranks' results (every variant) and the output folder of the 2-process run."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    return [torch.load(out / f"results{r}.pt", weights_only=False) for r in range(WORLD)], out
+
+
+def assert_same_run(got: dict, want: dict, compared: tuple[str, ...] = COMPARED) -> None:
+    assert got["input_scale"] == pytest.approx(want["input_scale"], rel=1e-12)
+    for name, value in want["state"].items():  # parameters (GBA's adapted biases too) and saved buffers
+        torch.testing.assert_close(got["state"][name], value, rtol=1e-4, atol=2e-5, equal_nan=True, msg=name)
+    for key in ("tokens_since_fired", "fire_counts"):
+        assert torch.equal(got["tracker"][key], want["tracker"][key]), key
+    assert got["tracker"]["tokens_seen"] == want["tracker"]["tokens_seen"] == STEPS * BATCH
+    assert len(got["history"]) == len(want["history"]) == STEPS // 4
+    for row, ref in zip(got["history"], want["history"], strict=True):
+        assert set(row) == set(ref)
+        for key in (k for k in compared if k in ref):
+            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)
+    assert len(got["eval_history"]) == len(want["eval_history"]) == STEPS // 8
+    for row, ref in zip(got["eval_history"], want["eval_history"], strict=True):
+        assert row == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+
+def test_ddp_relu_equals_the_single_process_run_over_the_same_global_batches(ddp_runs):
+    (rank0, _), _ = ddp_runs
+    got = rank0["relu"]
+    assert_same_run(got, train("relu"), compared=tuple(k for k in COMPARED if k != "fvu"))
+    # the logged FVU metric is normalised by the batch: under DDP it is the mean of the slices' FVUs
+    sliced = train("relu", sliced=True)["history"]
+    assert [r["fvu"] for r in got["history"]] == pytest.approx([r["fvu"] for r in sliced], rel=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "mp", "gba"])
+def test_ddp_batch_normalised_losses_equal_one_process_averaging_the_slices(ddp_runs, architecture):
+    (rank0, _), _ = ddp_runs
+    reference = train(architecture, sliced=True)
+    revival = {"topk": "auxk", "batchtopk": "auxk", "mp": "revival"}.get(architecture)
+    if revival:  # the dead window really switched the revival term on
+        assert any(row.get(revival, 0) > 0 for row in reference["history"])
+    assert_same_run(rank0[architecture], reference)
+
+
+def test_ranks_hold_identical_state_and_only_rank_0_writes(ddp_runs):
+    (rank0, rank1), out = ddp_runs
+    for arch in CASES:
+        for name, value in rank0[arch]["state"].items():
+            assert torch.equal(rank1[arch]["state"][name], value), (arch, name)
+        assert rank1[arch]["eval_history"] == []  # held-out evaluation runs on rank 0 alone
+        written = sorted(p.name for p in (out / "rank0" / arch).iterdir())
+        assert written == ["checkpoints", "sae"]
+        assert [p.name for p in (out / "rank0" / arch / "checkpoints").iterdir()] == ["step_000000012"]
+    assert not (out / "rank1").exists()
+
+
+def test_settings_data_parallel_training_cannot_honour_are_refused():
+    four = Distributed(rank=1, world_size=4)
+    with pytest.raises(
+        ValueError, match=r"trainer.batch_size=130 must be divisible by the number of processes"
+    ):
+        four.check(build_sae(CASES["topk"]), 130)
+
+    class Unregistered(TopKSAE):
+        architecture = "my_variant"
+
+    with pytest.raises(ValueError, match=r"sae.architecture='my_variant' does not support data-parallel"):
+        four.check(Unregistered(CASES["topk"]), 128)
+    x = torch.arange(8.0)[:, None]
+    assert four.shard(x).flatten().tolist() == [2.0, 3.0]  # rank 1's contiguous quarter
+    assert Distributed().shard(x) is x
+
+
+CLI_ARGS = [
+    "sae=relu", "sae.d_sae=128", "trainer.device=cpu", "trainer.total_tokens=8192", "trainer.batch_size=256",
+    "source.d_in=16", "source.n_features=48", "logging.progress=false",
+    "trainer.adam_eps=1e-6",  # above the rounding noise of near-zero gradients, which Adam would blow up
+]  # fmt: skip
+
+
+def test_torchrun_cli_run_writes_one_output_dir_with_the_single_process_sae(tmp_path):
+    """`torchrun --nproc_per_node=2 -m saelab.cli train`: ${now:...} with microseconds differs per process,
+    yet both ranks share rank 0's run directory, and only rank 0 writes there."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
+    cmd += ["-m", "saelab.cli", "train", *CLI_ARGS, "hydra.run.dir=runs/${now:%H-%M-%S-%f}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "cli.log", "sae", "summary.json"]
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == [
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+    ]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 32 and summary["tokens"] == 8192
+
+    main(["train", *CLI_ARGS, f"hydra.run.dir={tmp_path / 'single'}"])
+    ddp, single = load_sae(run / "sae"), load_sae(tmp_path / "single" / "sae")
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[name], value, rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_a_multirun_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="cannot run under torchrun"):
+        SharedRunDir().on_multirun_start(config=None)
+
+
+def test_a_slurm_job_with_several_tasks_exports_the_torchrun_environment(monkeypatch):
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[03-04]",
+    }  # fmt: skip
+    monkeypatch.setattr(os, "environ", dict(slurm))  # restored afterwards, exported variables included
+    assert env_world_size() == 8
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == ("5", "1", "gpu03")

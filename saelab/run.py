@@ -46,8 +46,16 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
         trainer = Trainer(build_sae(sae_cfg), trainer_cfg, logging_cfg, out, run_config)
     result = trainer.fit(source)
     if out is not None and trainer.dist.is_main:
-        write_summary(out / "summary.json", result, source, run_config)
+        summary = write_summary(out / "summary.json", result, source, run_config)
+        print(summary_line(summary, out))
     return result
+
+
+def summary_line(summary: dict[str, Any], out: Path) -> str:
+    """One human-readable line: where the SAE is and its final metrics."""
+    shown = ("fvu", "l0", "dead_frac", "mmcs", "frac_recovered")
+    metrics = ", ".join(f"{k}={summary[k]:.4g}" for k in shown if k in summary)
+    return f"saved {out / 'sae'} after {summary['tokens']:,} tokens: {metrics}"
 
 
 def write_summary(path: Path, result: TrainResult, source: Any, run_config: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,10 @@
 """Data-parallel training: 2 processes (gloo, CPU) against single-process runs over the same global batches.
 
 The workers train every variant once and save their final state; the references are ordinary single-process
-Trainer runs. ReLU's loss is a mean over rows, so its reference is the plain global-batch run. The other
-variants normalise their loss by the batch (FVU, AuxK), and data-parallel training normalises it per rank slice,
-so their reference averages the losses of the 2 slices of each global batch in one process (documented in
-saelab/train/distributed.py); it also applies the variants' state rules by hand (GBA counts one window batch per
-step, BatchTopK's threshold is the mean of the slices' updates).
+Trainer runs over the same global batches (no process group, so no collective can be called there). Every
+variant, batch-normalised losses (FVU, AuxK, MP's revival term) and BatchTopK's batch-level selection included,
+must give the same weights, dead-latent tracker and logged metrics. The global-batch statistics themselves are
+checked on planted batches against float64 formulas.
 """
 
 from __future__ import annotations
@@ -23,15 +22,15 @@ import torch.multiprocessing as mp
 
 from saelab.cli import main
 from saelab.hydra_callbacks import SharedRunDir
-from saelab.sae import TrainOutput, build_sae, load_sae
+from saelab.sae import build_sae, global_batch, load_sae
 from saelab.sae.batchtopk import BatchTopKConfig
 from saelab.sae.gba import GBAConfig
 from saelab.sae.mp import MPConfig
 from saelab.sae.relu import ReLUConfig
-from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.sae.topk import TopKConfig, TopKSAE, fraction_of_variance_unexplained
 from saelab.synth import SyntheticConfig, SyntheticSource
 from saelab.train.config import TrainerConfig
-from saelab.train.distributed import Distributed, env_world_size
+from saelab.train.distributed import Distributed, env_world_size, setup
 from saelab.train.trainer import Trainer
 
 WORLD = 2
@@ -79,12 +78,10 @@ def trainer_config() -> TrainerConfig:
     )
 
 
-def train(architecture: str, output_dir: Path | None = None, sliced: bool = False) -> dict:
+def train(architecture: str, output_dir: Path | None = None) -> dict:
     """Train one variant from seed 0 on the synthetic source; return its final training-space state."""
     torch.manual_seed(0)
     sae = build_sae(CASES[architecture])
-    if sliced:
-        sae.training_forward = slice_averaged(sae, sae.training_forward)
     trainer = Trainer(sae, trainer_config(), output_dir=output_dir)
     trainer.fit(SyntheticSource(SOURCE))
     return {
@@ -96,38 +93,6 @@ def train(architecture: str, output_dir: Path | None = None, sliced: bool = Fals
     }
 
 
-def slice_averaged(sae, forward):
-    """Single-process reference for per-slice loss normalisation: the mean of the WORLD slices' losses (so the
-    gradient is the mean of theirs), the OR of their fired latents, the mean of their metrics."""
-
-    def run(x: torch.Tensor, ctx) -> TrainOutput:
-        start = sae.threshold.clone() if hasattr(sae, "threshold") else None
-        outs, thresholds = [], []
-        for part in x.chunk(WORLD):
-            if start is not None:  # BatchTopK: every slice updates the threshold from the same value ...
-                sae.threshold.copy_(start)
-            outs.append(forward(part, ctx))
-            if start is not None:
-                thresholds.append(sae.threshold.clone())
-        if start is not None:  # ... and the ranks then average their updates
-            sae.threshold.copy_(torch.stack(thresholds).mean())
-        if hasattr(sae, "window_batches"):  # GBA: one step is one window batch of the global rows
-            sae.window_batches -= WORLD - 1
-
-        def mean(values):
-            return torch.stack(values).mean()
-
-        return TrainOutput(
-            loss=mean([o.loss for o in outs]),
-            x_hat=torch.cat([o.x_hat for o in outs]),
-            fired=torch.stack([o.fired for o in outs]).any(dim=0),
-            l0=mean([o.l0 for o in outs]),
-            metrics={k: mean([o.metrics[k] for o in outs]) for k in outs[0].metrics},
-        )
-
-    return run
-
-
 def _worker(rank: int, port: int, out: Path) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -137,8 +102,33 @@ def _worker(rank: int, port: int, out: Path) -> None:
         WORLD_SIZE=str(WORLD),
     )
     torch.set_num_threads(1)
+    setup(torch.device("cpu"))  # the process group the trainers below reuse
     results = {arch: train(arch, output_dir=out / f"rank{rank}" / arch) for arch in CASES}
+    results["checks"] = global_batch_checks(Distributed(rank, WORLD))
     torch.save(results, out / f"results{rank}.pt")
+
+
+def planted_batches() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A global batch x [16, 6] whose second half (rank 1's rows) sits 1000 higher, a reconstruction x_hat of
+    it, and BatchTopK pre-activations [16, 12] whose whole top 16 * 3 lies in the first half (rank 0's rows)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 6, generator=g) + torch.tensor([0.0, 1000.0]).repeat_interleave(8)[:, None]
+    x_hat = x + 0.3 * torch.randn(16, 6, generator=g)
+    pre = torch.randn(16, 12, generator=g) + torch.tensor([100.0, 0.0]).repeat_interleave(8)[:, None]
+    return x, x_hat, pre
+
+
+def global_batch_checks(d: Distributed) -> dict[str, torch.Tensor]:
+    """This rank's FVU and BatchTopK selection of the planted batches, inside and outside `sharded`."""
+    x, x_hat, pre = (d.shard(t) for t in planted_batches())
+    sae = build_sae(BatchTopKConfig(d_in=6, d_sae=12, k=3))
+    with global_batch.sharded():
+        fvu = fraction_of_variance_unexplained(x, x_hat)
+        values, indices = sae.select(pre, 3)
+        sae.update_threshold(values)
+    kept = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, indices, values > 0)
+    local = fraction_of_variance_unexplained(x, x_hat)  # outside `sharded`: this slice's own FVU
+    return {"fvu": fvu, "local_fvu": local, "kept": kept, "threshold": sae.threshold.clone()}
 
 
 def free_port() -> int:
@@ -155,7 +145,7 @@ def ddp_runs(tmp_path_factory):
     return [torch.load(out / f"results{r}.pt", weights_only=False) for r in range(WORLD)], out
 
 
-def assert_same_run(got: dict, want: dict, compared: tuple[str, ...] = COMPARED) -> None:
+def assert_same_run(got: dict, want: dict) -> None:
     assert got["input_scale"] == pytest.approx(want["input_scale"], rel=1e-12)
     for name, value in want["state"].items():  # parameters (GBA's adapted biases too) and saved buffers
         torch.testing.assert_close(got["state"][name], value, rtol=1e-4, atol=2e-5, equal_nan=True, msg=name)
@@ -165,30 +155,46 @@ def assert_same_run(got: dict, want: dict, compared: tuple[str, ...] = COMPARED)
     assert len(got["history"]) == len(want["history"]) == STEPS // 4
     for row, ref in zip(got["history"], want["history"], strict=True):
         assert set(row) == set(ref)
-        for key in (k for k in compared if k in ref):
+        for key in (k for k in COMPARED if k in ref):
             assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)
     assert len(got["eval_history"]) == len(want["eval_history"]) == STEPS // 8
     for row, ref in zip(got["eval_history"], want["eval_history"], strict=True):
         assert row == pytest.approx(ref, rel=1e-4, abs=1e-6)
 
 
-def test_ddp_relu_equals_the_single_process_run_over_the_same_global_batches(ddp_runs):
+@pytest.mark.parametrize("architecture", list(CASES))
+def test_ddp_equals_the_single_process_run_over_the_same_global_batches(ddp_runs, architecture):
     (rank0, _), _ = ddp_runs
-    got = rank0["relu"]
-    assert_same_run(got, train("relu"), compared=tuple(k for k in COMPARED if k != "fvu"))
-    # the logged FVU metric is normalised by the batch: under DDP it is the mean of the slices' FVUs
-    sliced = train("relu", sliced=True)["history"]
-    assert [r["fvu"] for r in got["history"]] == pytest.approx([r["fvu"] for r in sliced], rel=1e-4)
-
-
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "mp", "gba"])
-def test_ddp_batch_normalised_losses_equal_one_process_averaging_the_slices(ddp_runs, architecture):
-    (rank0, _), _ = ddp_runs
-    reference = train(architecture, sliced=True)
+    reference = train(architecture)
     revival = {"topk": "auxk", "batchtopk": "auxk", "mp": "revival"}.get(architecture)
     if revival:  # the dead window really switched the revival term on
         assert any(row.get(revival, 0) > 0 for row in reference["history"])
     assert_same_run(rank0[architecture], reference)
+
+
+def test_batch_statistics_inside_sharded_are_the_global_batch_s(ddp_runs):
+    (rank0, rank1), _ = ddp_runs
+    checks = [rank0["checks"], rank1["checks"]]
+    x, x_hat, pre = (t.double() for t in planted_batches())
+    # FVU: rank r returns W * its rows' squared error / the global denominator, whose mean over ranks is the
+    # global FVU; the slices' own FVUs (outside `sharded`) ignore the 1000 between them and are far larger
+    denominator = (x - x.mean(dim=0)).pow(2).sum()
+    errors = (x - x_hat).pow(2).sum(dim=1).reshape(WORLD, -1).sum(dim=1)
+    for r, check in enumerate(checks):
+        assert float(check["fvu"]) == pytest.approx(float(WORLD * errors[r] / denominator), rel=1e-5)
+        part = slice(8 * r, 8 * (r + 1))
+        local = errors[r] / (x[part] - x[part].mean(dim=0)).pow(2).sum()
+        assert float(check["local_fvu"]) == pytest.approx(float(local), rel=1e-5)
+    global_fvu = float(errors.sum() / denominator)
+    assert sum(float(c["fvu"]) for c in checks) / WORLD == pytest.approx(global_fvu, rel=1e-5)
+    assert min(float(c["local_fvu"]) for c in checks) > 1e4 * global_fvu
+    # BatchTopK keeps the global batch's 16 * 3 largest entries, all of them on rank 0
+    cutoff = pre.flatten().sort(descending=True).values[16 * 3 - 1]
+    kept = torch.cat([c["kept"] for c in checks])
+    assert torch.equal(kept, pre >= cutoff)
+    assert int(kept[:8].sum()) == 48 and not kept[8:].any()
+    for check in checks:  # the first threshold update: the smallest positive kept value of the global batch
+        assert float(check["threshold"]) == pytest.approx(float(cutoff), rel=1e-6)
 
 
 def test_ranks_hold_identical_state_and_only_rank_0_writes(ddp_runs):
@@ -218,6 +224,13 @@ def test_settings_data_parallel_training_cannot_honour_are_refused():
     x = torch.arange(8.0)[:, None]
     assert four.shard(x).flatten().tolist() == [2.0, 3.0]  # rank 1's contiguous quarter
     assert Distributed().shard(x) is x
+    with (
+        pytest.raises(
+            RuntimeError, match=r"sharded\(\) needs an initialised torch.distributed process group"
+        ),
+        global_batch.sharded(),
+    ):
+        pass
 
 
 CLI_ARGS = [

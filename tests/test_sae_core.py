@@ -101,7 +101,9 @@ def test_relu_loss_is_summed_mse_plus_decoder_norm_weighted_l1_with_lambda_warmu
     mse = (xd - x_hat).pow(2).sum(dim=1).mean()
     l1 = (z * sae.W_dec.double().norm(dim=1)).sum(dim=1).mean()
     for step, lam in [(0, 3.0 * 1 / 50), (24, 3.0 * 25 / 50), (49, 3.0), (99, 3.0)]:
-        ctx = TrainContext(step=step, total_steps=100, dead_mask=torch.zeros(20, dtype=torch.bool), any_dead=False)
+        ctx = TrainContext(
+            step=step, total_steps=100, dead_mask=torch.zeros(20, dtype=torch.bool), any_dead=False
+        )
         out = sae.training_forward(x, ctx)
         assert out.loss.item() == pytest.approx((mse + lam * l1).item(), rel=1e-5)
 

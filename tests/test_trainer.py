@@ -41,26 +41,53 @@ def train_planted(sae_cfg, total_tokens: int, batch_size: int, **trainer_overrid
 
 
 @pytest.mark.slow
-def test_topk_with_defaults_recovers_planted_features():
-    result, source = train_planted(TopKConfig(d_in=64, d_sae=1024, k=TOPK_K), TOPK_TOKENS, TOPK_BATCH)
+def test_topk_with_default_lr_recovers_planted_features_at_fvu_0_1():
+    """k=28: with 512 features superposed in 64 dims no linear encoder reaches FVU 0.1 at k near the true ~5
+    (a TopK encoder that knows the true directions scores FVU 0.19 at k=32); k=28 reaches both targets."""
+    result, source = train_planted(TopKConfig(d_in=64, d_sae=1024, k=28), 2_000_000, 1024)
     rec = recovery_metrics(source.features, result.sae.W_dec.detach())
-    fvu = heldout_fvu(result.sae, source)
     assert rec["mmcs"] >= 0.9, rec
-    assert fvu <= 0.1, fvu
-    assert result.dead_fraction <= 0.05
+    assert heldout_fvu(result.sae, source) <= 0.1
+    assert result.dead_fraction <= 0.02
 
 
 @pytest.mark.slow
-def test_relu_with_defaults_recovers_planted_features_in_its_l0_band():
-    cfg = ReLUConfig(d_in=64, d_sae=1024, l1_coefficient=RELU_LAMBDA)
-    result, source = train_planted(cfg, RELU_TOKENS, RELU_BATCH)
+def test_topk_at_the_true_sparsity_recovers_every_planted_feature():
+    result, source = train_planted(TopKConfig(d_in=64, d_sae=1024, k=8), 2_000_000, 4096)
     rec = recovery_metrics(source.features, result.sae.W_dec.detach())
-    x = source.batch(10**6, 4096)
+    assert rec["mmcs"] >= 0.98 and rec["frac_recovered"] >= 0.98, rec
+    assert heldout_fvu(result.sae, source) <= 0.2
+    assert result.dead_fraction <= 0.02
+
+
+def relu_l0(sae, source: SyntheticSource) -> float:
     with torch.no_grad():
-        l0 = (result.sae.encode(x) > 0).sum(dim=1).float().mean().item()
-    assert rec["mmcs"] >= 0.9, rec
-    assert heldout_fvu(result.sae, source) <= 0.1
-    assert RELU_L0_BAND[0] <= l0 <= RELU_L0_BAND[1], l0
+        return (sae.encode(source.batch(10**6, 4096)) > 0).sum(dim=1).float().mean().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("l1_coefficient", "l0_band", "max_fvu", "min_mmcs"),
+    [
+        (
+            2.0,
+            (5.0, 30.0),
+            0.3,
+            0.98,
+        ),  # sparse: L0 near the true ~5, every feature found, L1 shrinkage in FVU
+        (0.6, (80.0, 150.0), 0.1, 0.9),  # dense: FVU 0.1 is reached only by a ReLU SAE this dense
+    ],
+)
+def test_relu_with_default_lr_recovers_planted_features_in_the_l0_band_its_lambda_sets(
+    l1_coefficient, l0_band, max_fvu, min_mmcs
+):
+    cfg = ReLUConfig(d_in=64, d_sae=1024, l1_coefficient=l1_coefficient)
+    result, source = train_planted(cfg, 2_000_000, 1024)
+    rec = recovery_metrics(source.features, result.sae.W_dec.detach())
+    l0 = relu_l0(result.sae, source)
+    assert l0_band[0] <= l0 <= l0_band[1], l0
+    assert rec["mmcs"] >= min_mmcs, rec
+    assert heldout_fvu(result.sae, source) <= max_fvu
 
 
 def test_relu_l0_falls_as_lambda_rises():
@@ -68,7 +95,7 @@ def test_relu_l0_falls_as_lambda_rises():
     for lam in (0.5, 8.0):
         result, source = train_planted(ReLUConfig(d_in=64, d_sae=256, l1_coefficient=lam), 300_000, 1024)
         with torch.no_grad():
-            l0s.append((result.sae.encode(source.batch(10**6, 2048)) > 0).sum(1).float().mean().item())
+            l0s.append(relu_l0(result.sae, source))
     assert l0s[0] > 2 * l0s[1], l0s
 
 
@@ -106,7 +133,9 @@ class StopAfter:
         raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("make_cfg", [lambda: TopKConfig(d_in=16, d_sae=64, k=4), lambda: ReLUConfig(d_in=16, d_sae=64)])
+@pytest.mark.parametrize(
+    "make_cfg", [lambda: TopKConfig(d_in=16, d_sae=64, k=4), lambda: ReLUConfig(d_in=16, d_sae=64)]
+)
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_loss_curve(tmp_path, make_cfg):
     source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3, seed=2))
     cfg = TrainerConfig(
@@ -144,7 +173,11 @@ def test_schedule_warms_up_holds_and_decays_linearly_to_zero():
     values = [lr_multiplier(s, total, warm, decay) for s in range(total)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(v == 1.0 for v in values[10:80])
-    assert values[80] == pytest.approx(1.0) and values[90] == pytest.approx(0.5) and values[99] == pytest.approx(0.05)
+    assert (
+        values[80] == pytest.approx(1.0)
+        and values[90] == pytest.approx(0.5)
+        and values[99] == pytest.approx(0.05)
+    )
 
 
 def test_dead_latents_are_counted_in_tokens_over_a_window():

@@ -3,7 +3,8 @@
 Training keeps the B * k largest pre-activations of the whole batch [B, n] (ReLU on the kept values), so
 rows use k latents on average but each as many as it needs. Inference cannot depend on the batch, so it
 uses a threshold: z = pre * (pre > threshold), where the threshold is a running estimate (exponential
-moving average, decay `threshold_decay`) of the smallest positive kept value of each training batch.
+moving average, decay `threshold_decay`) of the smallest positive kept value of each training batch. In
+data-parallel training both the selection and the threshold use the global batch (`batch_cutoff`).
 Loss, AuxK, unit-norm decoder, initialisation and the sparse training kernels are TopK's: a batch-level
 selection is, row by row, a top-w selection padded with zeros (w = the largest row count in the batch).
 """
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from saelab.kernels import dead_topk, sparse_encoder_values, topk_select
+from saelab.sae import global_batch
 from saelab.sae.base import TrainContext, TrainOutput
 from saelab.sae.registry import register
 from saelab.sae.topk import TopKConfig, TopKSAE, fraction_of_variance_unexplained
@@ -47,16 +49,29 @@ class BatchTopKSAE(TopKSAE):
     def select(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """pre [B, n] -> the batch's B*k largest entries as (values [B, w] >= 0, indices [B, w]): each row's
         kept entries, then zeros. Needs one host sync for w."""
-        cutoff = pre.reshape(-1).topk(pre.shape[0] * k, sorted=False).values.min()
+        cutoff = self.batch_cutoff(pre, k)
         kept = pre >= cutoff
         width = max(int(kept.sum(dim=1).max()), 1)
         values, indices = topk_select(pre, width)
         return torch.where(values >= cutoff, values, torch.zeros_like(values)).relu(), indices
 
+    @staticmethod
+    def batch_cutoff(pre: Tensor, k: int) -> Tensor:
+        """The (B * k)-th largest entry of the batch's pre-activations, from this rank's rows pre [b, n] (B = b,
+        or W * b in data-parallel training). Each rank offers its own top B * k (the global top B * k may all
+        lie on one rank); the cutoff is the (B * k)-th largest of what the W ranks offered."""
+        count = pre.shape[0] * k * global_batch.ranks()
+        flat = pre.reshape(-1)
+        top = flat.topk(min(count, flat.numel()), sorted=False).values
+        if global_batch.ranks() > 1:
+            top = global_batch.gather(top).reshape(-1).topk(count, sorted=False).values
+        return top.min()
+
     @torch.no_grad()
     def update_threshold(self, values: Tensor) -> None:
-        """Fold the smallest positive kept value of this batch into the running threshold (no host sync)."""
-        smallest = torch.where(values > 0, values, torch.inf).min()
+        """Fold the smallest positive kept value of this batch (the global batch in data-parallel training) into
+        the running threshold (no host sync)."""
+        smallest = global_batch.minimum(torch.where(values > 0, values, torch.inf).min())
         decay = self.cfg.threshold_decay
         blended = torch.where(
             self.threshold.isnan(), smallest, decay * self.threshold + (1 - decay) * smallest

@@ -25,6 +25,7 @@ from saelab.kernels import (
     sparse_encoder_values,
     topk_select,
 )
+from saelab.sae import global_batch
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
 from saelab.sae.registry import register
 
@@ -51,8 +52,14 @@ class TopKConfig(SAEConfig):
 
 
 def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
-    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over a batch [B, d]; scalar."""
-    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over a batch [B, d]; scalar. x must carry no gradient.
+
+    In data-parallel training (`global_batch.sharded`) x, x_hat are this rank's rows of the global batch and the
+    value is W * (their squared error) / (the global batch's denominator): its mean over the W ranks, and the
+    mean of its gradients that DDP takes, are the global batch's FVU and gradient.
+    """
+    error = (x - x_hat).pow(2).sum()
+    return global_batch.ranks() * error / global_batch.centred_sumsq(x).clamp_min(1e-12)
 
 
 @register("topk")

@@ -5,21 +5,24 @@ What a run of W processes computes, step by step (see `Trainer.fit` / `Trainer.t
 
 - `trainer.batch_size` and `trainer.total_tokens` stay global. Every rank reads the same global batch [B, d_in]
   from the source (an iterator given to `fit` must yield the same batches on every rank) and trains on its
-  contiguous slice of B / W rows (`shard`), so the ranks' rows together are exactly the single-process batch. The first global batch is used whole on every rank for the input scale and
-  the data-dependent init, then rank 0's parameters, buffers and scale are broadcast (`broadcast_start`).
+  contiguous slice of B / W rows (`shard`), so the ranks' rows together are exactly the single-process batch.
+  The first global batch is used whole on every rank for the input scale and the data-dependent init, then
+  rank 0's parameters, buffers and scale are broadcast (`broadcast_start`).
 - Gradients are averaged by DistributedDataParallel during the backward, before the SAE's gradient projection,
-  clipping and Adam, so the ranks' weights stay identical. For losses that are means over rows (ReLU + L1) the
-  step is the single-process step on the global batch. Batch-normalised losses (the FVU of TopK, BatchTopK, MP
-  and GBA, and AuxK) are normalised per slice: the step is that of one process averaging the gradients of the
-  W slices' losses.
+  clipping and Adam, so the ranks' weights stay identical. Each training forward runs inside
+  `saelab.sae.global_batch.sharded()`, where whatever depends on the whole batch uses the global one: the
+  denominators of batch-normalised losses (the FVU of TopK, BatchTopK, MP and GBA, AuxK and MP's revival term;
+  each rank's loss is W * its rows' error / the global denominator) and BatchTopK's top B * k cutoff and
+  threshold update. So for every declared variant a step is the single-process step on the global batch.
 - The latents that fired on any slice are OR-reduced every step (`any_fired`: an asynchronous all-reduce of
   d_sae bytes that overlaps the backward), so the dead-latent tracker counts global batches as one process does.
-- Logged metrics are averaged over ranks at log steps (`mean_over_ranks`). Rank 0 alone logs, evaluates the
-  held-out batches, and writes checkpoints, the final SAE and the summary.
+- Logged metrics are averaged over ranks at log steps (`mean_over_ranks`), which turns the W-scaled
+  batch-normalised ones (loss, FVU, AuxK) into the global batch's. Rank 0 alone logs, evaluates the held-out
+  batches, and writes checkpoints, the final SAE and the summary.
 - State outside the gradients must be reduced by the variant's entry in `STATE_SYNC`, called after the optimizer
-  step and before the SAE's own `after_optimizer_step`: BatchTopK's inference threshold is averaged over ranks
-  every step; GBA's window statistics are summed (fires, rows) and max-reduced (peaks) before each bias update,
-  so the biases follow the global batch's statistics. A variant missing from the table is refused.
+  step and before the SAE's own `after_optimizer_step`: GBA's window statistics are summed (fires, rows) and
+  max-reduced (peaks) before each bias update, so the biases follow the global batch's statistics (BatchTopK's
+  threshold already follows the global batch in its forward). A variant missing from the table is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from saelab.sae import global_batch
 from saelab.sae.base import SAE, TrainContext, TrainOutput
 
 
@@ -105,7 +109,8 @@ _NO_BUFFER_SYNC = (
 
 
 class _TrainingForward(nn.Module):
-    """Routes DistributedDataParallel's forward to the SAE's `training_forward` (DDP hooks `forward`)."""
+    """Routes DistributedDataParallel's forward to the SAE's `training_forward` (DDP hooks `forward`), with batch
+    statistics taken over the global batch."""
 
     def __init__(self, sae: SAE, forward: Callable[[Tensor, TrainContext], TrainOutput]):
         super().__init__()
@@ -113,7 +118,8 @@ class _TrainingForward(nn.Module):
         self.run = forward
 
     def forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
-        return self.run(x, ctx)
+        with global_batch.sharded():
+            return self.run(x, ctx)
 
 
 class _Pending:
@@ -234,13 +240,7 @@ class Distributed:
 
 # ------------------------------------------------------------ variant state
 def _no_state(sae: Any, d: Distributed) -> None:
-    """Gradients are the only state that must agree across ranks (DDP averages them)."""
-
-
-def _mean_threshold(sae: Any, d: Distributed) -> None:
-    """BatchTopK: the inference threshold [] is an EMA of each batch's smallest kept value; average it over ranks."""
-    dist.all_reduce(sae.threshold)
-    sae.threshold /= d.world_size
+    """Nothing outside the gradients (which DDP averages) differs across ranks."""
 
 
 def _reduce_gba_window(sae: Any, d: Distributed) -> None:
@@ -256,6 +256,6 @@ STATE_SYNC: dict[str, Callable[[Any, Distributed], None]] = {
     "relu": _no_state,
     "topk": _no_state,
     "mp": _no_state,
-    "batchtopk": _mean_threshold,
+    "batchtopk": _no_state,
     "gba": _reduce_gba_window,
 }

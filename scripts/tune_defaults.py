@@ -6,6 +6,7 @@ learning rates were chosen (BENCHMARKS.md, "Default learning rate").
 
     python scripts/tune_defaults.py --variant topk --d-in 64 --k 8 16 32 --lr-mult 0.5 1 2 --tokens 2e6
     python scripts/tune_defaults.py --variant relu --d-in 64 --l1 1 2 5 --tokens 2e6 --batch 1024
+    python scripts/tune_defaults.py --oracle --k 5 8 16 32      # FVU floor of a TopK encoder given the truth
 """
 
 from __future__ import annotations
@@ -38,7 +39,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=str, default=None, help="also write the rows to this file")
+    p.add_argument("--oracle", action="store_true", help="only print the FVU of TopK with the true features")
     return p.parse_args()
+
+
+def oracle_fvu(source: SyntheticSource, k: int) -> float:
+    """FVU of a TopK encoder that knows the planted directions: tied encoder/decoder F, top-k of x F^T (ReLU),
+    codes scaled by the least-squares factor. A floor no linear-encoder TopK SAE of this k is likely to beat."""
+    x = source.batch(10**6, 8192).double()
+    features = source.features.double()
+    pre = x @ features.T
+    top = pre.topk(k, dim=1)
+    x_hat = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu()) @ features
+    x_hat = x_hat * (x * x_hat).sum() / x_hat.pow(2).sum()
+    return ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
 
 
 def heldout(sae, source: SyntheticSource) -> tuple[float, float]:
@@ -57,6 +71,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     d, n = args.d_in, args.expansion * args.d_in
     source = SyntheticSource(SyntheticConfig(d_in=d, n_features=args.features_per_dim * d, seed=0))
+    if args.oracle:
+        for k in args.k:
+            print(f"k={k}: FVU of TopK with the true features {oracle_fvu(source, k):.4f}")
+        return
     settings = args.k if args.variant == "topk" else args.l1
     rows = []
     for setting, mult in itertools.product(settings, args.lr_mult):

@@ -8,6 +8,9 @@ import math
 import pytest
 import torch
 
+from saelab.sae.batchtopk import BatchTopKConfig
+from saelab.sae.gba import GBAConfig
+from saelab.sae.mp import MPConfig
 from saelab.sae.registry import build_sae
 from saelab.sae.relu import ReLUConfig
 from saelab.sae.topk import TopKConfig
@@ -133,10 +136,19 @@ class StopAfter:
         raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize(
-    "make_cfg", [lambda: TopKConfig(d_in=16, d_sae=64, k=4), lambda: ReLUConfig(d_in=16, d_sae=64)]
-)
-def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_loss_curve(tmp_path, make_cfg):
+RESUMABLE = {
+    "topk": lambda: TopKConfig(d_in=16, d_sae=64, k=4),
+    "relu": lambda: ReLUConfig(d_in=16, d_sae=64),
+    "batchtopk": lambda: BatchTopKConfig(d_in=16, d_sae=64, k=4),
+    "mp": lambda: MPConfig(d_in=16, d_sae=64, k=4),
+    # bias updates every 3 steps: the checkpoint at step 20 falls inside a window, whose statistics must resume
+    "gba": lambda: GBAConfig(d_in=16, d_sae=64, update_every=3),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(RESUMABLE))
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_loss_curve(tmp_path, variant):
+    make_cfg = RESUMABLE[variant]
     source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3, seed=2))
     cfg = TrainerConfig(
         total_tokens=40 * 64,

@@ -181,6 +181,9 @@ class SAE(nn.Module):
         """
         return 4e-3 * math.sqrt(min(1.0, 4096 / self.d_sae)) * math.sqrt(batch_size / 4096)
 
+    def resume_at(self, step: int) -> None:
+        """Restore host-side training counters when a run resumes at `step` (buffers come from the checkpoint)."""
+
     def before_optimizer_step(self) -> None:
         """Project out the gradient component parallel to each unit-norm decoder row."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:

@@ -112,7 +112,7 @@ class GroupBiasAdaptationSAE(SAE):
         group = torch.arange(n) * self.cfg.n_groups // n
         self.register_buffer("group", group, persistent=False)
         self.register_buffer("target_freq", self.group_targets()[group].to(dtype), persistent=False)
-        # The current window's statistics (not saved: a resumed run starts a new window).
+        # The current window's statistics: not in saved SAEs, but in training checkpoints (exact resume).
         self.register_buffer("window_fires", torch.zeros(n, dtype=torch.long), persistent=False)
         self.register_buffer("window_peak", torch.full((n,), -torch.inf, dtype=dtype), persistent=False)
         self.register_buffer("window_rows", torch.zeros((), dtype=torch.long), persistent=False)
@@ -225,6 +225,10 @@ class GroupBiasAdaptationSAE(SAE):
         if self.window_batches >= self.cfg.update_every:
             self.adapt_biases()
             self.reset_window()
+
+    def resume_at(self, step: int) -> None:
+        """One window batch is recorded per step and windows restart every update_every steps."""
+        self.window_batches = step % self.cfg.update_every
 
     def record(self, pre: Tensor) -> None:
         """Add a batch of pre-activations [B, n] to the window statistics."""

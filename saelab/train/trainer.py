@@ -147,6 +147,8 @@ class Trainer:
             "tracker": self.tracker.state_dict(),
             "cpu_rng": torch.get_rng_state(),
             "heldout_offset": self.heldout_offset,
+            # every buffer, the non-persistent ones too (e.g. GBA's bias-update window), so a resume is exact
+            "sae_buffers": {name: buf.detach().cpu() for name, buf in self.sae.named_buffers()},
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -163,6 +165,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.tracker.load_state_dict(state["tracker"])
+        buffers = dict(self.sae.named_buffers())
+        with torch.no_grad():
+            for name, value in state.get("sae_buffers", {}).items():
+                buffers[name].copy_(value)
+        self.sae.resume_at(self.step)
         torch.set_rng_state(state["cpu_rng"].cpu())
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])

@@ -34,7 +34,7 @@ Choices the paper leaves open, made here (each tested in tests/test_gba.py):
 - T = 20 and gamma = 0.02 (the paper's T is about 50, gamma about 0.01): on the GBA toy, 1000 steps of 512
   rows recovered 75% of the features with the paper's values and 91% with these, because the biases must
   keep up with weights trained at the default learning rate below.
-- Learning rate: ten times the base width- and batch-scaled rate (`default_lr`); phi defaults to ReLU, which
+- Learning rate: ten times Gao et al.'s width-scaled rate, times sqrt(batch / 4096) (`default_lr`); phi defaults to ReLU, which
   recovered the toy's features better than JumpReLU (scripts/bench_recovery.py).
 - JumpReLU: phi(u_m) = (u_m - b_m) * [u_m > 0], i.e. the bias acts as a threshold -b_m without shrinking the
   kept value. Biases get no gradient either way, so no straight-through estimator is needed.
@@ -189,7 +189,7 @@ class GroupBiasAdaptationSAE(SAE):
 
     # ------------------------------------------------------------ training
     def default_lr(self, batch_size: int) -> float:
-        """Ten times the base width- and batch-scaled rate: the adaptation rule, not the optimizer, keeps
+        """Ten times Gao et al.'s width-scaled rate (times sqrt(batch / 4096)): the adaptation rule, not the optimizer, keeps
         GBA sparse, and at the base rate the weights move too slowly to lock onto features (see README)."""
         return 2e-3 / math.sqrt(self.d_sae / 2**14) * math.sqrt(batch_size / 4096)
 

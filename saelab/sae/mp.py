@@ -165,7 +165,7 @@ class MatchingPursuitSAE(SAE):
 
     # ------------------------------------------------------------ training
     def default_lr(self, batch_size: int) -> float:
-        """Ten times the base width- and batch-scaled rate: at the base rate a tied pursuit dictionary is far
+        """Ten times Gao et al.'s width-scaled rate (times sqrt(batch / 4096)): at the base rate a tied pursuit dictionary is far
         from the planted features after 1000 steps, at this one it recovers them (scripts/bench_recovery.py)."""
         return 2e-3 / math.sqrt(self.d_sae / 2**14) * math.sqrt(batch_size / 4096)
 

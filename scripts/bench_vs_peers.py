@@ -18,8 +18,7 @@ a shared machine hits all of them alike. Peak memory is measured for each librar
 measured on held-out batches. The encoder-matmul floor is one [B, d] x [d, n] product in the training
 compute dtype, timed in the same rounds.
 
-SAELens 6 needs transformer-lens < 4; where a newer one is installed, put the old one in a side directory
-(`pip install --no-deps --target DIR transformer-lens==3.9.0 better-abc`) and pass `--saelens-site DIR`.
+The peers are installed with `pip install -e '.[dev,bench]'` (sae-lens comes with dev, eai-sparsify with both).
 
     python scripts/bench_vs_peers.py                       # CPU-sized shape on CPU, GPU shapes on CUDA
     python scripts/bench_vs_peers.py --shapes 768,32768,32,8192 --steps 300 --json out.json
@@ -34,7 +33,6 @@ import importlib.metadata
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import benchutil
@@ -289,8 +287,6 @@ def probe_memory(spec: Spec, name: str, args: argparse.Namespace) -> float | Non
         f"--threads={args.threads}",
         f"--steps={spec.steps}",
     ]
-    if args.saelens_site:
-        probe_args.append(f"--saelens-site={args.saelens_site}")
     return benchutil.run_probe(__file__, probe_args)
 
 
@@ -349,14 +345,9 @@ def main() -> None:
         "--threads", type=int, default=1, help="CPU threads (0: torch default); see BENCHMARKS.md"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the per-library memory probes")
-    parser.add_argument(
-        "--saelens-site", help="directory prepended to sys.path (transformer-lens < 4 for SAELens)"
-    )
     parser.add_argument("--json", help="also write the JSON results to this file")
     parser.add_argument("--probe", choices=LIBRARIES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.saelens_site:
-        sys.path.insert(0, str(Path(args.saelens_site).resolve()))
     os.environ.setdefault("WANDB_MODE", "disabled")
     device = benchutil.setup_device(args.device, args.threads)
     cuda = device.type == "cuda"

@@ -38,15 +38,26 @@ def write_corpus(folder: Path, n_docs: int = 24, seed: int = 0) -> Path:
     return folder
 
 
-def tiny_bridge(n_layers: int = 3, d_vocab: int = 3 + len(WORDS), seed: int = 0):
-    """A TransformerLens TransformerBridge around a small randomly initialised TL-native transformer."""
-    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+def tiny_tl(
+    n_layers: int = 3, d_vocab: int = 3 + len(WORDS), seed: int = 0, tokenizer_dir: Path | None = None
+):
+    """A small randomly initialised TransformerLens HookedTransformer (LayerNorm, GELU, learned positions).
 
-    cfg = TransformerBridgeConfig(
+    tokenizer_dir: save the word tokenizer there and attach it (TransformerLens reloads a tokenizer from its
+    folder to make it prepend BOS), so `model.to_tokens` works; else the model has no tokenizer.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import AutoTokenizer
+
+    cfg = HookedTransformerConfig(
         d_model=32, d_head=8, n_heads=4, d_mlp=64, n_layers=n_layers, n_ctx=64, d_vocab=d_vocab,
         act_fn="gelu", normalization_type="LN", seed=seed, initializer_range=0.2,
     )  # fmt: skip
-    return TransformerBridge.boot_native(cfg).eval()
+    tokenizer = None
+    if tokenizer_dir is not None:
+        word_tokenizer(WORDS).save_pretrained(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
 
 
 def fetch_or_skip() -> Path:

@@ -86,7 +86,7 @@ def test_buffer_lives_on_the_gpu_when_it_fits():
 
 def test_live_model_source_serves_harvested_rows_and_trains(tmp_path):
     """The "model" source: tokens -> small TransformerLens model -> buffer -> trainer, end to end."""
-    from harvest_helpers import WORDS, tiny_bridge, word_tokenizer, write_corpus
+    from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
 
     from saelab.buffer.sources import ModelSource
     from saelab.harvest.config import ModelSourceConfig
@@ -102,7 +102,7 @@ def test_live_model_source_serves_harvested_rows_and_trains(tmp_path):
         model_batch_size=4, buffer_tokens=256,
     )  # fmt: skip
     pipeline = HarvestPipeline.from_tokenizer(
-        TransformerLensHarvester(tiny_bridge(), [hook]), word_tokenizer(WORDS), cfg
+        TransformerLensHarvester(tiny_tl(), [hook]), word_tokenizer(WORDS), cfg
     )
     source = ModelSource(cfg, torch.device("cpu"), pipeline=pipeline)
     assert source.d_in == 32 and source.metadata()["hook_name"] == hook

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from harvest_helpers import WORDS, tiny_bridge, word_tokenizer, write_corpus
+from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
 
 from saelab.buffer.cache import PROGRESS, ActivationCache, CacheWriter
 from saelab.cli import main
@@ -94,10 +94,10 @@ def test_reader_errors_are_clear(tmp_path):
 # ---------------------------------------------------------------- harvesting a small TransformerLens model
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(TransformerBridge, tokenizer, source config over a small random-word corpus)."""
+    """(HookedTransformer, tokenizer, source config over a small random-word corpus)."""
     corpus = write_corpus(tmp_path_factory.mktemp("corpus"))
     src = ModelSourceConfig(model="tiny", dataset=str(corpus), context_size=16, model_batch_size=4)
-    return tiny_bridge(n_layers=3), word_tokenizer(WORDS), src
+    return tiny_tl(n_layers=3), word_tokenizer(WORDS), src
 
 
 class FlakyHarvester:
@@ -115,8 +115,8 @@ class FlakyHarvester:
 
 
 def harvest(tiny, out, fail_at=0, **overrides):
-    bridge, tokenizer, src = tiny
-    harvester = TransformerLensHarvester(bridge, HOOKS)
+    model, tokenizer, src = tiny
+    harvester = TransformerLensHarvester(model, HOOKS)
     if fail_at:
         harvester = FlakyHarvester(harvester, fail_at)
     cfg = HarvestRunConfig(source=src, output_dir=str(out), hook_names=HOOKS, total_tokens=0, shard_tokens=64)
@@ -133,14 +133,14 @@ def tiny_cache(tiny, tmp_path_factory):
 
 
 def test_harvest_writes_the_models_own_activations(tiny, tiny_cache):
-    bridge, tokenizer, _ = tiny
+    model, tokenizer, _ = tiny
     folder, manifest = tiny_cache
     cache = ActivationCache(folder)
     pipeline = HarvestPipeline.from_tokenizer(None, tokenizer, tiny[2])
     tokens = torch.cat(list(pipeline.contexts.batches(4)))  # every context of the corpus
     keep = keep_mask(tokens, torch.tensor(excluded_token_ids(tokenizer)))
     with torch.no_grad():
-        _, ref = bridge.run_with_cache(tokens)  # one full forward over all contexts, no filter
+        _, ref = model.run_with_cache(tokens)  # one full forward over all contexts, no filter
     for hook in HOOKS:
         assert torch.equal(cache.read_all(hook), ref[hook][keep])
     assert torch.equal(torch.cat([cache.tokens(i) for i in range(len(cache.shard_rows))]), tokens[keep].int())

@@ -157,15 +157,13 @@ def test_feature_activations_stop_at_the_hook_and_match_encode():
 
 
 def test_transformer_lens_model_identity_and_zero_ablation():
-    bridge_mod = pytest.importorskip("transformer_lens.model_bridge")
-    import transformer_lens.model_bridge.sources.native  # noqa: F401  (registers boot_native)
-    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = TransformerBridgeConfig(
+    cfg = HookedTransformerConfig(
         d_model=24, n_layers=2, d_mlp=48, d_head=6, n_heads=4, n_ctx=16, d_vocab=37,
-        act_fn="gelu", normalization_type="LN", seed=0,
+        act_fn="gelu", normalization_type="LN", seed=0, initializer_range=0.2,
     )  # fmt: skip
-    model = bridge_mod.TransformerBridge.boot_native(cfg).eval()
+    model = HookedTransformer(cfg).eval()
     hook = "blocks.0.hook_resid_post"
     tokens = token_batch(torch.Generator().manual_seed(4))
     lm = LMEvaluator(model, identity_sae(24), hook, special_token_ids=[BOS, PAD])

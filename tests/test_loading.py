@@ -297,6 +297,34 @@ def test_read_features_matches_per_text_reference(tiny_lm):
     assert feats.acts.count_nonzero() > 0
 
 
+def test_read_features_on_a_transformer_lens_model(tmp_path):
+    """A HookedTransformer: texts go through `model.to_tokens` (BOS by default, none with prepend_bos=False) and the
+    codes are the float64 encoding of each text's own `run_with_cache` activations at the SAE's hook."""
+    from harvest_helpers import tiny_tl
+
+    model = tiny_tl(n_layers=2, tokenizer_dir=tmp_path / "tokenizer")
+    hook = "blocks.0.hook_resid_post"
+    torch.manual_seed(0)
+    sae = ReLUSAE(ReLUConfig(d_in=32, d_sae=D_SAE, metadata={"hook_name": hook}))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    p = {k: v.double() for k, v in sae.state_dict().items()}
+    texts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10"]
+    for prepend_bos, bos in ((None, [0]), (False, [])):
+        feats = read_features(model, sae, texts, prepend_bos=prepend_bos)
+        for row, text in enumerate(texts):
+            ids = bos + [3 + int(word[1:]) for word in text.split()]  # <bos>=0, then w0=3, w1=4, ...
+            n = len(ids)
+            assert feats.tokens[row, :n].tolist() == ids and int(feats.mask[row].sum()) == n
+            with torch.no_grad():
+                _, cache = model.run_with_cache(torch.tensor([ids]), names_filter=[hook])
+            z_ref = ((cache[hook][0].double() - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).relu()
+            torch.testing.assert_close(feats.acts[row, :n].double(), z_ref, atol=1e-5, rtol=1e-5)
+            assert not feats.acts[row, n:].any()
+        assert feats.acts.count_nonzero() > 0
+
+
 def test_read_features_needs_a_hook(tiny_lm):
     model, tokenizer = tiny_lm
     sae = make("relu")

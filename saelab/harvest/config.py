@@ -21,7 +21,8 @@ class ModelSourceConfig:
     """Activations of a real language model on a text dataset.
 
     model: "smollm2" (offline SmolLM2-135M-Instruct from `saelab fetch-assets`, under assets_dir), or a
-      Hugging Face hub name / local checkpoint folder.
+      Hugging Face hub name / local checkpoint folder (backend "transformer_lens": a name in TransformerLens's
+      model list, a local folder TransformerLens converts, or any Llama-architecture checkpoint).
     backend: "transformer_lens" (hook names like "blocks.6.hook_resid_post") or "hf" (forward hooks on
       submodules, e.g. "model.layers.6").
     dataset: hub dataset name, or a local file, folder or glob of .txt/.json/.jsonl/.parquet/.csv files.

@@ -1,18 +1,22 @@
 """Load the model to harvest and wrap it in a harvester.
 
 model "smollm2": the offline SmolLM2-135M-Instruct from `saelab fetch-assets`; any other name is a Hugging
-Face hub name or local checkpoint folder. backend "transformer_lens": a TransformerLens TransformerBridge
-(hook names like "blocks.6.hook_resid_post"; raw HF weights, no LayerNorm folding or weight centring);
-backend "hf": the plain transformers model with forward hooks on submodules (e.g. "model.layers.6").
+Face hub name or local checkpoint folder. backend "transformer_lens": a TransformerLens HookedTransformer
+(hook names like "blocks.6.hook_resid_post"; raw weights, no LayerNorm folding or weight centring, so the
+activations are the HF model's; see `saelab.harvest.hooked`), or with TransformerLens 4.x, which has no
+HookedTransformer, a TransformerBridge. backend "hf": the plain transformers model with forward hooks on
+submodules (e.g. "model.layers.6").
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from saelab.data.assets import smollm2_checkpoint
+from saelab.harvest import hooked
 from saelab.harvest.base import Harvester
 from saelab.harvest.module import ModuleHarvester
 from saelab.harvest.tlens import TransformerLensHarvester
@@ -27,11 +31,16 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"source.backend={backend!r} must be one of {list(BACKENDS)}.")
 
 
+def checkpoint(model: str, assets_dir: str) -> str:
+    """The hub name or local folder transformers loads `model` from."""
+    return str(smollm2_checkpoint(assets_dir)) if model == SMOLLM2 else model
+
+
 def load_hf(model: str, device: torch.device, dtype: torch.dtype, assets_dir: str) -> tuple[Any, Any]:
     """(transformers causal LM in eval mode on `device`, its tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(smollm2_checkpoint(assets_dir)) if model == SMOLLM2 else model
+    path = checkpoint(model, assets_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return hf, tokenizer
@@ -46,12 +55,28 @@ def load_model(
         raise ValueError(f"source.dtype={dtype!r} must be one of {sorted(DTYPES)}.")
     if backend == "hf":
         return load_hf(model, device, DTYPES[dtype], assets_dir)
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401  (absent in TransformerLens 4.x)
+    except ImportError:
+        return load_bridge(model, device, DTYPES[dtype], assets_dir)
+    local = model == SMOLLM2 or Path(model).is_dir()
+    official = None if local else hooked.official_name(model)
+    if official is not None:  # TransformerLens loads the models of its list from the hub itself
+        tl = hooked.from_hub(official, device, DTYPES[dtype])
+    else:
+        hf, tokenizer = load_hf(model, device, DTYPES[dtype], assets_dir)
+        tl = hooked.from_hf(hf, tokenizer, checkpoint(model, assets_dir), device, DTYPES[dtype])
+    return tl, tl.tokenizer
+
+
+def load_bridge(model: str, device: torch.device, dtype: torch.dtype, assets_dir: str) -> tuple[Any, Any]:
+    """(TransformerLens 4.x TransformerBridge around the HF model, tokenizer); raw HF weights."""
     from transformer_lens.model_bridge import TransformerBridge
 
     if model != SMOLLM2:  # TransformerLens loads hub models itself
-        bridge = TransformerBridge.boot_transformers(model, device=device, dtype=DTYPES[dtype])
+        bridge = TransformerBridge.boot_transformers(model, device=device, dtype=dtype)
         return bridge.eval(), bridge.tokenizer
-    hf, tokenizer = load_hf(model, device, DTYPES[dtype], assets_dir)
+    hf, tokenizer = load_hf(model, device, dtype, assets_dir)
     bridge = TransformerBridge.boot_transformers(model, hf_model=hf, tokenizer=tokenizer, device=device)
     return bridge.eval(), tokenizer
 

@@ -1,8 +1,11 @@
 """Load an SAE from a local directory, a saelab training run or checkpoint, or a Hugging Face hub repo.
 
 A directory holds `cfg.json` + `sae_weights.safetensors` in saelab's or SAELens's layout (see
-`saelab.interop.saelens`). Whatever the source, the SAE returned takes raw model activations: input scales
-(saelab's trainer scale in a checkpoint, SAELens's "expected_average_only_in" factor) are folded in.
+`saelab.interop.saelens`), or a peer's layout converted on reading: EleutherAI sparsify's `cfg.json` +
+`sae.safetensors` (`saelab.interop.sparsify`) or dictionary_learning's `config.json` + `ae.pt`
+(`saelab.interop.dictionary_learning`). Whatever the source, the SAE returned takes raw model activations:
+input scales (saelab's trainer scale in a checkpoint, SAELens's "expected_average_only_in" factor) are
+folded in.
 """
 
 from __future__ import annotations
@@ -15,12 +18,26 @@ from typing import Any
 
 import torch
 
+from saelab.interop import dictionary_learning, sparsify
 from saelab.interop.saelens import dtype_name, needs_input_scale, to_saelab
 from saelab.sae.base import CONFIG_FILE, DTYPES, SAE, WEIGHTS_FILE, load_weights
 from saelab.sae.registry import get_sae_class
 
 #: SAELens training checkpoints store the activation scale they have not folded in yet here.
 SCALER_FILE = "activation_scaler.json"
+#: Peers' layouts read_files converts: name -> (config file, weights file, reader).
+PEER_LAYOUTS = {
+    "sparsify": (sparsify.CONFIG_FILE, sparsify.WEIGHTS_FILE, sparsify.read_sparsify),
+    "dictionary_learning": (
+        dictionary_learning.CONFIG_FILE,
+        dictionary_learning.WEIGHTS_FILE,
+        dictionary_learning.read_dictionary_learning,
+    ),
+}
+LAYOUTS_TEXT = (
+    f"{CONFIG_FILE} + {WEIGHTS_FILE} (saelab, SAELens), {sparsify.CONFIG_FILE} + {sparsify.WEIGHTS_FILE} "
+    f"(sparsify) or {dictionary_learning.CONFIG_FILE} + {dictionary_learning.WEIGHTS_FILE} (dictionary_learning)"
+)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^/].*)?$")
 
 
@@ -36,10 +53,11 @@ def load_sae(
 ) -> SAE:
     """Load an SAE ready for encode/decode on raw activations, on `device` (cast to `dtype` if given).
 
-    source: an SAE directory (saelab or SAELens layout); a saelab run directory (loads `sae/`, else the newest
-    checkpoint); a checkpoint directory (its trainer input scale is folded in); or a Hugging Face repo id
-    ("owner/name", optionally followed by "/sub/folder") fetched with `huggingface_hub` into `cache_dir`
-    (respects HF_HUB_OFFLINE). subfolder: folder inside the directory or repo. norm_scaling_factor: the
+    source: an SAE directory (saelab, SAELens, sparsify or dictionary_learning layout); a saelab run directory
+    (loads `sae/`, else the newest checkpoint); a checkpoint directory (its trainer input scale is folded in);
+    or a Hugging Face repo id ("owner/name", optionally followed by "/sub/folder") fetched with
+    `huggingface_hub` into `cache_dir` (respects HF_HUB_OFFLINE). subfolder: folder inside the directory or
+    repo (sparsify's hookpoint folder, e.g. "layers.6"). norm_scaling_factor: the
     activation factor of a SAELens SAE saved with normalize_activations="expected_average_only_in".
     The SAE's `cfg.metadata` holds model/hook/layer, training tokens, metrics and `loaded_from`.
     """
@@ -69,9 +87,29 @@ def locate(
         )
     parts = str(source).split("/")
     repo_id, inner = "/".join(parts[:2]), "/".join([*parts[2:], *([subfolder] if subfolder else [])])
-    folder = hub_file(repo_id, inner, CONFIG_FILE, revision, cache_dir).parent
-    hub_file(repo_id, inner, WEIGHTS_FILE, revision, cache_dir)
+    folder = hub_folder(repo_id, inner, revision, cache_dir)
     return folder, {"kind": "hub", "repo_id": repo_id, "subfolder": inner, "revision": revision or "main"}
+
+
+def hub_folder(repo_id: str, inner: str, revision: str | None, cache_dir: str | Path | None) -> Path:
+    """Local folder holding the config and weights of the SAE at `inner` in a hub repo, in any known layout."""
+    first_error = None
+    for config_name, weights_name in [(CONFIG_FILE, WEIGHTS_FILE), *(v[:2] for v in PEER_LAYOUTS.values())]:
+        try:
+            folder = hub_file(repo_id, inner, config_name, revision, cache_dir).parent
+            hub_file(repo_id, inner, weights_name, revision, cache_dir)
+            return folder
+        except FileNotFoundError as err:
+            first_error = first_error or err
+    raise FileNotFoundError(f"{first_error} No known SAE layout is there either: {LAYOUTS_TEXT}.")
+
+
+def peer_layout(folder: Path) -> str | None:
+    """Name of the peer layout whose config and weights files `folder` holds, or None."""
+    for name, (config_name, weights_name, _) in PEER_LAYOUTS.items():
+        if (folder / config_name).is_file() and (folder / weights_name).is_file():
+            return name
+    return None
 
 
 def input_scale_of(
@@ -105,7 +143,7 @@ def resolve_local(folder: Path) -> tuple[Path, bool]:
     """(directory holding cfg.json, whether it is a saelab training checkpoint) for a local source."""
     from saelab.train.checkpoint import STATE_FILE, list_checkpoints  # train depends on sae: import late
 
-    if (folder / CONFIG_FILE).is_file():
+    if (folder / CONFIG_FILE).is_file() or peer_layout(folder):
         return folder, (folder / STATE_FILE).is_file()
     if (folder / "sae" / CONFIG_FILE).is_file():
         return folder / "sae", False
@@ -113,20 +151,29 @@ def resolve_local(folder: Path) -> tuple[Path, bool]:
         found = list_checkpoints(root)
         if found:
             return found[-1], True
+    nested = [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if peer_layout(p)]
+    nested += [p.parent for p in sorted(folder.glob(f"*/{CONFIG_FILE}")) if p.parent not in nested]
+    hint = (
+        f" It has SAEs in subfolders {[str(p.relative_to(folder)) for p in nested[:12]]}: pass subfolder=."
+        if nested
+        else ""
+    )
     raise FileNotFoundError(
-        f"{folder / CONFIG_FILE} is missing: an SAE directory needs {CONFIG_FILE} and {WEIGHTS_FILE} "
-        "(a saelab run directory needs sae/ or checkpoints/step_*/)."
+        f"{folder / CONFIG_FILE} is missing: an SAE directory holds {LAYOUTS_TEXT} (a saelab run directory "
+        f"needs sae/ or checkpoints/step_*/).{hint}"
     )
 
 
 def read_files(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(cfg.json dict, tensors) of an SAE directory; errors name the missing or corrupt file."""
+    """(cfg.json dict, tensors) of an SAE directory (a peer's layout converted to saelab's); errors name the
+    missing or corrupt file."""
+    layout = peer_layout(folder)
+    if layout is not None and not (folder / WEIGHTS_FILE).is_file():
+        return PEER_LAYOUTS[layout][2](folder)
     cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for needed in (cfg_path, weights_path):
         if not needed.is_file():
-            raise FileNotFoundError(
-                f"{needed} is missing: an SAE directory needs {CONFIG_FILE} and {WEIGHTS_FILE}."
-            )
+            raise FileNotFoundError(f"{needed} is missing: an SAE directory holds {LAYOUTS_TEXT}.")
     try:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:

@@ -28,6 +28,7 @@ What a run of W processes computes, step by step (see `Trainer.fit` / `Trainer.t
 from __future__ import annotations
 
 import atexit
+import gc
 import inspect
 import os
 from collections.abc import Callable
@@ -78,6 +79,7 @@ def finish() -> None:
     """End a successful run: wait until every rank got here (so none closes its connections while rank 0
     still writes), then destroy the process group. Without a process group, nothing."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # free the run's DDP wrapper (and its reducer's hooks) while the process group still exists
         dist.barrier()
         dist.destroy_process_group()
 

@@ -1,7 +1,7 @@
 """Run a language model with an SAE spliced in at one hook point.
 
 Two kinds of model are supported:
-- TransformerLens models (HookedTransformer or TransformerBridge; anything with `hook_dict` and `hooks()`):
+- TransformerLens models (HookedTransformer; anything with `hook_dict` and `hooks()`):
   `hook_name` is a hook point such as "blocks.6.hook_resid_post".
 - Any other `torch.nn.Module` (e.g. Hugging Face transformers): `hook_name` names a submodule such as
   "model.layers.6"; its output (or the first element of a tuple output) is substituted.

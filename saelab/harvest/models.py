@@ -3,9 +3,8 @@
 model "smollm2": the offline SmolLM2-135M-Instruct from `saelab fetch-assets`; any other name is a Hugging
 Face hub name or local checkpoint folder. backend "transformer_lens": a TransformerLens HookedTransformer
 (hook names like "blocks.6.hook_resid_post"; raw weights, no LayerNorm folding or weight centring, so the
-activations are the HF model's; see `saelab.harvest.hooked`), or with TransformerLens 4.x, which has no
-HookedTransformer, a TransformerBridge. backend "hf": the plain transformers model with forward hooks on
-submodules (e.g. "model.layers.6").
+activations are the HF model's; see `saelab.harvest.hooked`). backend "hf": the plain transformers model
+with forward hooks on submodules (e.g. "model.layers.6").
 """
 
 from __future__ import annotations
@@ -55,10 +54,6 @@ def load_model(
         raise ValueError(f"source.dtype={dtype!r} must be one of {sorted(DTYPES)}.")
     if backend == "hf":
         return load_hf(model, device, DTYPES[dtype], assets_dir)
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401  (absent in TransformerLens 4.x)
-    except ImportError:
-        return load_bridge(model, device, DTYPES[dtype], assets_dir)
     local = model == SMOLLM2 or Path(model).is_dir()
     official = None if local else hooked.official_name(model)
     if official is not None:  # TransformerLens loads the models of its list from the hub itself
@@ -67,18 +62,6 @@ def load_model(
         hf, tokenizer = load_hf(model, device, DTYPES[dtype], assets_dir)
         tl = hooked.from_hf(hf, tokenizer, checkpoint(model, assets_dir), device, DTYPES[dtype])
     return tl, tl.tokenizer
-
-
-def load_bridge(model: str, device: torch.device, dtype: torch.dtype, assets_dir: str) -> tuple[Any, Any]:
-    """(TransformerLens 4.x TransformerBridge around the HF model, tokenizer); raw HF weights."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    if model != SMOLLM2:  # TransformerLens loads hub models itself
-        bridge = TransformerBridge.boot_transformers(model, device=device, dtype=dtype)
-        return bridge.eval(), bridge.tokenizer
-    hf, tokenizer = load_hf(model, device, dtype, assets_dir)
-    bridge = TransformerBridge.boot_transformers(model, hf_model=hf, tokenizer=tokenizer, device=device)
-    return bridge.eval(), tokenizer
 
 
 def make_harvester(model: Any, backend: str, hook_names: list[str]) -> Harvester:

@@ -1,4 +1,4 @@
-"""Harvest from a TransformerLens model (HookedTransformer; TransformerBridge with TransformerLens 4.x):
+"""Harvest from a TransformerLens HookedTransformer:
 `run_with_cache(names_filter=hooks, stop_at_layer=L + 1)`, so blocks past the last hook are not run."""
 
 from __future__ import annotations

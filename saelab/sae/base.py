@@ -172,14 +172,16 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def default_lr(self, batch_size: int) -> float:
-        """Adam learning rate used when trainer.lr is left unset: 4e-3 up to 4096 latents, then Gao et al.'s
-        1/sqrt(width) decay (2e-3 at 2^14, 10x their rate), times sqrt(batch / 4096).
+        """Adam learning rate used when trainer.lr is left unset:
+        4e-3 * sqrt(d_in / 64) * sqrt(min(1, 4096 / d_sae)) * sqrt(batch / 4096).
 
-        Peers' 2e-4 to 5e-4 leave planted features unrecovered after a few million tokens; on the planted
-        data (d_in 64 / 256, widths 1024 / 4096) 2e-3 to 4e-3 recovered them with few dead latents, and
-        2-3x more killed latents or (at large k) blurred the features (BENCHMARKS.md, "Default learning rate").
+        Width: flat up to 4096 latents, then Gao et al.'s 1/sqrt(width). Input width: on planted features the
+        best rate grew with d_in (d_in 64: 2e-3 to 4e-3; d_in 256: 4e-3 to 8e-3); at GPT-2 small's d_in 768
+        and 32k latents this gives 4.9e-3, the "10x the peers' 3e-4 to 5e-4" that converges in a few hundred
+        steps of 4096 (DESIGN.md). BENCHMARKS.md, "Default learning rate", has the measurements.
         """
-        return 4e-3 * math.sqrt(min(1.0, 4096 / self.d_sae)) * math.sqrt(batch_size / 4096)
+        width = math.sqrt(min(1.0, 4096 / self.d_sae))
+        return 4e-3 * math.sqrt(self.d_in / 64) * width * math.sqrt(batch_size / 4096)
 
     def resume_at(self, step: int) -> None:
         """Restore host-side training counters when a run resumes at `step` (buffers come from the checkpoint)."""

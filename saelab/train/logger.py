@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ class RunLogger:
     ):
         cfg.validate()
         self.cfg = cfg
-        self.bar = tqdm(total=total_steps, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        # In a log file (SLURM, CI) redraw every 30 s instead of many times a second.
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=total_steps,
+            disable=not cfg.progress,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.1 if interactive else 30.0,
+        )
         self.wandb_run = None
         if cfg.wandb_mode != "disabled":
             import wandb

@@ -4,12 +4,16 @@ SharedRunDir: under torchrun every rank composes its own config, and Hydra's `${
 process's own clock, so the ranks could pick different run directories. Rank 0's resolved directory is
 broadcast to all ranks before any of them creates it; the other ranks also skip `.hydra/` and the log file.
 
+SlurmJobStates: with a SLURM launcher, poll job states with squeue once sacct fails (clusters without
+accounting), instead of a warning every poll and a wait without end for a cancelled job (saelab.slurm_watcher).
+
 SweepSummary: when a multirun ends, gather the runs' summary.json files into the sweep's summary.jsonl
-(saelab.sweep).
+(saelab.sweep), also when it ends with an error (a failed or cancelled job) or is interrupted.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
 from typing import Any
@@ -63,11 +67,33 @@ class SharedRunDir(Callback):
             )
 
 
+class SlurmJobStates(Callback):
+    """With submitit's SLURM launcher, poll job states with sacct while it works, then with squeue."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        target = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        if target.startswith("hydra_plugins.hydra_submitit_launcher") and target.endswith("SlurmLauncher"):
+            from saelab import slurm_watcher
+
+            slurm_watcher.install()
+
+
 class SweepSummary(Callback):
-    """Write <sweep dir>/summary.jsonl (one row per run) and log its table when a multirun ends."""
+    """Write <sweep dir>/summary.jsonl (one row per run) and log its table when a multirun ends: from
+    on_multirun_end, or at exit where the multirun raised (Hydra skips on_multirun_end then)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        atexit.register(self.write)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from saelab.sweep import format_table, write_sweep_summary
+        atexit.unregister(self.write)
+        self.write()
 
-        path, rows = write_sweep_summary(Path(str(config.hydra.sweep.dir)))
-        log.info("sweep summary (%s):\n%s", path, format_table(rows))
+    def write(self) -> None:
+        from saelab.sweep import format_table, summary_counts, write_sweep_summary
+
+        if not self.sweep_dir.is_dir():  # the multirun failed before launching a job
+            return
+        path, rows = write_sweep_summary(self.sweep_dir)
+        log.info("sweep summary (%s):\n%s\n%s", path, format_table(rows), summary_counts(rows))

@@ -17,12 +17,14 @@ import argparse
 import dataclasses
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from saelab.atomic import atomic_file
+from saelab.slurm_jobs import ACTIVE, SUBMITIT, WAITING, SubmittedJob, queue_states, submitted_jobs
 from saelab.train.config import LoggingConfig
 
 RUN_SUMMARY = "summary.json"
@@ -45,40 +47,92 @@ def sweep_logging(cfg: LoggingConfig) -> LoggingConfig:
     return dataclasses.replace(cfg, group=cfg.group or str(hydra.sweep.dir), run_name=cfg.run_name or name)
 
 
-def _job_order(run: str) -> tuple[int, str]:
-    match = re.match(r"(\d+)_?", run)
-    return (int(match.group(1)) if match else -1, run)
+def _job_number(name: str) -> int | None:
+    match = re.match(r"(\d+)(_|$)", name)
+    return int(match.group(1)) if match else None
 
 
 def run_dirs(sweep_dir: Path) -> list[Path]:
     """The sweep's run folders (holding Hydra's .hydra/overrides.yaml or a summary.json), in job order."""
     found = {p.parents[1] for p in sweep_dir.rglob(str(OVERRIDES))}
     found |= {p.parent for p in sweep_dir.rglob(RUN_SUMMARY)}
-    runs = [d for d in found if ".submitit" not in d.relative_to(sweep_dir).parts]
-    return sorted(runs, key=lambda d: _job_order(d.relative_to(sweep_dir).as_posix()))
+    runs = [d for d in found if SUBMITIT not in d.relative_to(sweep_dir).parts]
+    return sorted(runs, key=lambda d: _order(_job_number(d.name), d.relative_to(sweep_dir).as_posix()))
+
+
+def _order(num: int | None, run: str | None) -> tuple[int, str]:
+    return (-1 if num is None else num, run or "")
+
+
+def _run_row(root: Path, run: Path) -> dict[str, Any]:
+    overrides = OmegaConf.to_container(OmegaConf.load(run / OVERRIDES)) if (run / OVERRIDES).is_file() else []
+    row: dict[str, Any] = {
+        "job": _job_number(run.name),
+        "run": run.relative_to(root).as_posix(),
+        "status": "missing",
+        "overrides": overrides,
+    }
+    if (run / RUN_SUMMARY).is_file():
+        summary = json.loads((run / RUN_SUMMARY).read_text())
+        summary.pop("config", None)
+        row.update(status="done", **summary)
+    return row
+
+
+def _slurm_job_id(run: Path) -> str | None:
+    """The SLURM job id the submitit launcher recorded in the run's .hydra/hydra.yaml (hydra.job.id)."""
+    hydra_yaml = run / OVERRIDES.parent / "hydra.yaml"
+    if not hydra_yaml.is_file():
+        return None
+    job_id = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.id", default=None)
+    return None if job_id is None else str(job_id)
+
+
+def _unfinished_status(job: SubmittedJob, states: dict[str, str] | None) -> dict[str, Any]:
+    """status (and slurm_state / error) of a submitted job without summary.json."""
+    outcome = job.outcome()
+    if outcome is not None and outcome[0] == "error":
+        return {"status": "failed", "error": outcome[1]}
+    if states is None:  # no squeue here: pending, running or ended, unknown
+        return {"status": "missing"}
+    state = states.get(job.job_id, "NOT_LISTED")  # not listed: ended more than MinJobAge ago
+    if state in WAITING:
+        return {"status": "pending", "slurm_state": state}
+    if state in ACTIVE:
+        return {"status": "running", "slurm_state": state}
+    return {"status": "failed", "slurm_state": state}  # ended (even COMPLETED) without writing its summary
 
 
 def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per run of the sweep: run, status, overrides and the run's summary.json (without its config)."""
+    """One row per run of the sweep: job (number), run (folder; None for a job that has not started),
+    status, overrides and the run's summary.json (without its config). A run without summary.json that was
+    submitted to SLURM is pending, running or failed (by squeue and submitit's result file; slurm_state and
+    error say more); otherwise, or where squeue is unavailable, it is missing."""
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory {str(root)!r} does not exist.")
-    rows = []
-    for run in run_dirs(root):
-        overrides = (
-            OmegaConf.to_container(OmegaConf.load(run / OVERRIDES)) if (run / OVERRIDES).is_file() else []
-        )
-        row: dict[str, Any] = {
-            "run": run.relative_to(root).as_posix(),
-            "status": "missing",
-            "overrides": overrides,
-        }
-        if (run / RUN_SUMMARY).is_file():
-            summary = json.loads((run / RUN_SUMMARY).read_text())
-            summary.pop("config", None)
-            row.update(status="done", **summary)
-        rows.append(row)
-    return rows
+    rows = {run: _run_row(root, run) for run in run_dirs(root)}
+    submitted = submitted_jobs(root)
+    started = {_slurm_job_id(run): run for run in rows} if submitted else {}
+    unfinished = [
+        job
+        for job in submitted
+        if started.get(job.job_id) is None or rows[started[job.job_id]]["status"] != "done"
+    ]
+    states = queue_states(job.job_id for job in unfinished) if unfinished else {}
+    pending_rows = []
+    for job in submitted:
+        run = started.get(job.job_id)
+        if run is None:
+            row = {"job": job.num(), "run": None, "status": "missing", "overrides": job.overrides()}
+            pending_rows.append(row)
+        else:
+            row = rows[run]
+        row["slurm_job_id"] = job.job_id
+        if row["status"] != "done":
+            row.update(_unfinished_status(job, states))
+    ordered = [*rows.values(), *pending_rows]
+    return sorted(ordered, key=lambda row: _order(row["job"], row["run"]))
 
 
 def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[dict[str, Any]]]:
@@ -92,14 +146,15 @@ def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[dict[str, Any
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table: job number, status, the overrides that differ between runs, and the
-    TABLE_METRICS some run reports."""
+    TABLE_METRICS some run reports (a failed SLURM job shows its final state, e.g. "failed (CANCELLED)")."""
     metrics = [m for m in TABLE_METRICS if any(m in row for row in rows)]
     shared = set.intersection(*(set(row["overrides"]) for row in rows)) if len(rows) > 1 else set()
     header = ["job", "status", "overrides", *metrics]
     lines = [
         [
-            row["run"].split("_")[0],
-            row["status"],
+            "?" if row["job"] is None else row["job"],
+            row["status"]
+            + (f" ({row['slurm_state']})" if row["status"] == "failed" and "slurm_state" in row else ""),
             " ".join(o for o in row["overrides"] if o not in shared),
             *(f"{row[m]:.4g}" if isinstance(row.get(m), (int, float)) else "-" for m in metrics),
         ]
@@ -112,6 +167,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(line.rstrip() for line in cells)
 
 
+def summary_counts(rows: list[dict[str, Any]]) -> str:
+    """e.g. "4 runs (2 done): 1 running, 1 pending"."""
+    counts = Counter(row["status"] for row in rows)
+    rest = ", ".join(f"{counts[s]} {s}" for s in ("running", "pending", "failed", "missing") if counts[s])
+    return f"{len(rows)} runs ({counts['done']} done)" + (f": {rest}" if rest else "")
+
+
 def main(argv: list[str]) -> None:
     """`saelab sweep-summary DIR`: (re)collect a sweep's summary.jsonl and print its table."""
     parser = argparse.ArgumentParser(prog="saelab sweep-summary", description=main.__doc__)
@@ -119,4 +181,4 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     path, rows = write_sweep_summary(args.sweep_dir)
     print(format_table(rows))
-    print(f"{len(rows)} runs ({sum(r['status'] == 'done' for r in rows)} done) -> {path}")
+    print(f"{summary_counts(rows)} -> {path}")

@@ -4,7 +4,9 @@ the SLURM launcher config (composed and rendered to an sbatch script by submitit
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 
 import pytest
 import torch
@@ -142,3 +144,107 @@ def test_slurm_launcher_config_composes_and_renders_an_sbatch_script(tmp_path, m
                  "--mem=64GB", "--time=240", "--nodes=1"):  # fmt: skip
         assert f"#SBATCH {line}\n" in script
     assert str(tmp_path / "sweep" / ".submitit") in script
+
+
+def fake_command(bin_dir, name: str, script: str) -> None:
+    """An executable `name` on PATH running the given sh script (a stand-in for a SLURM client command)."""
+    bin_dir.mkdir(exist_ok=True)
+    path = bin_dir / name
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+
+
+def submit_job(sweep, job_id: str, num: int, overrides: list[str], result=None, started: bool = True) -> None:
+    """What hydra-submitit-launcher leaves for one job: .submitit/<id>/ with the pickled call (and the result
+    pickle once the job returned or raised), and the run folder with Hydra's files once the job started."""
+    from submitit.core.utils import DelayedSubmission
+
+    folder = sweep / ".submitit" / job_id
+    folder.mkdir(parents=True)
+    DelayedSubmission(print, overrides, "hydra.sweep.dir", num, f"job_id_for_{num}", {}).dump(
+        folder / f"{job_id}_submitted.pkl"
+    )
+    if result is not None:
+        (folder / f"{job_id}_0_result.pkl").write_bytes(pickle.dumps(result))
+    if started:
+        hydra_dir = sweep / f"{num}_{overrides[0]}" / ".hydra"
+        hydra_dir.mkdir(parents=True)
+        (hydra_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (hydra_dir / "hydra.yaml").write_text(f"hydra:\n  job:\n    id: '{job_id}'\n")
+
+
+def test_sweep_summary_says_which_slurm_jobs_are_pending_running_or_failed(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("submitit", reason="needs hydra-submitit-launcher: pip install 'saelab[slurm]'")
+    sweep = tmp_path / "sweep"
+    (sweep / ".submitit" / "7").mkdir(parents=True)  # the array's own folder: no job of its own
+    submit_job(sweep, "7_0", 0, ["sae.k=1"], result=("success", None))
+    (sweep / "0_sae.k=1" / "summary.json").write_text(json.dumps({"fvu": 0.25, "steps": 4}))
+    submit_job(sweep, "7_1", 1, ["sae.k=2"])  # running
+    submit_job(sweep, "7_2", 2, ["sae.k=3"], started=False)  # waiting for a free node: no run folder yet
+    submit_job(sweep, "7_3", 3, ["sae.k=4"], result=("error", "Traceback ...\nValueError: k too large"))
+    submit_job(sweep, "7_4", 4, ["sae.k=5"])  # cancelled
+    submit_job(sweep, "7_5", 5, ["sae.k=6"])  # ended long ago without a summary: squeue no longer lists it
+    squeue_args = tmp_path / "squeue_args"
+    listing = "7_0|COMPLETED\\n7_1|RUNNING\\n7_2|PENDING\\n7_3|FAILED\\n7_4|CANCELLED\\n"
+    fake_command(tmp_path / "bin", "squeue", f'echo "$@" > {squeue_args}\nprintf "{listing}"')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+    main(["sweep-summary", str(sweep)])
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [(r["job"], r["status"], r.get("slurm_state")) for r in rows] == [
+        (0, "done", None),
+        (1, "running", "RUNNING"),
+        (2, "pending", "PENDING"),
+        (3, "failed", None),  # the job's own exception, from its result pickle
+        (4, "failed", "CANCELLED"),
+        (5, "failed", "NOT_LISTED"),
+    ]
+    assert rows[0]["fvu"] == 0.25 and rows[2]["run"] is None and rows[2]["overrides"] == ["sae.k=3"]
+    assert rows[3]["error"] == "ValueError: k too large"
+    assert [r["slurm_job_id"] for r in rows] == [f"7_{i}" for i in range(6)]
+    assert "6 runs (1 done): 1 running, 1 pending, 3 failed" in out
+    assert "failed (CANCELLED)" in out and "--jobs=7" in squeue_args.read_text().split()  # one call, array id
+
+    fake_command(
+        tmp_path / "bin", "squeue", "echo 'slurm_load_jobs error: Unable to contact controller' >&2; exit 1"
+    )
+    main(["sweep-summary", str(sweep)])
+    assert [r["status"] for r in _rows(sweep)] == [
+        "done",
+        "missing",
+        "missing",
+        "failed",
+        "missing",
+        "missing",
+    ]  # no queue: unknown
+
+
+def _rows(sweep) -> list[dict]:
+    return [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+
+
+def test_job_states_come_from_squeue_after_one_line_about_sacct(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("submitit", reason="needs hydra-submitit-launcher: pip install 'saelab[slurm]'")
+    from saelab.slurm_watcher import QueueInfoWatcher
+
+    fake_command(tmp_path / "bin", "sacct", "echo 'Slurm accounting storage is disabled' >&2; exit 1")
+    fake_command(tmp_path / "bin", "squeue", f"cat {tmp_path / 'queue'}")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    watcher = QueueInfoWatcher(delay_s=600)
+    (tmp_path / "queue").write_text("9_0|RUNNING\n9_1|CONFIGURING\n9_2|PENDING\n")
+    with caplog.at_level(logging.INFO, logger="saelab.slurm_watcher"):
+        states = [watcher.get_state(f"9_{i}", mode="force") for i in range(3)]
+        assert states == ["RUNNING", "RUNNING", "PENDING"]  # submitit's words for "not ended yet"
+        assert not any(watcher.is_done(f"9_{i}", mode="cache") for i in range(3))
+        (tmp_path / "queue").write_text("9_0|CANCELLED\n9_2|RUNNING\n")  # 9_1 left the controller's list
+        watcher.update()
+        watcher.update()
+    assert [watcher.get_state(f"9_{i}", mode="cache") for i in range(3)] == [
+        "CANCELLED",
+        "NOT_LISTED",
+        "RUNNING",
+    ]
+    assert [watcher.is_done(f"9_{i}", mode="cache") for i in range(3)] == [True, True, False]
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 1 and "accounting storage is disabled" in notes[0] and "squeue" in notes[0]

@@ -5,10 +5,12 @@ SLURM jobs (`hydra/launcher=slurm`); each run writes `<sweep dir>/<num>_<overrid
 sweep every run's wandb group defaults to the sweep directory and its name to the run's overrides.
 
 `write_sweep_summary(dir)` gathers the runs' summaries into `<sweep dir>/summary.jsonl`, one row per run:
-`run` (its folder), `status` ("done", or "missing" for a run without summary.json: failed or still
-running), `overrides` and the run's final metrics. It runs when a multirun ends (the SweepSummary callback in
-configs/config.yaml) and as `saelab sweep-summary DIR`, for a sweep whose SLURM jobs outlived the process that
-submitted them.
+`job` (its number), `run` (its folder), `status`, `overrides` and the run's final metrics. Status: "done" (it
+wrote summary.json); for a SLURM job (hydra-submitit-launcher's `.submitit/` folder) "pending", "running" or
+"failed" by squeue and submitit's result file, with `slurm_job_id`, `slurm_state` and the job's `error`;
+"missing" where neither tells (a local run that failed, or no squeue here). It runs when a multirun ends, also
+with an error (the SweepSummary callback in configs/config.yaml), and as `saelab sweep-summary DIR`, for a
+sweep whose SLURM jobs outlived the process that submitted them.
 """
 
 from __future__ import annotations
@@ -111,28 +113,23 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory {str(root)!r} does not exist.")
-    rows = {run: _run_row(root, run) for run in run_dirs(root)}
-    submitted = submitted_jobs(root)
-    started = {_slurm_job_id(run): run for run in rows} if submitted else {}
-    unfinished = [
-        job
-        for job in submitted
-        if started.get(job.job_id) is None or rows[started[job.job_id]]["status"] != "done"
-    ]
+    runs = {run: _run_row(root, run) for run in run_dirs(root)}
+    jobs = submitted_jobs(root)
+    run_of_job = {_slurm_job_id(run): run for run in runs} if jobs else {}
+    job_rows = {  # a job that has not started has no run folder yet: its row comes from submitit's pickle
+        job.job_id: runs[run_of_job[job.job_id]]
+        if job.job_id in run_of_job
+        else {"job": job.num(), "run": None, "status": "missing", "overrides": job.overrides()}
+        for job in jobs
+    }
+    unfinished = [job for job in jobs if job_rows[job.job_id]["status"] != "done"]
     states = queue_states(job.job_id for job in unfinished) if unfinished else {}
-    pending_rows = []
-    for job in submitted:
-        run = started.get(job.job_id)
-        if run is None:
-            row = {"job": job.num(), "run": None, "status": "missing", "overrides": job.overrides()}
-            pending_rows.append(row)
-        else:
-            row = rows[run]
-        row["slurm_job_id"] = job.job_id
-        if row["status"] != "done":
-            row.update(_unfinished_status(job, states))
-    ordered = [*rows.values(), *pending_rows]
-    return sorted(ordered, key=lambda row: _order(row["job"], row["run"]))
+    for job in jobs:
+        job_rows[job.job_id]["slurm_job_id"] = job.job_id
+    for job in unfinished:
+        job_rows[job.job_id].update(_unfinished_status(job, states))
+    not_started = [row for row in job_rows.values() if row["run"] is None]
+    return sorted([*runs.values(), *not_started], key=lambda row: _order(row["job"], row["run"]))
 
 
 def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[dict[str, Any]]]:

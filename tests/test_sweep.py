@@ -7,6 +7,9 @@ import json
 import logging
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from saelab.buffer.cache import CacheWriter
 from saelab.cli import CONFIG_DIR, main
 from saelab.config import register_configs
 from saelab.synth import SyntheticConfig, SyntheticSource
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class RecordingLogger:
@@ -90,6 +95,38 @@ def test_local_multirun_of_two_configurations_from_one_cache(tmp_path, monkeypat
     assert [r["status"] for r in rows] == ["done", "missing"] and "fvu" not in rows[1]
 
 
+def test_a_sweep_with_a_failed_run_still_writes_its_summary(tmp_path):
+    """Hydra skips on_multirun_end when a job raised; the summary is then written as the process exits."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saelab.cli",
+            "train",
+            "-m",
+            "sae.d_sae=64",
+            "sae.k=2,65",
+            "source.d_in=16",
+            "trainer.total_tokens=1024",
+            "trainer.batch_size=256",
+            "trainer.device=cpu",
+            "logging.progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ],  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and "lower k" in done.stderr, done.stderr
+    rows = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [(r["job"], r["status"]) for r in rows] == [(0, "done"), (1, "missing")]
+    assert rows[0]["steps"] == 4 and "sae.k=65" in rows[1]["overrides"]
+    assert "2 runs (1 done): 1 missing" in done.stdout + done.stderr  # the table is logged too
+
+
 def test_explicit_wandb_group_and_name_win_over_the_sweep_defaults(tmp_path, monkeypatch):
     monkeypatch.setattr("saelab.train.trainer.RunLogger", RecordingLogger)
     RecordingLogger.configs = []
@@ -105,45 +142,55 @@ def test_explicit_wandb_group_and_name_win_over_the_sweep_defaults(tmp_path, mon
     assert [(c.group, c.run_name) for c in RecordingLogger.configs] == [("mine", "first"), (None, None)]
 
 
-def test_slurm_launcher_config_composes_and_renders_an_sbatch_script(tmp_path, monkeypatch):
+def render_sbatch(tmp_path, monkeypatch, overrides: list[str]):
+    """Compose `saelab train` with the given launcher overrides and let the launcher render its sbatch script
+    (submitit's own parameter mapping, stopped before sbatch): (the launcher config, the script)."""
     pytest.importorskip(
         "hydra_plugins.hydra_submitit_launcher",
         reason="needs hydra-submitit-launcher: pip install 'saelab[slurm]'",
     )
     import submitit
 
-    fake_srun = tmp_path / "bin" / "srun"  # submitit's SLURM executor only checks that srun exists
-    fake_srun.parent.mkdir()
-    fake_srun.write_text("#!/bin/sh\n")
-    fake_srun.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_srun.parent}{os.pathsep}{os.environ['PATH']}")
+    fake_command(tmp_path / "bin", "srun", "")  # submitit's SLURM executor only checks that srun exists
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     register_configs()
-    overrides = [
-        "hydra/launcher=slurm",
-        "hydra.launcher.partition=gpu",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    ]
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    launcher_cfg = cfg.hydra.launcher
-    assert launcher_cfg._target_.endswith("submitit_launcher.SlurmLauncher")
-    assert (launcher_cfg.partition, launcher_cfg.gpus_per_node, launcher_cfg.timeout_min) == ("gpu", 1, 240)
-
     scripts = []
 
-    def submit(executor, fn, *job_args):  # the launcher's own parameter mapping, stopped before sbatch
+    def submit(executor, fn, *job_args):
         scripts.append(executor._executor._make_submission_file_text("python -m job", "uid"))
         return []
 
     monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit)
-    launcher = instantiate(launcher_cfg)
+    launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
     launcher.launch([["sae.k=16"], ["sae.k=32"]], initial_job_idx=0)
     (script,) = scripts
+    return cfg.hydra.launcher, script
+
+
+def test_slurm_launcher_config_composes_and_renders_an_sbatch_script(tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep"
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"hydra.sweep.dir={sweep}"]
+    launcher_cfg, script = render_sbatch(tmp_path, monkeypatch, overrides)
+    assert launcher_cfg._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher_cfg.partition, launcher_cfg.gpus_per_node, launcher_cfg.timeout_min) == ("gpu", 1, 240)
     for line in ("--partition=gpu", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=8",
                  "--mem=64GB", "--time=240", "--nodes=1"):  # fmt: skip
         assert f"#SBATCH {line}\n" in script
-    assert str(tmp_path / "sweep" / ".submitit") in script
+    assert str(sweep / ".submitit") in script
+
+
+def test_slurm_cpu_preset_asks_for_no_gpu_and_limits_torch_threads_to_the_job_cpus(tmp_path, monkeypatch):
+    overrides = ["hydra/launcher=slurm_cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    launcher_cfg, script = render_sbatch(tmp_path, monkeypatch, overrides)
+    assert launcher_cfg._target_.endswith("submitit_launcher.SlurmLauncher")
+    for line in ("--cpus-per-task=4", "--mem=16GB", "--time=240", "--ntasks-per-node=1"):
+        assert f"#SBATCH {line}\n" in script
+    assert "gpus" not in script and "gres" not in script
+    setup = script.index("export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK")
+    assert setup < script.index("srun")  # set in the job script, inherited by the training process
 
 
 def fake_command(bin_dir, name: str, script: str) -> None:

@@ -1,8 +1,13 @@
 """What a sweep's SLURM jobs are doing: their states from `squeue`, and submitit's record of each job.
 
-`queue_states(ids)` asks squeue, which answers whether or not the cluster keeps accounting (sacct needs it); it returns each listed job's state, one entry per array task ("123_4"), or None where squeue
-is absent or fails. The controller lists a job while it is pending or running and for `MinJobAge` seconds
-(300 by default) after it ends; a job missing from a successful listing has ended.
+`queue_states(ids)` asks squeue, which answers whether or not the cluster keeps accounting (sacct needs it):
+each listed job's state, one entry per array task ("123_4"), or None where squeue is absent or fails. The
+controller lists a job while it is pending or running and for `MinJobAge` seconds (300 by default) after it
+ends; a job missing from a successful listing has ended.
+
+`submitted_jobs(sweep_dir)` lists the jobs hydra-submitit-launcher submitted for a sweep, from the folder it
+keeps per job: the pickled call (the job's number and overrides, known before the job starts) and, once the
+job returned or raised, its result.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 #: The folder of a sweep where hydra-submitit-launcher keeps one folder per job (`<sweep>/.submitit/<job id>/`).
 SUBMITIT = ".submitit"
@@ -58,22 +62,23 @@ class SubmittedJob:
     job_id: str
     folder: Path
 
-    def _submission_args(self) -> tuple[Any, ...]:
-        """The launcher's call arguments: (overrides, job dir key, job number, Hydra job id, Hydra state)."""
+    def submission(self) -> tuple[int | None, list[str]]:
+        """The job's number in the sweep (its run folder's prefix) and its Hydra overrides, from the pickled
+        launcher call (overrides, job dir key, number, Hydra job id, Hydra state); (None, []) if unreadable."""
         try:
             with (self.folder / f"{self.job_id}_submitted.pkl").open("rb") as f:
-                return tuple(pickle.load(f).args)
-        except (OSError, pickle.UnpicklingError, AttributeError, ImportError, EOFError):
-            return ()
-
-    def num(self) -> int | None:
-        """The job's number in the sweep (its run folder's prefix), None where the pickle is unreadable."""
-        args = self._submission_args()
-        return int(args[2]) if len(args) > 2 else None
-
-    def overrides(self) -> list[str]:
-        args = self._submission_args()
-        return [str(o) for o in args[0]] if args else []
+                overrides, _, num, *_ = pickle.load(f).args
+        except (
+            OSError,
+            pickle.UnpicklingError,
+            AttributeError,
+            ImportError,
+            EOFError,
+            ValueError,
+            TypeError,
+        ):
+            return None, []
+        return int(num), [str(o) for o in overrides]
 
     def outcome(self) -> tuple[str, str | None] | None:
         """("success", None) or ("error", the exception's last line) from the job's result pickle (task 0);

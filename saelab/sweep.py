@@ -54,16 +54,16 @@ def _job_number(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _order(num: int | None, run: str | None) -> tuple[int, str]:
+    return (-1 if num is None else num, run or "")
+
+
 def run_dirs(sweep_dir: Path) -> list[Path]:
     """The sweep's run folders (holding Hydra's .hydra/overrides.yaml or a summary.json), in job order."""
     found = {p.parents[1] for p in sweep_dir.rglob(str(OVERRIDES))}
     found |= {p.parent for p in sweep_dir.rglob(RUN_SUMMARY)}
     runs = [d for d in found if SUBMITIT not in d.relative_to(sweep_dir).parts]
     return sorted(runs, key=lambda d: _order(_job_number(d.name), d.relative_to(sweep_dir).as_posix()))
-
-
-def _order(num: int | None, run: str | None) -> tuple[int, str]:
-    return (-1 if num is None else num, run or "")
 
 
 def _run_row(root: Path, run: Path) -> dict[str, Any]:
@@ -79,6 +79,11 @@ def _run_row(root: Path, run: Path) -> dict[str, Any]:
         summary.pop("config", None)
         row.update(status="done", **summary)
     return row
+
+
+def _not_started_row(job: SubmittedJob) -> dict[str, Any]:
+    num, overrides = job.submission()
+    return {"job": num, "run": None, "status": "missing", "overrides": overrides}
 
 
 def _slurm_job_id(run: Path) -> str | None:
@@ -117,9 +122,7 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     jobs = submitted_jobs(root)
     run_of_job = {_slurm_job_id(run): run for run in runs} if jobs else {}
     job_rows = {  # a job that has not started has no run folder yet: its row comes from submitit's pickle
-        job.job_id: runs[run_of_job[job.job_id]]
-        if job.job_id in run_of_job
-        else {"job": job.num(), "run": None, "status": "missing", "overrides": job.overrides()}
+        job.job_id: runs[run_of_job[job.job_id]] if job.job_id in run_of_job else _not_started_row(job)
         for job in jobs
     }
     unfinished = [job for job in jobs if job_rows[job.job_id]["status"] != "done"]

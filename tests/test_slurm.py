@@ -35,6 +35,10 @@ pytestmark = [
         os.geteuid() != 0, reason="the test cluster runs its daemons as root (SlurmUser=root)"
     ),
 ]
+pytest.importorskip(
+    "hydra_plugins.hydra_submitit_launcher",
+    reason="needs hydra-submitit-launcher: pip install 'saelab[slurm]'",
+)
 REPO = Path(__file__).resolve().parents[1]
 SLOW_TOKENS = 100_000_000  # the job to cancel: far more than it can train before the test cancels it
 
@@ -94,7 +98,10 @@ def test_sweep_on_slurm_with_a_pending_and_a_cancelled_job(cluster, tmp_path, ca
     with log.open("w") as out:
         submit = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        queue = lambda: cluster.run("squeue", "--noheader", "--array", "--states=all", "--format=%i|%T")  # noqa: E731
+
+        def queue() -> str:
+            return cluster.run("squeue", "--noheader", "--array", "--states=all", "--format=%i|%T")
+
         # job 0 trains while job 1 waits for it (array_parallelism=1): sweep-summary says so.
         wait_until(lambda: "_0|RUNNING" in queue(), 60, "running job 0", submit, log, cluster)
         rows = summary_rows(sweep, capsys)
@@ -104,7 +111,9 @@ def test_sweep_on_slurm_with_a_pending_and_a_cancelled_job(cluster, tmp_path, ca
         assert by_job[0]["status"] in ("running", "done")
 
         # job 1 starts once job 0 is done; cancel it while it trains.
-        started = lambda: list(sweep.glob("1_*/.hydra/overrides.yaml")) and "_1|RUNNING" in queue()  # noqa: E731
+        def started() -> bool:
+            return bool(list(sweep.glob("1_*/.hydra/overrides.yaml"))) and "_1|RUNNING" in queue()
+
         wait_until(started, 90, "running job 1", submit, log, cluster)
         assert [row["status"] for row in summary_rows(sweep, capsys)] == ["done", "running"]
         array_id = next(row["slurm_job_id"] for row in rows if row["job"] == 1)

@@ -74,14 +74,18 @@ class Cluster:
         )
 
     def leftover_processes(self) -> list[int]:
-        """Processes (other than this one) whose environment names this cluster's slurm.conf."""
+        """Processes (other than this one) whose environment names this cluster's slurm.conf (the daemons,
+        slurmstepd, the jobs) or whose command line names its directory (`pgrep -f`)."""
         marker = f"SLURM_CONF={self.conf}".encode()
         found = []
+        if shutil.which("pgrep"):
+            pgrep = subprocess.run(["pgrep", "-f", str(self.root)], capture_output=True, text=True)
+            found = [int(pid) for pid in pgrep.stdout.split() if int(pid) != os.getpid()]
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit() or int(proc.name) == os.getpid():
                 continue
             try:
-                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                if marker in (proc / "environ").read_bytes().split(b"\0") and int(proc.name) not in found:
                     found.append(int(proc.name))
             except OSError:
                 continue

@@ -103,7 +103,7 @@ def test_sweep_on_slurm_with_a_pending_and_a_cancelled_job(cluster, tmp_path, ca
             return cluster.run("squeue", "--noheader", "--array", "--states=all", "--format=%i|%T")
 
         # job 0 trains while job 1 waits for it (array_parallelism=1): sweep-summary says so.
-        wait_until(lambda: "_0|RUNNING" in queue(), 60, "running job 0", submit, log, cluster)
+        wait_until(lambda: "_0|RUNNING" in queue(), 90, "running job 0", submit, log, cluster)
         rows = summary_rows(sweep, capsys)
         by_job = {row["job"]: row for row in rows}
         assert by_job[1]["status"] == "pending" and by_job[1]["run"] is None
@@ -114,11 +114,11 @@ def test_sweep_on_slurm_with_a_pending_and_a_cancelled_job(cluster, tmp_path, ca
         def started() -> bool:
             return bool(list(sweep.glob("1_*/.hydra/overrides.yaml"))) and "_1|RUNNING" in queue()
 
-        wait_until(started, 90, "running job 1", submit, log, cluster)
+        wait_until(started, 150, "running job 1", submit, log, cluster)
         assert [row["status"] for row in summary_rows(sweep, capsys)] == ["done", "running"]
         array_id = next(row["slurm_job_id"] for row in rows if row["job"] == 1)
         cluster.run("scancel", array_id)
-        submit.wait(timeout=120)
+        submit.wait(timeout=180)
     finally:
         if submit.poll() is None:
             submit.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,10 @@ def test_corrupt_and_unknown_configs_are_named(tmp_path):
     folder = make("relu").save(tmp_path / "sae")
     cfg = json.loads((folder / "cfg.json").read_text())
     (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "nope"}))
+    with pytest.raises(ValueError, match=r"architecture='nope' contradicts saelab_architecture='relu'"):
+        load_sae(folder)
+    cfg.pop("saelab_architecture")  # a SAELens-style file: `architecture` alone decides
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "nope"}))
     with pytest.raises(ValueError, match=r"cfg\.json: architecture='nope' is unknown"):
         load_sae(folder)
     (folder / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "architecture"}))
@@ -168,19 +173,25 @@ def test_run_directory_loads_the_final_sae(run_dir):
     assert meta["loaded_from"] == {"kind": "directory", "path": str(out / "sae")}
 
 
+def checkpoint_reference(step_dir: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, reconstruction) of raw x [B, d] in float64 from a checkpoint's training-space weights and
+    input scale s: the SAE trained on s * x, so x_hat = SAE(s * x) / s."""
+    raw = {k: v.double() for k, v in load_file(str(step_dir / "training_weights.safetensors")).items()}
+    s = torch.load(step_dir / "trainer_state.pt", weights_only=True)["input_scale"]
+    assert s != pytest.approx(1.0)  # the fold is visible
+    pre = (s * x - raw["b_dec"]) @ raw["W_enc"] + raw["b_enc"]
+    values, idx = pre.topk(K, dim=-1)
+    z_ref = torch.zeros_like(pre).scatter_(1, idx, values.clamp_min(0))
+    return z_ref, (z_ref @ raw["W_dec"] + raw["b_dec"]) / s
+
+
 def test_checkpoint_is_loaded_with_its_input_scale_folded(run_dir):
     out, trainer = run_dir
     step_dir = out / "checkpoints" / "step_000000004"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000000002", "step_000000004"]
     loaded = load_sae(out / "checkpoints")  # the newest checkpoint
-    raw = {k: v.double() for k, v in load_file(str(step_dir / "sae_weights.safetensors")).items()}
-    s = torch.load(step_dir / "trainer_state.pt", weights_only=True)["input_scale"]
-    assert s != pytest.approx(1.0)  # the fold is visible
     x = torch.randn(64, D_IN, dtype=torch.float64) * 3
-    pre = (s * x - raw["b_dec"]) @ raw["W_enc"] + raw["b_enc"]  # the SAE trained on s * x ...
-    values, idx = pre.topk(K, dim=-1)
-    z_ref = torch.zeros_like(pre).scatter_(1, idx, values.clamp_min(0))
-    x_hat_ref = (z_ref @ raw["W_dec"] + raw["b_dec"]) / s  # ... and reconstructed s * x
+    z_ref, x_hat_ref = checkpoint_reference(step_dir, x)
     torch.testing.assert_close(loaded.encode(x.float()).double(), z_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loaded(x.float()).double(), x_hat_ref, atol=1e-4, rtol=1e-4)
     meta = loaded.cfg.metadata
@@ -188,11 +199,24 @@ def test_checkpoint_is_loaded_with_its_input_scale_folded(run_dir):
     assert meta["loaded_from"] == {"kind": "checkpoint", "path": str(step_dir)}
 
 
+def test_old_layout_checkpoint_is_still_folded(run_dir, tmp_path):
+    """A saelab <= 0.1 checkpoint kept only training-space weights in sae_weights.safetensors."""
+    out, _ = run_dir
+    new, old = out / "checkpoints" / "step_000000004", tmp_path / "step_000000004"
+    shutil.copytree(new, old)
+    (old / "training_weights.safetensors").rename(old / "sae_weights.safetensors")
+    x = torch.randn(64, D_IN, dtype=torch.float64) * 3
+    z_ref, x_hat_ref = checkpoint_reference(new, x)
+    loaded = load_sae(old)
+    torch.testing.assert_close(loaded(x.float()).double(), x_hat_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loaded.encode(x.float()).double(), z_ref, atol=1e-4, rtol=1e-4)
+
+
 def test_resume_still_reads_training_space_weights(run_dir):
     out, _ = run_dir
     cfg = TrainerConfig(total_tokens=6 * 64, batch_size=64, checkpoint_every=2, device="cpu", log_every=2)
     resumed = Trainer.from_checkpoint(out, cfg)
-    raw = load_file(str(out / "checkpoints" / "step_000000004" / "sae_weights.safetensors"))
+    raw = load_file(str(out / "checkpoints" / "step_000000004" / "training_weights.safetensors"))
     assert resumed.step == 4
     for name, value in raw.items():
         assert torch.equal(resumed.sae.state_dict()[name], value), name

@@ -117,11 +117,16 @@ def input_scale_of(
 ) -> tuple[float | None, dict[str, Any]]:
     """(factor the SAE's inputs were scaled by in training and is still to be folded, extra metadata)."""
     if is_checkpoint:
+        from saelab.train.checkpoint import TRAINING_WEIGHTS_FILE
+
         if given is not None:
             raise ValueError(
                 f"{folder} is a saelab checkpoint that stores its input scale; drop norm_scaling_factor."
             )
-        return checkpoint_scale(folder)
+        scale, meta = checkpoint_scale(folder)
+        # Checkpoints keep the training-space weights apart and the input scale already folded into
+        # sae_weights.safetensors; those of saelab <= 0.1 hold only the training-space weights.
+        return (None if (folder / TRAINING_WEIGHTS_FILE).is_file() else scale), meta
     if given is not None and not needs_input_scale(raw):
         raise ValueError(
             f"{folder / CONFIG_FILE} says normalize_activations={raw.get('normalize_activations', 'none')!r}: "
@@ -132,11 +137,17 @@ def input_scale_of(
     return given, {}
 
 
-def read_sae_dir(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> SAE:
-    """The SAE exactly as stored in directory `path` (no input scale folded in): for resuming training."""
+def read_sae_dir(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | None = None,
+    weights_name: str = WEIGHTS_FILE,
+) -> SAE:
+    """The SAE exactly as stored in directory `path` (cfg.json + `weights_name`; no input scale folded in):
+    for resuming training from a checkpoint's training-space weights."""
     folder = Path(path)
-    raw, state = read_files(folder)
-    return build_from_files(raw, state, folder, dtype=dtype).to(device).eval()
+    raw, state = read_files(folder, weights_name)
+    return build_from_files(raw, state, folder, dtype=dtype, weights_name=weights_name).to(device).eval()
 
 
 def resolve_local(folder: Path) -> tuple[Path, bool]:
@@ -164,13 +175,15 @@ def resolve_local(folder: Path) -> tuple[Path, bool]:
     )
 
 
-def read_files(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_files(
+    folder: Path, weights_name: str = WEIGHTS_FILE
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(cfg.json dict, tensors) of an SAE directory (a peer's layout converted to saelab's); errors name the
     missing or corrupt file."""
     layout = peer_layout(folder)
-    if layout is not None and not (folder / WEIGHTS_FILE).is_file():
+    if layout is not None and not (folder / weights_name).is_file():
         return PEER_LAYOUTS[layout][2](folder)
-    cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    cfg_path, weights_path = folder / CONFIG_FILE, folder / weights_name
     for needed in (cfg_path, weights_path):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} is missing: an SAE directory holds {LAYOUTS_TEXT}.")
@@ -189,9 +202,10 @@ def build_from_files(
     folder: Path,
     input_scale: float | None = None,
     dtype: str | torch.dtype | None = None,
+    weights_name: str = WEIGHTS_FILE,
 ) -> SAE:
     """Build the SAE a (cfg.json, tensors) pair describes, with `input_scale` folded in (in float64)."""
-    cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    cfg_path, weights_path = folder / CONFIG_FILE, folder / weights_name
     if needs_input_scale(raw) and input_scale is None:
         raise ValueError(
             f"{cfg_path}: normalize_activations={raw['normalize_activations']!r} but the factor activations "
@@ -202,8 +216,16 @@ def build_from_files(
     cfg, tensors = to_saelab(raw, state, where=str(cfg_path), dtype=target)
     target = cfg["dtype"]
     work = "float64" if input_scale is not None else target  # fold the scale before rounding to the target
+    cls = get_sae_class(cfg["architecture"])
+    missing_fields = [name for name in cls.required_fields if name not in cfg]
+    if missing_fields:
+        raise ValueError(
+            f"{cfg_path} has no {missing_fields} field(s), which a {cls.architecture} SAE needs (they decide "
+            "what it computes; no default is assumed): add them to the file."
+        )
+    check_finite(tensors, cls.unset_when_nan, weights_path)
     try:
-        sae = get_sae_class(cfg["architecture"]).from_config_dict({**cfg, "dtype": work})
+        sae = cls.from_config_dict({**cfg, "dtype": work})
     except (TypeError, ValueError) as err:
         raise ValueError(f"{cfg_path}: {err}") from err
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
@@ -224,6 +246,22 @@ def build_from_files(
     return sae.to(DTYPES[target])
 
 
+def check_finite(tensors: dict[str, torch.Tensor], unset_when_nan: frozenset[str], where: Path) -> None:
+    """Raise naming every tensor holding NaN or Inf (except all-NaN "not estimated yet" tensors)."""
+    bad = []
+    for name, value in tensors.items():
+        if not value.is_floating_point() or bool(torch.isfinite(value).all()):
+            continue
+        if name in unset_when_nan and bool(value.isnan().all()):
+            continue
+        bad.append(f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()} values)")
+    if bad:
+        raise ValueError(
+            f"{where}: tensors hold NaN or Inf: {', '.join(bad)}. The SAE diverged in training or the file is "
+            "corrupt; load an earlier checkpoint or retrain."
+        )
+
+
 def checkpoint_scale(folder: Path) -> tuple[float, dict[str, Any]]:
     """(input scale, metadata) from the trainer state of saelab checkpoint `folder`."""
     from saelab.train.checkpoint import STATE_FILE
@@ -231,10 +269,17 @@ def checkpoint_scale(folder: Path) -> tuple[float, dict[str, Any]]:
     state_path = folder / STATE_FILE
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
+        meta = {
+            "checkpoint_step": int(state["step"]),
+            "training_tokens": int(state["tracker"]["tokens_seen"]),
+        }
+        return float(state["input_scale"]), meta
     except Exception as err:
-        raise ValueError(f"could not read {state_path}: {err}. The checkpoint is corrupt.") from err
-    meta = {"checkpoint_step": int(state["step"]), "training_tokens": int(state["tracker"]["tokens_seen"])}
-    return float(state["input_scale"]), meta
+        what = f"has no entry {err}" if isinstance(err, KeyError) else f"could not be read ({err})"
+        raise ValueError(
+            f"{state_path} {what}: the checkpoint is corrupt or not a saelab checkpoint; load another "
+            "checkpoint or the run's sae/ folder."
+        ) from err
 
 
 def hub_file(

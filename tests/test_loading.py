@@ -150,6 +150,61 @@ def test_neither_directory_nor_repo_id(tmp_path):
         load_sae(empty)
 
 
+def test_required_config_fields_are_not_defaulted(tmp_path):
+    folder = make("topk").save(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "k"}))
+    with pytest.raises(ValueError, match=r"cfg\.json has no \['k'\] field.*topk SAE needs"):
+        load_sae(folder)
+
+
+@pytest.mark.parametrize(("name", "bad"), [("W_dec", float("nan")), ("b_enc", float("inf"))])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, name, bad):
+    sae = make("relu")
+    with torch.no_grad():
+        getattr(sae, name).view(-1)[3] = bad
+    folder = sae.save(tmp_path / "sae")
+    with pytest.raises(
+        ValueError, match=rf"sae_weights\.safetensors: tensors hold NaN or Inf: {name} \(1 of"
+    ):
+        load_sae(folder)
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Fail the test if anything asks the hub."""
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the hub was asked for {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+
+
+@pytest.mark.parametrize(
+    "source", ["outputs/my_run", "outputs/a/b/c", "./my_run/sae", "~/no_such_saelab_dir/x"]
+)
+def test_local_looking_missing_path_fails_at_once_naming_it(tmp_path, monkeypatch, no_hub, source):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # 'outputs/...' is then a local path, not a hub id
+    with pytest.raises(FileNotFoundError, match=rf"{source} is not a directory \(.* does not exist\)"):
+        load_sae(source)
+
+
+def test_missing_repo_id_offline_fails_fast_mentioning_both_readings(hub_cache, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    real = huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a) or real(*a, **k))
+    with pytest.raises(FileNotFoundError) as info:
+        load_sae("nobody/absent_sae", cache_dir=hub_cache)
+    message = str(info.value)
+    assert "nobody/absent_sae/cfg.json" in message and "HF_HUB_OFFLINE is set" in message
+    assert "no local directory" in message and "absent_sae" in message
+    assert len(calls) == 1  # offline: the other layouts are not tried (each would fail the same way)
+
+
 # -------------------------------------------------------------------- saelab training runs / checkpoints
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> tuple[Path, Trainer]:

@@ -81,14 +81,41 @@ def locate(
     if local.is_dir():
         folder, is_checkpoint = resolve_local(local / subfolder if subfolder else local)
         return folder, {"kind": "checkpoint" if is_checkpoint else "directory", "path": str(folder)}
-    if not _REPO_ID.match(str(source)) or str(source).startswith((".", "~")):
+    if looks_local(source):
+        missing = first_missing(local)
         raise FileNotFoundError(
-            f"{source} is not a directory (nor a Hugging Face repo id such as 'owner/name')."
+            f"{source} is not a directory ({missing} does not exist); pass a saelab run directory, an SAE "
+            "directory or a checkpoint (or a Hugging Face repo id such as 'owner/name')."
         )
     parts = str(source).split("/")
     repo_id, inner = "/".join(parts[:2]), "/".join([*parts[2:], *([subfolder] if subfolder else [])])
-    folder = hub_folder(repo_id, inner, revision, cache_dir)
+    try:
+        folder = hub_folder(repo_id, inner, revision, cache_dir)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err} (Tried {source!r} as a hub repo id because no local directory {local.absolute()} exists.)"
+        ) from err
     return folder, {"kind": "hub", "repo_id": repo_id, "subfolder": inner, "revision": revision or "main"}
+
+
+def looks_local(source: str | Path) -> bool:
+    """Whether a source that is not an existing directory must be a local path rather than a hub repo id:
+    a Path object, an absolute/relative/home path, anything not shaped 'owner/name[/sub/folder]', or a
+    path whose first component exists here (e.g. 'outputs/my_run' next to an 'outputs' folder)."""
+    text = str(source)
+    if isinstance(source, Path) or text.startswith((".", "/", "~")) or "\\" in text:
+        return True
+    if not _REPO_ID.match(text):
+        return True
+    return Path(text.split("/")[0]).exists()
+
+
+def first_missing(path: Path) -> Path:
+    """The shortest prefix of `path` that does not exist (`path` itself if its parent exists)."""
+    for prefix in reversed([path, *path.parents]):
+        if not prefix.exists():
+            return prefix
+    return path
 
 
 def hub_folder(repo_id: str, inner: str, revision: str | None, cache_dir: str | Path | None) -> Path:
@@ -99,6 +126,8 @@ def hub_folder(repo_id: str, inner: str, revision: str | None, cache_dir: str | 
             folder = hub_file(repo_id, inner, config_name, revision, cache_dir).parent
             hub_file(repo_id, inner, weights_name, revision, cache_dir)
             return folder
+        except HubUnreachableError:
+            raise  # offline or no connection: other layouts would fail (and retry) the same way
         except FileNotFoundError as err:
             first_error = first_error or err
     raise FileNotFoundError(f"{first_error} No known SAE layout is there either: {LAYOUTS_TEXT}.")
@@ -286,19 +315,36 @@ def hub_file(
     repo_id: str, subfolder: str, filename: str, revision: str | None, cache_dir: str | Path | None
 ) -> Path:
     """Local path of one file of a hub repo, downloaded with `huggingface_hub` or found in its cache."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    name = "/".join(p for p in (repo_id, subfolder, filename) if p)
+    where = f"{name} (revision {revision or 'main'})"
     try:
         return Path(
             hf_hub_download(
                 repo_id, filename, subfolder=subfolder or None, revision=revision, cache_dir=cache_dir
             )
         )
-    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
-        name = "/".join(p for p in (repo_id, subfolder, filename) if p)
-        raise FileNotFoundError(
-            f"{name} (revision {revision or 'main'}) is neither on the Hugging Face hub nor in the local cache "
-            f"{cache_dir or '$HF_HUB_CACHE'} ({type(err).__name__}). Check the repo id and subfolder, or unset "
-            "HF_HUB_OFFLINE to download it."
+    except LocalEntryNotFoundError as err:
+        reason = (
+            "HF_HUB_OFFLINE is set, so only the cache was searched; unset it to download"
+            if constants.HF_HUB_OFFLINE
+            else "the hub could not be reached; check the connection"
+        )
+        raise HubUnreachableError(
+            f"{where} is not in the local Hugging Face cache {cache_dir or '$HF_HUB_CACHE'} and {reason}."
         ) from err
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise FileNotFoundError(
+            f"{where} is not on the Hugging Face hub ({type(err).__name__}). Check the repo id and subfolder."
+        ) from err
+
+
+class HubUnreachableError(FileNotFoundError):
+    """A hub file is not cached and cannot be fetched (offline mode or no connection)."""

@@ -29,13 +29,36 @@ _UNTAGGED = re.compile(r"^\..+\.(?:tmp-[\w]{8}|old-\d+)$")
 UNTAGGED_MAX_AGE_S = 24 * 3600
 
 
-def _host() -> str:
+def host_tag() -> str:
     return re.sub(r"[^\w.]", "_", socket.gethostname()) or "host"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask alone must set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_modes(root: Path) -> None:
+    """chmod every file under `root` to 0666 and every directory (root included) to 0777, less the umask:
+    what a plain open / mkdir gives (some writers, e.g. safetensors, create files 0600)."""
+    mask = current_umask()
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def temporary_name(final: Path, kind: str = "tmp") -> Path:
     """A fresh sibling name for `final` tagged with this host and process: `.<name>.<kind>-<host>-<pid>-<hex>`."""
-    return final.with_name(f".{final.name}.{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+    return final.with_name(f".{final.name}.{kind}-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def make_temporary_directory(final: Path) -> Path:
@@ -64,7 +87,7 @@ def is_stale_temporary(path: Path, now: float | None = None) -> bool:
     tagged = _TAGGED.match(path.name)
     if tagged:
         host, pid = tagged.group(1), int(tagged.group(2))
-        return host == _host() and pid != os.getpid() and not _process_alive(pid)
+        return host == host_tag() and pid != os.getpid() and not _process_alive(pid)
     if _UNTAGGED.match(path.name):
         try:
             age = (now or time.time()) - path.lstat().st_mtime
@@ -102,6 +125,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    give_default_modes(tmp)
     replace_directory(tmp, final)
 
 

@@ -404,6 +404,32 @@ def test_read_features_on_a_transformer_lens_model(tmp_path):
         assert feats.acts.count_nonzero() > 0
 
 
+def test_read_features_follows_the_saes_prepend_bos(tiny_lm):
+    """An HF tokenizer adds no BOS by itself; an SAE trained with prepend_bos=true gets one in front, and its
+    first real token's codes are those of the sequence with BOS (as in training)."""
+    from transformers import PreTrainedTokenizerFast
+
+    model, plain = tiny_lm
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=plain.backend_tokenizer, bos_token="<pad>", unk_token="<unk>"
+    )
+    assert tokenizer("the cat")["input_ids"][0] != tokenizer.bos_token_id  # the tokenizer adds none itself
+    sae = make("relu")
+    text = "the cat sat"
+    ids = [tokenizer.bos_token_id, *tokenizer(text)["input_ids"]]
+    p = {k: v.double() for k, v in sae.state_dict().items()}
+    with torch.no_grad():
+        h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0].double()
+    z_ref = ((h - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).relu()
+    for meta, want_ids, want_z in ((True, ids, z_ref), (False, ids[1:], None)):
+        sae.cfg.metadata = {**META, "hook_name": "transformer.h.0", "prepend_bos": meta}
+        feats = read_features(model, sae, [text], tokenizer=tokenizer)
+        assert feats.tokens[0].tolist() == want_ids
+        if want_z is not None:
+            torch.testing.assert_close(feats.acts[0].double(), want_z, atol=1e-5, rtol=1e-5)
+    assert read_features(model, sae, [text], tokenizer=tokenizer, prepend_bos=True).tokens[0].tolist() == ids
+
+
 def test_read_features_needs_a_hook(tiny_lm):
     model, tokenizer = tiny_lm
     sae = make("relu")

@@ -191,18 +191,31 @@ def test_local_looking_missing_path_fails_at_once_naming_it(tmp_path, monkeypatc
         load_sae(source)
 
 
-def test_missing_repo_id_offline_fails_fast_mentioning_both_readings(hub_cache, monkeypatch):
-    import huggingface_hub
-
-    calls = []
-    real = huggingface_hub.hf_hub_download
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a) or real(*a, **k))
+def test_missing_repo_id_offline_mentions_both_readings(hub_cache):
     with pytest.raises(FileNotFoundError) as info:
         load_sae("nobody/absent_sae", cache_dir=hub_cache)
     message = str(info.value)
     assert "nobody/absent_sae/cfg.json" in message and "HF_HUB_OFFLINE is set" in message
     assert "no local directory" in message and "absent_sae" in message
-    assert len(calls) == 1  # offline: the other layouts are not tried (each would fail the same way)
+
+
+def test_unreachable_hub_is_asked_once(monkeypatch):
+    """Without a connection each hub call retries for a while: one failed call ends the search."""
+    import huggingface_hub
+    import huggingface_hub.constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def unreachable(*args, **kwargs):
+        calls.append(args)
+        raise LocalEntryNotFoundError("connection error")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(FileNotFoundError, match=r"nobody/absent_sae/cfg\.json .*hub could not be reached"):
+        load_sae("nobody/absent_sae")
+    assert len(calls) == 1
 
 
 # -------------------------------------------------------------------- saelab training runs / checkpoints
@@ -265,6 +278,20 @@ def test_old_layout_checkpoint_is_still_folded(run_dir, tmp_path):
     loaded = load_sae(old)
     torch.testing.assert_close(loaded(x.float()).double(), x_hat_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loaded.encode(x.float()).double(), z_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_without_input_scale_names_the_file(run_dir, tmp_path):
+    out, _ = run_dir
+    broken = tmp_path / "step_000000004"
+    shutil.copytree(out / "checkpoints" / "step_000000004", broken)
+    state = torch.load(broken / "trainer_state.pt", weights_only=True)
+    del state["input_scale"]
+    torch.save(state, broken / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"trainer_state\.pt has no entry 'input_scale'.*load another"):
+        load_sae(broken)
+    cfg = TrainerConfig(total_tokens=6 * 64, batch_size=64, device="cpu")
+    with pytest.raises(ValueError, match=r"trainer_state\.pt has no \['input_scale'\].*another checkpoint"):
+        Trainer.from_checkpoint(broken, cfg)
 
 
 def test_resume_still_reads_training_space_weights(run_dir):

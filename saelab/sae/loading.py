@@ -332,13 +332,15 @@ def hub_file(
             )
         )
     except LocalEntryNotFoundError as err:
-        reason = (
-            "HF_HUB_OFFLINE is set, so only the cache was searched; unset it to download"
-            if constants.HF_HUB_OFFLINE
-            else "the hub could not be reached; check the connection"
-        )
+        cache = cache_dir or "$HF_HUB_CACHE"
+        if constants.HF_HUB_OFFLINE:  # only the cache was searched (quickly): other layouts may be there
+            raise FileNotFoundError(
+                f"{where} is not in the local Hugging Face cache {cache}; HF_HUB_OFFLINE is set, so nothing "
+                "was downloaded (unset it to download)."
+            ) from err
         raise HubUnreachableError(
-            f"{where} is not in the local Hugging Face cache {cache_dir or '$HF_HUB_CACHE'} and {reason}."
+            f"{where} is not in the local Hugging Face cache {cache} and the hub could not be reached; "
+            "check the connection (or the repo id, if a local path was meant)."
         ) from err
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise FileNotFoundError(

@@ -28,6 +28,8 @@ from saelab.sae.loading import read_sae_dir
 
 STATE_FILE = "trainer_state.pt"
 TRAINING_WEIGHTS_FILE = "training_weights.safetensors"
+#: Entries every trainer_state.pt holds.
+STATE_KEYS = ("step", "input_scale", "optimizer", "scheduler", "tracker", "cpu_rng")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -101,6 +103,12 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[SAE, dict[str, An
         raise ValueError(
             f"could not read {path / STATE_FILE}: {err}. The checkpoint is corrupt; pick another."
         ) from err
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(
+            f"{path / STATE_FILE} has no {missing}: it is damaged or not a saelab trainer state; resume from "
+            "another checkpoint."
+        )
     return sae, state
 
 

@@ -12,6 +12,7 @@ activation cache).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import secrets
@@ -47,13 +48,14 @@ def current_umask() -> int:
 
 
 def give_default_modes(root: Path) -> None:
-    """chmod every file under `root` to 0666 and every directory (root included) to 0777, less the umask:
-    what a plain open / mkdir gives (some writers, e.g. safetensors, create files 0600)."""
+    """chmod every file under `root` to 0666 (0777 if executable) and every directory (root included) to
+    0777, less the umask: what a plain open / mkdir gives (some writers, e.g. safetensors, create files 0600)."""
     mask = current_umask()
     root.chmod(0o777 & ~mask)
     for path in root.rglob("*"):
         if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+            executable = path.is_dir() or path.stat().st_mode & 0o111
+            path.chmod((0o777 if executable else 0o666) & ~mask)
 
 
 def temporary_name(final: Path, kind: str = "tmp") -> Path:
@@ -103,7 +105,7 @@ def remove_stale_temporaries(folder: str | Path, prefix: str = "") -> list[Path]
     if not folder.is_dir():
         return []
     removed = []
-    for path in folder.glob(f".{prefix}*"):
+    for path in folder.glob(f".{glob.escape(prefix)}*"):
         if is_stale_temporary(path):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

@@ -140,6 +140,7 @@ class CacheWriter:
     def _prepare_folder(self, overwrite: bool) -> None:
         root = self.root
         remove_stale_temporaries(root.parent, root.name)  # e.g. the new cache of a crashed overwrite
+        remove_stale_temporaries(root)  # e.g. a manifest.json a crashed harvest was writing
         is_cache = (root / MANIFEST).exists() or (root / PROGRESS).exists()
         if root.exists() and any(root.iterdir()) and not is_cache:
             raise FileExistsError(

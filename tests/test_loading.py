@@ -268,7 +268,7 @@ def test_checkpoint_is_loaded_with_its_input_scale_folded(run_dir):
 
 
 def test_old_layout_checkpoint_is_still_folded(run_dir, tmp_path):
-    """A saelab <= 0.1 checkpoint kept only training-space weights in sae_weights.safetensors."""
+    """An older checkpoint kept only training-space weights, in sae_weights.safetensors."""
     out, _ = run_dir
     new, old = out / "checkpoints" / "step_000000004", tmp_path / "step_000000004"
     shutil.copytree(new, old)

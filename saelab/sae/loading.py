@@ -127,7 +127,7 @@ def hub_folder(repo_id: str, inner: str, revision: str | None, cache_dir: str | 
             hub_file(repo_id, inner, weights_name, revision, cache_dir)
             return folder
         except HubUnreachableError:
-            raise  # offline or no connection: other layouts would fail (and retry) the same way
+            raise  # no connection: every other layout would fail the same way, after its own retries
         except FileNotFoundError as err:
             first_error = first_error or err
     raise FileNotFoundError(f"{first_error} No known SAE layout is there either: {LAYOUTS_TEXT}.")
@@ -154,7 +154,7 @@ def input_scale_of(
             )
         scale, meta = checkpoint_scale(folder)
         # Checkpoints keep the training-space weights apart and the input scale already folded into
-        # sae_weights.safetensors; those of saelab <= 0.1 hold only the training-space weights.
+        # sae_weights.safetensors; older ones (no training_weights.safetensors) hold only the training-space weights.
         return (None if (folder / TRAINING_WEIGHTS_FILE).is_file() else scale), meta
     if given is not None and not needs_input_scale(raw):
         raise ValueError(

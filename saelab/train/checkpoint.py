@@ -6,7 +6,7 @@ Layout: <dir>/step_<N>/ holds
     training_weights.safetensors         the training-space tensors (inputs times the scale), for resuming
     trainer_state.pt                     step, input scale, optimizer, schedule, tracker, RNG
 Each checkpoint is written to a temporary directory and renamed into place; temporaries of crashed runs are
-deleted by the next save. Checkpoints of saelab <= 0.1 (training-space sae_weights.safetensors, no
+deleted by the next save. Older checkpoints (training-space sae_weights.safetensors, no
 training_weights.safetensors) still load and resume.
 """
 
@@ -95,7 +95,7 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[SAE, dict[str, An
     if (path / TRAINING_WEIGHTS_FILE).is_file():
         sae = read_sae_dir(path, device=device, weights_name=TRAINING_WEIGHTS_FILE)
         sae.cfg.metadata.pop("input_scale_folded", None)
-    else:  # saelab <= 0.1: sae_weights.safetensors holds the training-space weights
+    else:  # an older checkpoint: sae_weights.safetensors holds the training-space weights
         sae = read_sae_dir(path, device=device)
     try:
         state = torch.load(path / STATE_FILE, map_location=device, weights_only=True)

@@ -1,13 +1,118 @@
-"""Atomic writes: build into a temporary sibling, then rename into place, so readers never see half a file."""
+"""Atomic writes: build into a temporary sibling, then rename into place, so readers never see half a file.
+
+Temporaries are named `.<name>.tmp-<host>-<pid>-<random>` (a replaced directory waits as
+`.<name>.old-<host>-<pid>-<random>` until it is deleted) and created with the mode a plain `open` / `mkdir`
+would give (0666 / 0777 less the umask), so what is renamed into place has ordinary permissions.
+`remove_stale_temporaries` deletes those a crashed process left behind: ones whose process is no longer
+alive on this host (and, for names from before the host/pid tag, ones untouched for a day);
+`atomic_directory` runs it on the siblings of its target (file writers clean their own folders, e.g. the
+activation cache).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+#: `.<name>.tmp-<host>-<pid>-<hex>` / `.<name>.old-<host>-<pid>-<hex>`; group 1: host, group 2: pid.
+_TAGGED = re.compile(r"^\..+\.(?:tmp|old)-(.+)-(\d+)-[0-9a-f]{8}$")
+#: Names the untagged temporaries of older saelab versions had (mkdtemp/mkstemp suffixes, `.old-<pid>`).
+_UNTAGGED = re.compile(r"^\..+\.(?:tmp-[\w]{8}|old-\d+)$")
+#: Untagged temporaries older than this are stale: no single atomic write takes a day.
+UNTAGGED_MAX_AGE_S = 24 * 3600
+
+
+def host_tag() -> str:
+    return re.sub(r"[^\w.]", "_", socket.gethostname()) or "host"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask alone must set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_modes(root: Path) -> None:
+    """chmod every file under `root` to 0666 (0777 if executable) and every directory (root included) to
+    0777, less the umask: what a plain open / mkdir gives (some writers, e.g. safetensors, create files 0600)."""
+    mask = current_umask()
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            executable = path.is_dir() or path.stat().st_mode & 0o111
+            path.chmod((0o777 if executable else 0o666) & ~mask)
+
+
+def temporary_name(final: Path, kind: str = "tmp") -> Path:
+    """A fresh sibling name for `final` tagged with this host and process: `.<name>.<kind>-<host>-<pid>-<hex>`."""
+    return final.with_name(f".{final.name}.{kind}-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def make_temporary_directory(final: Path) -> Path:
+    """Create an empty temporary sibling directory of `final` (mode 0777 less the umask)."""
+    while True:
+        tmp = temporary_name(final)
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def is_stale_temporary(path: Path, now: float | None = None) -> bool:
+    """Whether `path` is a temporary left by a dead process (see the module docstring)."""
+    tagged = _TAGGED.match(path.name)
+    if tagged:
+        host, pid = tagged.group(1), int(tagged.group(2))
+        return host == host_tag() and pid != os.getpid() and not _process_alive(pid)
+    if _UNTAGGED.match(path.name):
+        try:
+            age = (now or time.time()) - path.lstat().st_mtime
+        except FileNotFoundError:
+            return False
+        return age > UNTAGGED_MAX_AGE_S
+    return False
+
+
+def remove_stale_temporaries(folder: str | Path, prefix: str = "") -> list[Path]:
+    """Delete the stale temporaries directly in `folder` (whose target name starts with `prefix`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.glob(f".{glob.escape(prefix)}*"):
+        if is_stale_temporary(path):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -15,17 +120,24 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `path` (an existing directory is swapped out)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_temporaries(final.parent, final.name)
+    tmp = make_temporary_directory(final)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    give_default_modes(tmp)
+    replace_directory(tmp, final)
+
+
+def replace_directory(new: Path, final: Path) -> None:
+    """Rename directory `new` onto `final`; an existing `final` is moved aside first, then deleted."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = temporary_name(final, "old")
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(new, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -35,9 +147,13 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path in the same directory; on success it is renamed onto `path`."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
+    while True:
+        tmp = temporary_name(final)
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
     except BaseException:

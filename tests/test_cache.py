@@ -1,6 +1,7 @@
 """Activation cache: exact round trips, shuffled-shard reading with exact resume, harvests that equal the
 model's own activations, interrupted harvests that resume to the same cache, and training from a cache."""
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -198,3 +199,113 @@ def test_train_from_a_cache_end_to_end(tiny_cache, tmp_path):
         and cfg["metadata"]["model_name"] == "tiny"
     )
     assert json.loads((run / "summary.json").read_text())["steps"] == 16
+
+
+# ------------------------------------------------------------------ shard identity, damage, safe overwrite
+def two_hook_cache(root, shard_tokens=50):
+    """Two hooks of the same width (as resid_post and mlp_out are), 3 shards, different contents."""
+    writer = CacheWriter(root, {"h.a": 4, "h.b": 4}, "float32", shard_tokens, {"test": 1})
+    for start in range(0, 150, 50):
+        x = id_rows(start, 50, 4)
+        writer.add({"h.a": x, "h.b": -x}, torch.arange(start, start + 50), contexts=1)
+    return writer.finish({}, wall_seconds=1.0)
+
+
+def test_a_shard_of_another_hook_with_the_same_shape_is_refused(tmp_path):
+    manifest = two_hook_cache(tmp_path / "c")
+    assert manifest["version"] == 2 and set(manifest["shards"]) == {"h.a", "h.b", "tokens"}
+    record = manifest["shards"]["h.a"][1]
+    assert record["shape"] == [50, 4] and np.dtype(record["dtype"]) == np.float32
+    (tmp_path / "c" / "h.b" / "shard_00001.npy").write_bytes(
+        (tmp_path / "c" / "h.a" / "shard_00001.npy").read_bytes()
+    )
+    cache = ActivationCache(tmp_path / "c")  # shapes and dtypes agree: opening is cheap and passes
+    assert torch.equal(cache.shard("h.a", 1), id_rows(50, 50, 4))
+    with pytest.raises(
+        ValueError, match=r"h\.b/shard_00001\.npy has CRC-32 .* for 'h\.b' shard 1.*another hook"
+    ):
+        cache.shard("h.b", 1)
+    with pytest.raises(ValueError, match=r"h\.b/shard_00001\.npy has CRC-32"):
+        ActivationCache(tmp_path / "c", verify=True)
+    with pytest.raises(ValueError, match=r"h\.b/shard_00001\.npy has CRC-32"):
+        list(itertools.islice(ActivationCache(tmp_path / "c").batches("h.b", batch_size=25), 10))
+
+
+def test_damaged_files_are_named(tmp_path):
+    two_hook_cache(tmp_path / "c")
+    shard = tmp_path / "c" / "h.a" / "shard_00002.npy"
+    shard.write_bytes(shard.read_bytes()[:-40])  # truncated
+    with pytest.raises(ValueError, match=r"h\.a/shard_00002\.npy cannot be read \(.*mmap length.*truncated"):
+        ActivationCache(tmp_path / "c")
+    np.save(shard, np.zeros((50, 4), np.float16))  # right shape, wrong dtype
+    with pytest.raises(
+        ValueError, match=r"shard_00002\.npy holds float16 \(50, 4\), but the manifest says float32"
+    ):
+        ActivationCache(tmp_path / "c")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    del manifest["shard_rows"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest\.json has no \['shard_rows'\].*harvest the cache again"):
+        ActivationCache(tmp_path / "c")
+
+
+def test_version_1_caches_are_still_read(tmp_path):
+    two_hook_cache(tmp_path / "c")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    del manifest["shards"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    cache = ActivationCache(tmp_path / "c")
+    assert torch.equal(cache.read_all("h.b"), -id_rows(0, 150, 4))
+    with pytest.raises(ValueError, match="version-1 manifest without checksums"):
+        cache.verify()
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(proc.stdout)
+
+
+def test_failed_overwrite_keeps_the_old_cache_and_crash_leftovers_are_removed(tiny, tiny_cache, tmp_path):
+    import shutil
+
+    from saelab.atomic import host_tag, temporary_name
+
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache[0], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        harvest(tiny, out, fail_at=5, total_tokens=300, overwrite=True, progress=False)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # the old cache is untouched ...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # ... and the half-built one is gone
+    assert ActivationCache(out).verify() == 3 * len(tiny_cache[1]["shard_rows"])
+    # a crashed overwrite (its process is dead) leaves a temporary sibling: the next harvest removes it;
+    # one of a live process (this one) is left alone
+    crashed, live = tmp_path / f".cache.tmp-{host_tag()}-{dead_pid()}-0badc0de", temporary_name(out)
+    crashed.mkdir()
+    live.mkdir()
+    manifest = harvest(tiny, out, total_tokens=100, overwrite=True, progress=False)
+    assert manifest["total_rows"] == 100 and ActivationCache(out).total_rows == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", live.name])
+
+
+def test_verify_command_checks_every_file(tiny_cache, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache[0], out)
+    main(["harvest", f"output_dir={out}", "verify=true", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert "shard files match" in capsys.readouterr().out
+    shard = out / HOOKS[1] / "shard_00000.npy"
+    array = np.load(shard)
+    array[0, 0] += 1
+    np.save(shard, array)
+    with pytest.raises(SystemExit):  # Hydra prints the error and exits 1
+        main(["harvest", f"output_dir={out}", "verify=true", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert "shard_00000.npy has CRC-32" in capsys.readouterr().err

@@ -57,7 +57,8 @@ def test_overrides_reach_the_trained_sae_and_its_config(tmp_path):
     main(["train", "sae=relu", "sae.l1_coefficient=0.25", *SMALL[:3], "sae.d_sae=32", *SMALL[5:],
           f"hydra.run.dir={run_dir}"])  # fmt: skip
     cfg = json.loads((run_dir / "sae" / "cfg.json").read_text())
-    assert (cfg["architecture"], cfg["d_sae"], cfg["l1_coefficient"]) == ("relu", 32, 0.25)
+    assert (cfg["saelab_architecture"], cfg["d_sae"], cfg["l1_coefficient"]) == ("relu", 32, 0.25)
+    assert cfg["architecture"] == "standard"  # SAELens's name for the same SAE
 
 
 def test_wandb_offline_logs_without_an_account(tmp_path, monkeypatch):

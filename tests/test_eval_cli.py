@@ -137,3 +137,43 @@ def test_evaluate_runs_on_every_variant(arch):
     assert report["tokens"] == 1000
     assert report["reconstruction"]["fvu"] == pytest.approx(want_fvu, rel=1e-5)
     assert report["reconstruction"]["l0"] == pytest.approx((z != 0).sum(1).double().mean().item())
+
+
+def test_lm_eval_evaluates_exactly_total_tokens_and_the_dead_window_is_them(tmp_path):
+    """A budget that ends inside a token batch: exactly that many non-special positions are evaluated
+    (reconstruction, codes, CE predictions), and the default dead window is those tokens."""
+    from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
+
+    from saelab.buffer.sources import ModelSource
+    from saelab.harvest.config import ModelSourceConfig
+    from saelab.harvest.pipeline import HarvestPipeline
+    from saelab.harvest.tlens import TransformerLensHarvester
+
+    hook = "blocks.0.hook_resid_post"
+    cfg = ModelSourceConfig(
+        model="tiny", hook_name=hook, dataset=str(write_corpus(tmp_path / "corpus")), context_size=16,
+        model_batch_size=4, buffer_tokens=256,
+    )  # fmt: skip
+    model = tiny_tl(n_layers=2)
+    pipeline = HarvestPipeline.from_tokenizer(
+        TransformerLensHarvester(model, [hook]), word_tokenizer(WORDS), cfg
+    )
+    source = ModelSource(cfg, torch.device("cpu"), pipeline=pipeline)
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)).eval()
+    budget = 100
+    report = evaluate(
+        sae, source, EvalConfig(total_tokens=budget, lm_batch_size=4, cooccurrence_latents=0)
+    ).report
+    tokens = torch.cat(list(islice(pipeline.contexts.batches(4), 2)))  # 2 batches hold more than the budget
+    special = torch.isin(tokens, pipeline.excluded)
+    assert int((~special[:4]).sum()) < budget < int((~special).sum())
+    order = (~special).reshape(-1).long().cumsum(0).reshape(special.shape)
+    evaluated = ~special & (order <= budget)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+        x = cache[hook][evaluated]
+        want_fvu = fvu64(x, sae(x))
+    assert report["tokens"] == budget and report["dead"]["window_tokens"] == budget
+    assert report["reconstruction"]["fvu"] == pytest.approx(want_fvu, rel=1e-5)
+    assert report["lm"]["predictions"] == int((evaluated[:, :-1] & ~special[:, 1:]).sum())

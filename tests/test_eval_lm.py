@@ -197,3 +197,62 @@ def test_transformer_lens_model_identity_and_zero_ablation():
         torch.testing.assert_close(z, sae.encode(cache[hook].reshape(-1, 24)).reshape(3, 12, 48))
     with pytest.raises(ValueError, match="not a hook point"), spliced(model, sae, "blocks.0.hook_nope"):
         pass
+
+
+def test_spliced_keeps_special_tokens_by_default_as_eval_does():
+    """An HF model's BOS / pad positions keep their activation (the ids come from its config), exactly as in
+    a hand-written hook; keep_special_tokens=False substitutes every position."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(5)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=37, n_positions=16,
+        bos_token_id=BOS, eos_token_id=BOS, pad_token_id=PAD,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(cfg).eval()
+    sae = TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4)).eval()
+    tokens = token_batch(torch.Generator().manual_seed(5))
+    special = (tokens == BOS) | (tokens == PAD)
+    block = model.transformer.h[0]
+
+    def by_hand(replace_all: bool) -> torch.Tensor:
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            keep = torch.zeros_like(special) if replace_all else special
+            new = torch.where(keep[..., None], h, sae(h))
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = block.register_forward_hook(hook)
+        try:
+            return model(tokens).logits
+        finally:
+            handle.remove()
+
+    with torch.no_grad():
+        with spliced(model, sae, "transformer.h.0"):
+            default = model(input_ids=tokens).logits
+        with spliced(model, sae, "transformer.h.0", keep_special_tokens=False):
+            everywhere = model(tokens).logits
+        want_default, want_everywhere = by_hand(False), by_hand(True)
+    torch.testing.assert_close(default, want_default)
+    torch.testing.assert_close(everywhere, want_everywhere)
+    assert (default - everywhere).abs().max() > 1e-3  # the BOS position's substitution matters
+
+
+def test_spliced_without_token_ids_asks_for_them():
+    """A forward pass on embeddings (no token ids) cannot tell special tokens: the splice says so."""
+    torch.manual_seed(6)
+    block = Block(16).eval()
+    model = nn.Sequential(block)
+    sae = TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4)).eval()
+    x = torch.randn(2, 5, 16)
+    with (
+        torch.no_grad(),
+        spliced(model, sae, "0", special_token_ids=[BOS]),
+        pytest.raises(ValueError, match="needs the token ids.*keep_special_tokens=False"),
+    ):
+        model(x)
+    with torch.no_grad():
+        want = sae(block(x)[0])
+        with spliced(model, sae, "0", special_token_ids=[BOS], keep_special_tokens=False):
+            torch.testing.assert_close(model(x)[0], want)

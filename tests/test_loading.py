@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,10 @@ def test_corrupt_and_unknown_configs_are_named(tmp_path):
     folder = make("relu").save(tmp_path / "sae")
     cfg = json.loads((folder / "cfg.json").read_text())
     (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "nope"}))
+    with pytest.raises(ValueError, match=r"architecture='nope' contradicts saelab_architecture='relu'"):
+        load_sae(folder)
+    cfg.pop("saelab_architecture")  # a SAELens-style file: `architecture` alone decides
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "nope"}))
     with pytest.raises(ValueError, match=r"cfg\.json: architecture='nope' is unknown"):
         load_sae(folder)
     (folder / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "architecture"}))
@@ -145,6 +150,74 @@ def test_neither_directory_nor_repo_id(tmp_path):
         load_sae(empty)
 
 
+def test_required_config_fields_are_not_defaulted(tmp_path):
+    folder = make("topk").save(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "k"}))
+    with pytest.raises(ValueError, match=r"cfg\.json has no \['k'\] field.*topk SAE needs"):
+        load_sae(folder)
+
+
+@pytest.mark.parametrize(("name", "bad"), [("W_dec", float("nan")), ("b_enc", float("inf"))])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, name, bad):
+    sae = make("relu")
+    with torch.no_grad():
+        getattr(sae, name).view(-1)[3] = bad
+    folder = sae.save(tmp_path / "sae")
+    with pytest.raises(
+        ValueError, match=rf"sae_weights\.safetensors: tensors hold NaN or Inf: {name} \(1 of"
+    ):
+        load_sae(folder)
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Fail the test if anything asks the hub."""
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the hub was asked for {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+
+
+@pytest.mark.parametrize(
+    "source", ["outputs/my_run", "outputs/a/b/c", "./my_run/sae", "~/no_such_saelab_dir/x"]
+)
+def test_local_looking_missing_path_fails_at_once_naming_it(tmp_path, monkeypatch, no_hub, source):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # 'outputs/...' is then a local path, not a hub id
+    with pytest.raises(FileNotFoundError, match=rf"{source} is not a directory \(.* does not exist\)"):
+        load_sae(source)
+
+
+def test_missing_repo_id_offline_mentions_both_readings(hub_cache):
+    with pytest.raises(FileNotFoundError) as info:
+        load_sae("nobody/absent_sae", cache_dir=hub_cache)
+    message = str(info.value)
+    assert "nobody/absent_sae/cfg.json" in message and "HF_HUB_OFFLINE is set" in message
+    assert "no local directory" in message and "absent_sae" in message
+
+
+def test_unreachable_hub_is_asked_once(monkeypatch):
+    """Without a connection each hub call retries for a while: one failed call ends the search."""
+    import huggingface_hub
+    import huggingface_hub.constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def unreachable(*args, **kwargs):
+        calls.append(args)
+        raise LocalEntryNotFoundError("connection error")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(FileNotFoundError, match=r"nobody/absent_sae/cfg\.json .*hub could not be reached"):
+        load_sae("nobody/absent_sae")
+    assert len(calls) == 1
+
+
 # -------------------------------------------------------------------- saelab training runs / checkpoints
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> tuple[Path, Trainer]:
@@ -168,19 +241,25 @@ def test_run_directory_loads_the_final_sae(run_dir):
     assert meta["loaded_from"] == {"kind": "directory", "path": str(out / "sae")}
 
 
+def checkpoint_reference(step_dir: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, reconstruction) of raw x [B, d] in float64 from a checkpoint's training-space weights and
+    input scale s: the SAE trained on s * x, so x_hat = SAE(s * x) / s."""
+    raw = {k: v.double() for k, v in load_file(str(step_dir / "training_weights.safetensors")).items()}
+    s = torch.load(step_dir / "trainer_state.pt", weights_only=True)["input_scale"]
+    assert s != pytest.approx(1.0)  # the fold is visible
+    pre = (s * x - raw["b_dec"]) @ raw["W_enc"] + raw["b_enc"]
+    values, idx = pre.topk(K, dim=-1)
+    z_ref = torch.zeros_like(pre).scatter_(1, idx, values.clamp_min(0))
+    return z_ref, (z_ref @ raw["W_dec"] + raw["b_dec"]) / s
+
+
 def test_checkpoint_is_loaded_with_its_input_scale_folded(run_dir):
     out, trainer = run_dir
     step_dir = out / "checkpoints" / "step_000000004"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000000002", "step_000000004"]
     loaded = load_sae(out / "checkpoints")  # the newest checkpoint
-    raw = {k: v.double() for k, v in load_file(str(step_dir / "sae_weights.safetensors")).items()}
-    s = torch.load(step_dir / "trainer_state.pt", weights_only=True)["input_scale"]
-    assert s != pytest.approx(1.0)  # the fold is visible
     x = torch.randn(64, D_IN, dtype=torch.float64) * 3
-    pre = (s * x - raw["b_dec"]) @ raw["W_enc"] + raw["b_enc"]  # the SAE trained on s * x ...
-    values, idx = pre.topk(K, dim=-1)
-    z_ref = torch.zeros_like(pre).scatter_(1, idx, values.clamp_min(0))
-    x_hat_ref = (z_ref @ raw["W_dec"] + raw["b_dec"]) / s  # ... and reconstructed s * x
+    z_ref, x_hat_ref = checkpoint_reference(step_dir, x)
     torch.testing.assert_close(loaded.encode(x.float()).double(), z_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loaded(x.float()).double(), x_hat_ref, atol=1e-4, rtol=1e-4)
     meta = loaded.cfg.metadata
@@ -188,11 +267,38 @@ def test_checkpoint_is_loaded_with_its_input_scale_folded(run_dir):
     assert meta["loaded_from"] == {"kind": "checkpoint", "path": str(step_dir)}
 
 
+def test_old_layout_checkpoint_is_still_folded(run_dir, tmp_path):
+    """An older checkpoint kept only training-space weights, in sae_weights.safetensors."""
+    out, _ = run_dir
+    new, old = out / "checkpoints" / "step_000000004", tmp_path / "step_000000004"
+    shutil.copytree(new, old)
+    (old / "training_weights.safetensors").rename(old / "sae_weights.safetensors")
+    x = torch.randn(64, D_IN, dtype=torch.float64) * 3
+    z_ref, x_hat_ref = checkpoint_reference(new, x)
+    loaded = load_sae(old)
+    torch.testing.assert_close(loaded(x.float()).double(), x_hat_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loaded.encode(x.float()).double(), z_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_without_input_scale_names_the_file(run_dir, tmp_path):
+    out, _ = run_dir
+    broken = tmp_path / "step_000000004"
+    shutil.copytree(out / "checkpoints" / "step_000000004", broken)
+    state = torch.load(broken / "trainer_state.pt", weights_only=True)
+    del state["input_scale"]
+    torch.save(state, broken / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"trainer_state\.pt has no entry 'input_scale'.*load another"):
+        load_sae(broken)
+    cfg = TrainerConfig(total_tokens=6 * 64, batch_size=64, device="cpu")
+    with pytest.raises(ValueError, match=r"trainer_state\.pt has no \['input_scale'\].*another checkpoint"):
+        Trainer.from_checkpoint(broken, cfg)
+
+
 def test_resume_still_reads_training_space_weights(run_dir):
     out, _ = run_dir
     cfg = TrainerConfig(total_tokens=6 * 64, batch_size=64, checkpoint_every=2, device="cpu", log_every=2)
     resumed = Trainer.from_checkpoint(out, cfg)
-    raw = load_file(str(out / "checkpoints" / "step_000000004" / "sae_weights.safetensors"))
+    raw = load_file(str(out / "checkpoints" / "step_000000004" / "training_weights.safetensors"))
     assert resumed.step == 4
     for name, value in raw.items():
         assert torch.equal(resumed.sae.state_dict()[name], value), name
@@ -323,6 +429,32 @@ def test_read_features_on_a_transformer_lens_model(tmp_path):
             torch.testing.assert_close(feats.acts[row, :n].double(), z_ref, atol=1e-5, rtol=1e-5)
             assert not feats.acts[row, n:].any()
         assert feats.acts.count_nonzero() > 0
+
+
+def test_read_features_follows_the_saes_prepend_bos(tiny_lm):
+    """An HF tokenizer adds no BOS by itself; an SAE trained with prepend_bos=true gets one in front, and its
+    first real token's codes are those of the sequence with BOS (as in training)."""
+    from transformers import PreTrainedTokenizerFast
+
+    model, plain = tiny_lm
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=plain.backend_tokenizer, bos_token="<pad>", unk_token="<unk>"
+    )
+    assert tokenizer("the cat")["input_ids"][0] != tokenizer.bos_token_id  # the tokenizer adds none itself
+    sae = make("relu")
+    text = "the cat sat"
+    ids = [tokenizer.bos_token_id, *tokenizer(text)["input_ids"]]
+    p = {k: v.double() for k, v in sae.state_dict().items()}
+    with torch.no_grad():
+        h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0].double()
+    z_ref = ((h - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).relu()
+    for meta, want_ids, want_z in ((True, ids, z_ref), (False, ids[1:], None)):
+        sae.cfg.metadata = {**META, "hook_name": "transformer.h.0", "prepend_bos": meta}
+        feats = read_features(model, sae, [text], tokenizer=tokenizer)
+        assert feats.tokens[0].tolist() == want_ids
+        if want_z is not None:
+            torch.testing.assert_close(feats.acts[0].double(), want_z, atol=1e-5, rtol=1e-5)
+    assert read_features(model, sae, [text], tokenizer=tokenizer, prepend_bos=True).tokens[0].tolist() == ids
 
 
 def test_read_features_needs_a_hook(tiny_lm):

@@ -400,3 +400,95 @@ def test_saelab_native_save_loads_in_saelens(tmp_path, gen, arch):
     theirs = sae_lens.SAE.load_from_disk(tmp_path / "native")
     assert theirs.cfg.metadata.hook_name == "blocks.5.hook_resid_post"
     assert_same_outputs(ours, theirs, torch.randn(64, D_IN, generator=gen))
+
+
+@needs_saelens
+@pytest.mark.parametrize("arch", ["relu", "batchtopk"])
+def test_saelab_native_save_of_other_variants_loads_in_both(tmp_path, gen, arch):
+    """relu is written as SAELens's `standard`, batchtopk as `jumprelu` with its threshold per latent (as
+    SAELens saves an inference BatchTopK); saelab still loads them back as the variant they are."""
+    ours = saelab_sae(arch, gen)
+    ours.save(tmp_path / "native")
+    theirs = sae_lens.SAE.load_from_disk(tmp_path / "native")
+    assert type(theirs).__name__ == {"relu": "StandardSAE", "batchtopk": "JumpReLUSAE"}[arch]
+    x = torch.randn(64, D_IN, generator=gen)
+    assert_same_outputs(ours, theirs, x)
+    back = load_sae(tmp_path / "native")
+    assert type(back) is type(ours) and back.cfg.architecture == arch
+    for name, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+    torch.testing.assert_close(back(x), ours(x), rtol=0, atol=0)
+
+
+@needs_saelens
+@pytest.mark.parametrize("arch", ["mp", "gba"])
+def test_saelab_only_variants_fail_clearly_in_saelens(tmp_path, gen, arch):
+    from saelab.sae.gba import GBAConfig, GroupBiasAdaptationSAE
+
+    meta = {"hook_name": "blocks.5.hook_resid_post"}
+    ours = (
+        MatchingPursuitSAE(MPConfig(d_in=D_IN, d_sae=D_SAE, k=K, metadata=meta))
+        if arch == "mp"
+        else GroupBiasAdaptationSAE(GBAConfig(d_in=D_IN, d_sae=D_SAE, n_groups=4, metadata=meta))
+    )
+    randomised(ours, gen).eval().save(tmp_path / "native")
+    with pytest.raises(KeyError, match=f"{arch} .*SAELens cannot load: use saelab.load_sae"):
+        sae_lens.SAE.load_from_disk(tmp_path / "native")
+    back = load_sae(tmp_path / "native")
+    assert type(back) is type(ours)
+    x = torch.randn(16, D_IN, generator=gen)
+    torch.testing.assert_close(back(x), ours(x), rtol=0, atol=0)
+
+
+@needs_saelens
+def test_saelens_batchtopk_training_save_names_the_fix(tmp_path, gen):
+    theirs = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    theirs.save_model(tmp_path / "train")
+    with pytest.raises(ValueError, match=r"BatchTopK \*training\* save.*save_inference_model"):
+        load_sae(tmp_path / "train")
+    randomised(theirs, gen).save_inference_model(tmp_path / "inference")  # the fix the message names
+    assert type(load_sae(tmp_path / "inference")).__name__ == "JumpReLUSAE"
+
+
+def train_run(tmp_path: Path, sae) -> Path:
+    """A short run on planted features with checkpoints at steps 3 and 6 (input scale far from 1)."""
+    from saelab.synth import SyntheticConfig, SyntheticSource
+    from saelab.train.config import TrainerConfig
+    from saelab.train.trainer import Trainer
+
+    source = SyntheticSource(SyntheticConfig(d_in=D_IN, n_features=64, seed=4))
+    cfg = TrainerConfig(total_tokens=8 * 64, batch_size=64, checkpoint_every=3, device="cpu", log_every=4)
+    Trainer(sae, cfg, output_dir=tmp_path).fit(source)
+    return tmp_path / "checkpoints" / "step_000000006"
+
+
+@needs_saelens
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_checkpoint_loads_in_saelens_with_raw_activation_outputs(tmp_path, gen, arch):
+    """A checkpoint in SAELens takes raw activations: the same outputs as saelab.load_sae, and both equal the
+    float64 result of the training-space weights on s * x, mapped back by 1 / s."""
+    cfg_cls = {"relu": ReLUConfig, "topk": TopKConfig, "batchtopk": BatchTopKConfig}[arch]
+    kwargs = {} if arch == "relu" else {"k": K}
+    sae_cls = {"relu": ReLUSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE}[arch]
+    step_dir = train_run(tmp_path, sae_cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, **kwargs)))
+    state = torch.load(step_dir / "trainer_state.pt", weights_only=True)
+    s = state["input_scale"]
+    assert abs(s - 1) > 0.5  # the planted data's norms are far from sqrt(d_in): a missing fold shows
+    w = {k: v.double() for k, v in load_file(str(step_dir / "training_weights.safetensors")).items()}
+    x = torch.randn(64, D_IN, generator=gen, dtype=torch.float64) * 2
+    pre = (s * x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if arch == "relu":
+        z_ref = pre.relu()
+    elif arch == "topk":
+        z_ref = topk_dense(pre, K)
+    else:
+        z_ref = pre * (pre > w["threshold"])
+    x_hat_ref = (z_ref @ w["W_dec"] + w["b_dec"]) / s
+    theirs = sae_lens.SAE.load_from_disk(step_dir)
+    ours = load_sae(step_dir)
+    assert theirs.cfg.metadata.training_tokens == 6 * 64
+    with torch.no_grad():
+        for model in (theirs, ours):
+            torch.testing.assert_close(model.encode(x.float()).double(), z_ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(model(x.float()).double(), x_hat_ref, atol=1e-4, rtol=1e-4)
+    assert type(ours) is sae_cls

@@ -8,6 +8,12 @@ Layout of a cache folder:
 
 Every shard file is written atomically, then progress.json; an interrupted harvest resumes from the last
 recorded shard (stray later files are deleted) or, with a different config, fails naming what changed.
+`overwrite=True` builds the new cache in a temporary sibling folder and swaps it in only when complete, so
+the old cache stays intact if the harvest fails. The manifest records every shard file by folder (the hook),
+with its shape, numpy dtype and CRC-32: the reader checks shapes and dtypes on opening the cache and each
+file's checksum the first time it reads it (`ActivationCache.verify` checks them all), so a file of another
+hook, another harvest or a damaged disk is refused instead of trained on. Version-1 caches (no checksums)
+are still read, with shape and dtype checks only.
 The reader memory-maps shards and serves rows in a shuffled shard order (see `ActivationCache.batches`).
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saelab.atomic import atomic_file
+from saelab.atomic import atomic_file, make_temporary_directory, remove_stale_temporaries, replace_directory
 
 FORMAT = "saelab-activation-cache"
-VERSION = 1
+VERSION = 2
+#: Versions the reader accepts (1: no per-file records).
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 TOKENS = "tokens"
@@ -50,19 +59,20 @@ def to_numpy(x: Tensor, dtype: str) -> np.ndarray:
     return x.view(torch.uint16).numpy() if dtype == "bfloat16" else x.numpy()
 
 
-def to_torch(a: np.ndarray, dtype: str) -> Tensor:
-    """Storage array -> tensor (copies out of a memory map)."""
-    x = torch.from_numpy(np.array(a))
-    return x.view(torch.bfloat16) if dtype == "bfloat16" else x
-
-
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.npy"
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def checksum(array: np.ndarray) -> int:
+    """CRC-32 of an array's bytes in C order."""
+    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
+    """Write `array` atomically; returns its record for the manifest (shape, numpy dtype, crc32)."""
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
+    return {"shape": list(array.shape), "dtype": array.dtype.str, "crc32": checksum(array)}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -70,13 +80,21 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object in `path`, which must hold the keys `required`; errors name the file and the fix."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(
             f"cannot read {path}: {err}; the cache folder is damaged, harvest it again."
         ) from err
+    missing = [key for key in required if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise ValueError(
+            f"{path} has no {missing}: it is damaged or not written by `saelab harvest`; harvest the cache "
+            "again (overwrite=true)."
+        )
+    return data
 
 
 class CacheWriter:
@@ -101,10 +119,12 @@ class CacheWriter:
         bad = [h for h in widths if "/" in h or h in (TOKENS, "") or h.startswith(".")]
         if bad:
             raise ValueError(f"hook names {bad} cannot be used as cache folder names.")
-        self.root = Path(root)
+        self.final = self.root = Path(root)
         self.widths, self.dtype, self.shard_tokens = dict(widths), dtype, shard_tokens
         self.fingerprint = json.loads(json.dumps(fingerprint))  # normalise (tuples -> lists)
         self.shard_rows: list[int] = []
+        #: folder (hook name or "tokens") -> one record per shard file (shape, dtype, crc32)
+        self.files: dict[str, list[dict[str, Any]]] = {folder: [] for folder in [*widths, TOKENS]}
         self.contexts = 0
         self.norm_sums = {h: 0.0 for h in widths}
         self._pending: list[tuple[dict[str, Tensor], Tensor]] = []
@@ -119,6 +139,8 @@ class CacheWriter:
 
     def _prepare_folder(self, overwrite: bool) -> None:
         root = self.root
+        remove_stale_temporaries(root.parent, root.name)  # e.g. the new cache of a crashed overwrite
+        remove_stale_temporaries(root)  # e.g. a manifest.json a crashed harvest was writing
         is_cache = (root / MANIFEST).exists() or (root / PROGRESS).exists()
         if root.exists() and any(root.iterdir()) and not is_cache:
             raise FileExistsError(
@@ -129,11 +151,11 @@ class CacheWriter:
                 f"output_dir={root} already holds a complete activation cache; "
                 "pass overwrite=true to replace it or choose another output_dir."
             )
-        if overwrite and is_cache:
-            shutil.rmtree(root)
+        if overwrite and is_cache:  # build beside the old cache; `finish` swaps it in
+            self.root = root = make_temporary_directory(self.final)
         root.mkdir(parents=True, exist_ok=True)
         if (root / PROGRESS).exists():
-            self._resume(_read_json(root / PROGRESS))
+            self._resume(_read_json(root / PROGRESS, ("shard_rows", "contexts", "norm_sums")))
         else:
             self._write_progress()  # from now on the folder is recognisable as a (resumable) harvest
         self._remove_stray_files()
@@ -150,6 +172,13 @@ class CacheWriter:
         self.shard_rows = [int(r) for r in progress["shard_rows"]]
         self.contexts = int(progress["contexts"])
         self.norm_sums = {h: float(v) for h, v in progress["norm_sums"].items()}
+        files = progress.get("files")
+        if files is None or any(len(files.get(f, [])) != len(self.shard_rows) for f in self.files):
+            raise ValueError(
+                f"{self.root / PROGRESS} is from an older saelab (no shard checksums); rerun with "
+                "overwrite=true to harvest again."
+            )
+        self.files = {folder: list(files[folder]) for folder in self.files}
 
     def _remove_stray_files(self) -> None:
         """Delete shard files past the last recorded shard (written just before an interruption)."""
@@ -182,11 +211,14 @@ class CacheWriter:
         if self._pending_rows == 0:
             return
         index = len(self.shard_rows)
+        written = {}
         for hook in self.widths:
             rows = torch.cat([acts[hook] for acts, _ in self._pending])
-            _save_npy(self.root / hook / shard_name(index), to_numpy(rows, self.dtype))
+            written[hook] = _save_npy(self.root / hook / shard_name(index), to_numpy(rows, self.dtype))
         tokens = torch.cat([tok for _, tok in self._pending]).to(torch.int32)
-        _save_npy(self.root / TOKENS / shard_name(index), tokens.numpy())
+        written[TOKENS] = _save_npy(self.root / TOKENS / shard_name(index), tokens.numpy())
+        for folder, record in written.items():
+            self.files[folder].append(record)
         self.shard_rows.append(self._pending_rows)
         self._pending, self._pending_rows = [], 0
         self._write_progress()
@@ -195,13 +227,21 @@ class CacheWriter:
         progress = {
             "config": self.fingerprint,
             "shard_rows": self.shard_rows,
+            "files": self.files,
             "contexts": self.contexts,
             "norm_sums": self.norm_sums,
         }
         _write_json(self.root / PROGRESS, progress)
 
+    def abort(self) -> None:
+        """After a failed harvest: delete the half-built replacement of an overwrite (the old cache stays);
+        a plain harvest keeps its shards, to be resumed."""
+        if self.root != self.final:
+            shutil.rmtree(self.root, ignore_errors=True)
+
     def finish(self, metadata: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
-        """Write the last shard and the manifest (last, atomically); returns the manifest."""
+        """Write the last shard and the manifest (last, atomically), then swap a replacement cache into
+        place; returns the manifest."""
         self.flush()
         rows = max(self.rows, 1)
         manifest = {
@@ -210,6 +250,7 @@ class CacheWriter:
             "dtype": self.dtype,
             "hooks": {h: {"d_in": d, "mean_norm": self.norm_sums[h] / rows} for h, d in self.widths.items()},
             "shard_rows": self.shard_rows,
+            "shards": self.files,
             "total_rows": self.rows,
             "contexts": self.contexts,
             "metadata": metadata,
@@ -219,13 +260,16 @@ class CacheWriter:
         }
         _write_json(self.root / MANIFEST, manifest)
         (self.root / PROGRESS).unlink(missing_ok=True)
+        if self.root != self.final:
+            replace_directory(self.root, self.final)
+            self.root = self.final
         return manifest
 
 
 class ActivationCache:
     """A complete cache folder, read through memory maps."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, verify: bool = False):
         self.root = Path(root)
         if not (self.root / MANIFEST).exists():
             if (self.root / PROGRESS).exists():
@@ -236,21 +280,48 @@ class ActivationCache:
             raise FileNotFoundError(
                 f"{self.root} is not an activation cache (no {MANIFEST}); run `saelab harvest`."
             )
-        self.manifest = _read_json(self.root / MANIFEST)
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise ValueError(f"{self.root / MANIFEST} is not a version-{VERSION} {FORMAT} manifest.")
+        path = self.root / MANIFEST
+        self.manifest = _read_json(path, ("format", "version", "dtype", "hooks", "shard_rows", "total_rows"))
+        if self.manifest["format"] != FORMAT or self.manifest["version"] not in READABLE_VERSIONS:
+            raise ValueError(
+                f"{path} is not a {FORMAT} manifest of version {READABLE_VERSIONS} (found "
+                f"{self.manifest['format']!r} version {self.manifest['version']!r}); harvest the cache again."
+            )
         self.dtype: str = self.manifest["dtype"]
+        check_storage_dtype(self.dtype)
         self.shard_rows: list[int] = self.manifest["shard_rows"]
         self.total_rows: int = self.manifest["total_rows"]
         self.hook_names: list[str] = list(self.manifest["hooks"])
+        #: folder -> per-shard records (shape, dtype, crc32); None for version-1 caches
+        self.files: dict[str, list[dict[str, Any]]] | None = self.manifest.get("shards")
+        self._verified: set[tuple[str, int]] = set()
         for folder in [*self.hook_names, TOKENS]:
+            numpy_dtype = np.dtype(np.int32 if folder == TOKENS else STORAGE[self.dtype][0])
             for i, rows in enumerate(self.shard_rows):
-                shape = self._map(folder, i).shape
-                expected = (rows,) if folder == TOKENS else (rows, self.d_in(folder))
-                if shape != expected:
-                    raise ValueError(
-                        f"{self.root / folder / shard_name(i)} has shape {shape}, expected {expected}."
-                    )
+                self._check_header(folder, i, rows, numpy_dtype)
+        if verify:
+            self.verify()
+
+    def _check_header(self, folder: str, index: int, rows: int, numpy_dtype: np.dtype) -> None:
+        """Shape and dtype of one shard file against the manifest (reads only the .npy header)."""
+        array = self._map(folder, index)
+        expected = (rows,) if folder == TOKENS else (rows, self.d_in(folder))
+        if self.files is not None:
+            records = self.files.get(folder, [])
+            if len(records) != len(self.shard_rows):
+                raise ValueError(
+                    f"{self.root / MANIFEST} lists {len(records)} files for {folder!r} but "
+                    f"{len(self.shard_rows)} shards; the manifest is damaged, harvest the cache again."
+                )
+            expected_dtype = np.dtype(records[index]["dtype"])
+        else:
+            expected_dtype = numpy_dtype
+        if array.shape != expected or array.dtype != expected_dtype:
+            raise ValueError(
+                f"{self.root / folder / shard_name(index)} holds {array.dtype} {array.shape}, but the manifest "
+                f"says {expected_dtype} {expected} for {folder!r}; the cache is damaged or mixed with another "
+                "cache's files, harvest it again."
+            )
 
     def d_in(self, hook: str) -> int:
         return int(self.manifest["hooks"][self.check_hook(hook)]["d_in"])
@@ -272,15 +343,51 @@ class ActivationCache:
         path = self.root / folder / shard_name(index)
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing; the cache is damaged, harvest it again.")
-        return np.load(path, mmap_mode="r")
+        try:
+            return np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as err:  # e.g. "mmap length is greater than file size" (truncated)
+            raise ValueError(
+                f"{path} cannot be read ({err}): the file is truncated or corrupt; harvest the cache again."
+            ) from err
+
+    def _read(self, folder: str, index: int) -> np.ndarray:
+        """Shard file `index` of `folder` in memory; its checksum is checked on the first read."""
+        array = np.array(self._map(folder, index))
+        if self.files is not None and (folder, index) not in self._verified:
+            expected = self.files[folder][index]["crc32"]
+            found = checksum(array)
+            if found != expected:
+                raise ValueError(
+                    f"{self.root / folder / shard_name(index)} has CRC-32 {found}, but the manifest recorded "
+                    f"{expected} for {folder!r} shard {index}: the file was modified, damaged, or copied "
+                    "from another hook or cache; harvest the cache again."
+                )
+            self._verified.add((folder, index))
+        return array
+
+    def verify(self) -> int:
+        """Check every shard file's checksum against the manifest; returns the number of files checked."""
+        if self.files is None:
+            raise ValueError(
+                f"{self.root / MANIFEST} is a version-1 manifest without checksums; harvest the cache again "
+                "(overwrite=true) to be able to verify it."
+            )
+        folders = [*self.hook_names, TOKENS]
+        for folder in folders:
+            for index in range(len(self.shard_rows)):
+                self._verified.discard((folder, index))
+                self._read(folder, index)
+        return len(folders) * len(self.shard_rows)
 
     def shard(self, hook: str, index: int) -> Tensor:
         """Activations of shard `index` [rows, d] (a copy in memory)."""
-        return to_torch(self._map(self.check_hook(hook), index), self.dtype)
+        array = self._read(self.check_hook(hook), index)
+        x = torch.from_numpy(array)
+        return x.view(torch.bfloat16) if self.dtype == "bfloat16" else x
 
     def tokens(self, index: int) -> Tensor:
         """Token ids of shard `index` [rows] int32."""
-        return torch.from_numpy(np.array(self._map(TOKENS, index)))
+        return torch.from_numpy(self._read(TOKENS, index))
 
     def read_all(self, hook: str | None = None) -> Tensor:
         """Every row in harvest order [total_rows, d] (for small caches and checks)."""

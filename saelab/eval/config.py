@@ -14,7 +14,8 @@ from saelab.train.config import LoggingConfig
 class EvalConfig:
     """How much data to read and which analyses to run.
 
-    total_tokens: activation rows (tokens at the hook) to evaluate. batch_size: rows per batch of an
+    total_tokens: activation rows (tokens at the hook) to evaluate, exactly (a model source's last batch of
+    contexts is cut at that many non-special positions). batch_size: rows per batch of an
     activation source; lm_batch_size: sequences per forward pass of a language-model source.
     start_batch: first source batch; pick one past the training batches to evaluate on held-out data.
     dead_window_tokens: a latent is dead when silent for this many of the last tokens (0: all evaluated tokens).

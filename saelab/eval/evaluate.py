@@ -85,14 +85,16 @@ def _activation_stream(sae: SAE, source: Any, cfg: EvalConfig, device: torch.dev
 
 
 def _lm_stream(lm: LMEvaluator, model: LanguageModel, cfg: EvalConfig) -> Iterator[tuple]:
-    """Yields (x, x_hat, codes) of the non-special positions while accumulating CE / KL in `lm`.
-
-    Whole token batches are evaluated, so the count can end a little past cfg.total_tokens.
-    """
+    """Yields (x, x_hat, codes) of the non-special positions while accumulating CE / KL in `lm`, exactly
+    cfg.total_tokens positions in all (the last batch's later positions are neither returned nor counted)."""
     device = next(model.model.parameters()).device
+    remaining = cfg.total_tokens
     for tokens in model.token_batches(cfg.lm_batch_size, cfg.start_batch):
-        batch = lm.update(tokens.to(device))
+        batch = lm.update(tokens.to(device), max_positions=remaining)
+        remaining -= batch.x.shape[0]
         yield batch.x.to(batch.x_hat.dtype), batch.x_hat, batch.codes
+        if remaining <= 0:
+            return
 
 
 @torch.no_grad()
@@ -132,6 +134,8 @@ def evaluate(sae: SAE, source: Any, cfg: EvalConfig | None = None, progress: boo
     bar.close()
     if tracker.tokens_seen == 0:
         raise ValueError("the source yielded no activations to evaluate.")
+    if not cfg.dead_window_tokens:  # "all evaluated tokens", also when the source ended early
+        tracker.window = tracker.tokens_seen
 
     report: dict[str, Any] = {
         "sae": {"architecture": sae.cfg.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae},

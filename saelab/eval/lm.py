@@ -79,12 +79,20 @@ class LMEvaluator:
         return logits_of(self.model(tokens, **self.forward_kwargs))
 
     @torch.no_grad()
-    def update(self, tokens: Tensor) -> SplicedBatch:
-        """Evaluate one batch of token ids [B, T]; returns the hook activations at non-special positions."""
+    def update(self, tokens: Tensor, max_positions: int | None = None) -> SplicedBatch:
+        """Evaluate one batch of token ids [B, T]; returns the hook activations at non-special positions.
+
+        max_positions: evaluate only the first this many non-special positions (row-major): only they are
+        returned and only predictions made at them are counted (the last batch of a token budget).
+        """
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"tokens must be [batch, pos] with pos >= 2, got shape {tuple(tokens.shape)}.")
         special = special_mask(tokens, self.special_token_ids)
-        counted = ~special[:, :-1] & ~special[:, 1:]
+        evaluated = ~special
+        if max_positions is not None:
+            order = rearrange(evaluated, "b t -> (b t)").long().cumsum(0).reshape(evaluated.shape)
+            evaluated = evaluated & (order <= max_positions)
+        counted = evaluated[:, :-1] & ~special[:, 1:]
         with spliced(self.model, self.sae, self.hook_name, mode="clean", mask=~special) as splice:
             clean = next_token_log_probs(self._run(tokens))
             x = splice.x
@@ -99,7 +107,7 @@ class LMEvaluator:
             splice.mode = "zero"
             self._add("ce_zero", token_ce(next_token_log_probs(self._run(tokens)), tokens), counted)
         self.predictions += int(counted.sum())
-        keep = rearrange(~special, "b t -> (b t)")
+        keep = rearrange(evaluated, "b t -> (b t)")
         return SplicedBatch(
             x=rearrange(x, "b t d -> (b t) d")[keep],
             x_hat=rearrange(x_hat, "b t d -> (b t) d")[keep],

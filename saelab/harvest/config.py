@@ -92,7 +92,9 @@ class HarvestRunConfig:
     """`saelab harvest`: write activations at hook_names (default [source.hook_name]) to a cache folder.
 
     total_tokens: rows to harvest per hook (0: one pass over the dataset). shard_tokens: rows per shard.
-    dtype: storage dtype (float32, float16, bfloat16). overwrite: replace a complete cache in output_dir.
+    dtype: storage dtype (float32, float16, bfloat16). overwrite: replace a complete cache in output_dir
+    (the new one is built beside it and swapped in when complete). verify: instead of harvesting, check the
+    cache in output_dir against its manifest's checksums.
     """
 
     source: Any = MISSING
@@ -102,6 +104,7 @@ class HarvestRunConfig:
     shard_tokens: int = 65536
     dtype: str = "float32"
     overwrite: bool = False
+    verify: bool = False
     progress: bool = True
 
     def validate(self) -> None:

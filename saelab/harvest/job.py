@@ -3,6 +3,8 @@
     saelab harvest source=smollm2 output_dir=caches/smol hook_names=[blocks.3.hook_resid_post,blocks.6.hook_resid_post]
 
 Resumable: rerunning an interrupted harvest with the same settings continues after the last written shard.
+`overwrite=true` builds the new cache beside the old one and swaps it in at the end. `verify=true` checks an
+existing cache's shard files against the checksums in its manifest instead of harvesting.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from saelab.buffer.cache import CacheWriter, check_storage_dtype
+from saelab.buffer.cache import ActivationCache, CacheWriter, check_storage_dtype
 from saelab.harvest.base import hook_widths
 from saelab.harvest.config import HarvestRunConfig, ModelSourceConfig
 from saelab.harvest.pipeline import HarvestPipeline, build_pipeline, harvest_rows
@@ -75,10 +77,13 @@ def run_harvest(cfg: HarvestRunConfig, pipeline: HarvestPipeline | None = None) 
                 bar.update(take)
                 if target is not None and done >= target:
                     break
+        wall = time.perf_counter() - start
+        manifest = writer.finish({h: src.metadata(h) for h in hooks} | {"hook_names": hooks}, wall)
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         bar.close()
-    wall = time.perf_counter() - start
-    manifest = writer.finish({h: src.metadata(h) for h in hooks} | {"hook_names": hooks}, wall)
     if cfg.progress:
         print_summary(manifest, cfg.output_dir, target, done - initial)
     return manifest
@@ -104,8 +109,19 @@ def print_summary(manifest: dict[str, Any], output_dir: str, target: int | None,
     )
 
 
+def verify_cache(output_dir: str) -> dict[str, Any]:
+    """`saelab harvest output_dir=... verify=true`: check every shard file of a complete cache against the
+    checksums in its manifest (raises naming the first bad file); returns the manifest."""
+    cache = ActivationCache(output_dir)
+    files = cache.verify()
+    print(f"{output_dir}: all {files} shard files match the manifest's checksums.")
+    return cache.manifest
+
+
 def harvest_from_config(node: DictConfig) -> dict[str, Any]:
     """Entry of the `saelab harvest` Hydra app (configs/harvest.yaml)."""
+    if node.get("verify"):
+        return verify_cache(node.output_dir)
     cfg = OmegaConf.to_object(node)
     if not isinstance(cfg, HarvestRunConfig):
         raise TypeError("configs/harvest.yaml must list harvest_schema in its defaults.")

@@ -33,9 +33,12 @@ from saelab.sae.registry import available_architectures, get_sae_class
 
 #: SAELens architecture name -> saelab registry name.
 SAELENS_TO_SAELAB = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
-#: saelab variant -> the SAELens architecture that computes the same inference function.
-#: BatchTopK infers with z = pre * (pre > t), t >= 0: SAELens's JumpReLU with threshold t on every latent.
-SAELAB_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+#: saelab variant -> the SAELens architecture that computes the same inference function (each class's
+#: `saelens_architecture`). BatchTopK infers with z = pre * (pre > t), t >= 0: SAELens's JumpReLU with
+#: threshold t on every latent. mp and gba have no SAELens equivalent.
+SAELAB_TO_SAELENS = {
+    name: get_sae_class(name).saelens_architecture for name in ("relu", "topk", "jumprelu", "batchtopk")
+}
 EXPECTED_AVERAGE = "expected_average_only_in"
 
 #: Keys older (flat) SAELens configs keep at the top level that describe the model and hook.
@@ -96,7 +99,23 @@ def saelens_metadata(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _architecture(raw: dict[str, Any], where: str) -> str:
-    """The saelab registry name for a config's architecture (older SAELens configs name an activation fn)."""
+    """The saelab registry name for a config's architecture: `saelab_architecture` where saelab wrote it (its
+    `architecture` is then the SAELens equivalent), else SAELens's name (older configs name an activation fn)."""
+    own = raw.get("saelab_architecture")
+    if own is not None:
+        try:
+            cls = get_sae_class(own)
+        except ValueError:
+            raise ValueError(
+                f"{where}: saelab_architecture={own!r} is unknown; saelab has {available_architectures()}."
+            ) from None
+        written = str(raw.get("architecture", ""))
+        if written != cls.saelens_architecture and not written.startswith(cls.architecture):
+            raise ValueError(
+                f"{where}: architecture={written!r} contradicts saelab_architecture={own!r} (saelab writes "
+                f"{cls.saelens_architecture or cls.architecture!r} there); fix one of the two fields."
+            )
+        return cls.architecture
     name = raw.get("architecture")
     if name is None:
         activation = raw.get("activation_fn") or raw.get("activation_fn_str")
@@ -129,6 +148,11 @@ def to_saelab(
     not folded here (the factor is not in these files): fold it with `SAE.fold_input_scale`. `where` names the
     source in error messages.
     """
+    if "topk_threshold" in state:
+        raise ValueError(
+            f"{where} is a SAELens BatchTopK *training* save (SAE.save_model: tensor 'topk_threshold', no "
+            "inference 'threshold'); save it with save_inference_model() and load that directory instead."
+        )
     arch = _architecture(raw, where)
     cfg = {k: v for k, v in raw.items() if k not in _FLAT_METADATA_KEYS}
     cfg["architecture"] = arch
@@ -148,7 +172,7 @@ def to_saelab(
         )
     cfg["normalize_activations"] = "none"
     cfg["apply_b_dec_to_input"] = True
-    tensors = dict(state)
+    tensors = get_sae_class(arch).from_file_tensors(dict(state), where)
     _fold_saelens_extras(raw, tensors, where)
     return cfg, tensors
 
@@ -214,16 +238,13 @@ def saelens_config(sae: SAE) -> dict[str, Any]:
 
 def saelens_tensors(sae: SAE) -> dict[str, Tensor]:
     """The SAE's weights for SAELens (same names); a scalar threshold (BatchTopK) becomes one per latent [n]."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
-    threshold = tensors.get("threshold")
-    if threshold is not None and threshold.ndim == 0:
-        if not bool(threshold >= 0):
-            raise ValueError(
-                f"this {sae.cfg.architecture} SAE has no usable inference threshold ({threshold.item()}); "
-                "train it before exporting."
-            )
-        tensors["threshold"] = threshold.expand(sae.d_sae).contiguous()
-    return tensors
+    threshold = sae.state_dict().get("threshold")
+    if threshold is not None and threshold.ndim == 0 and not bool(threshold >= 0):
+        raise ValueError(
+            f"this {sae.cfg.architecture} SAE has no usable inference threshold ({threshold.item()}); "
+            "train it before exporting."
+        )
+    return sae.file_tensors()
 
 
 def export_saelens(sae: SAE, path: str | Path) -> Path:

@@ -9,7 +9,9 @@ inference rule is saelab's TopK SAE:
 
 so W_enc = encoder.weight^T and the other tensors keep their values. Options:
 
-- `multi_topk`, `normalize_decoder`, `expansion_factor` only shape training: any value loads.
+- `multi_topk`, `normalize_decoder`, `expansion_factor` only shape training: any value loads. saelab
+  reproduces sparsify's k-latent `encode` / `decode`; with `multi_topk=True` sparsify's `forward` returns
+  the top-4k-latent reconstruction of its training loss instead, which saelab does not compute.
 - `transcode=True` (a transcoder: the input is not centred by b_dec, and the output predicts another
   hookpoint): loads exactly with b_enc = encoder.bias + b_dec @ encoder.weight^T (folded in float64); the
   SAE's metadata says `transcoder: true` and `export_sparsify` writes it back as a transcoder.

@@ -100,6 +100,13 @@ class SAE(nn.Module):
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     #: Variants whose decoder rows are kept at unit norm during training.
     unit_norm_decoder: ClassVar[bool] = False
+    #: The SAELens architecture that computes the same inference function from the saved tensors (cfg.json's
+    #: `architecture`), or None where SAELens has none.
+    saelens_architecture: ClassVar[str | None] = None
+    #: Config fields a saved cfg.json must hold (they change what encode/decode compute); others may default.
+    required_fields: ClassVar[tuple[str, ...]] = ("d_in", "d_sae")
+    #: Saved tensors that hold NaN while "not estimated yet" (e.g. BatchTopK's threshold before training).
+    unset_when_nan: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -212,17 +219,36 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------ save/load
     def config_dict(self) -> dict[str, Any]:
-        """JSON-ready config in SAELens-6 layout (architecture, d_in, d_sae, dtype, metadata) + variant fields."""
+        """JSON-ready config in SAELens-6 layout (architecture, d_in, d_sae, dtype, metadata) + variant fields.
+
+        `architecture` is the SAELens name of the same inference function (relu -> "standard", batchtopk ->
+        "jumprelu"), so SAELens loads the directory; where SAELens has none (mp, gba) it is a sentence SAELens
+        fails on. `saelab_architecture` (which SAELens ignores) is what `saelab.load_sae` builds.
+        """
         out = dataclasses.asdict(self.cfg)
+        arch = self.cfg.architecture
+        out["architecture"] = self.saelens_architecture or (
+            f"{arch} (a saelab-only SAE that SAELens cannot load: use saelab.load_sae)"
+        )
+        out["saelab_architecture"] = arch
         out["apply_b_dec_to_input"] = True
         out["normalize_activations"] = "none"
         out["reshape_activations"] = "none"
         out["sae_lens_version"] = SAELENS_LAYOUT_VERSION
         return out
 
+    def file_tensors(self) -> dict[str, Tensor]:
+        """The tensors `save` writes (CPU, contiguous): the state dict in the shapes SAELens expects."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_file_tensors(cls, tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+        """Inverse of `file_tensors`: the state dict for `load_state_dict` (`where` names the file in errors)."""
+        return tensors
+
     def save(self, path: str | Path) -> Path:
         """Write `cfg.json` + `sae_weights.safetensors` into directory `path`, atomically."""
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = self.file_tensors()
         with atomic_directory(path) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2))

@@ -40,6 +40,10 @@ class BatchTopKConfig(TopKConfig):
 class BatchTopKSAE(TopKSAE):
     config_class = BatchTopKConfig
     cfg: BatchTopKConfig
+    #: Inference is z = pre * (pre > t): SAELens's JumpReLU with threshold t on every latent (as SAELens
+    #: itself saves an inference BatchTopK SAE).
+    saelens_architecture = "jumprelu"
+    unset_when_nan = frozenset({"threshold"})
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
@@ -77,6 +81,27 @@ class BatchTopKSAE(TopKSAE):
             self.threshold.isnan(), smallest, decay * self.threshold + (1 - decay) * smallest
         )
         self.threshold.copy_(torch.where(smallest.isfinite(), blended, self.threshold))
+
+    # ------------------------------------------------------------ files
+    def file_tensors(self) -> dict[str, Tensor]:
+        """The state dict with the scalar threshold repeated per latent [n], as SAELens's JumpReLU reads it."""
+        tensors = super().file_tensors()
+        tensors["threshold"] = tensors["threshold"].expand(self.d_sae).contiguous()
+        return tensors
+
+    @classmethod
+    def from_file_tensors(cls, tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+        """A per-latent threshold [n] (all equal, or all NaN before training) back to the scalar buffer."""
+        threshold = tensors.get("threshold")
+        if threshold is None or threshold.ndim == 0:
+            return tensors
+        first = threshold.reshape(-1)[:1]
+        if not (threshold.isnan().all() or (threshold == first).all()):
+            raise ValueError(
+                f"{where}: a BatchTopK SAE has one threshold, but 'threshold' differs across latents; "
+                "this file holds a JumpReLU SAE (set its saelab_architecture to 'jumprelu')."
+            )
+        return {**tensors, "threshold": first.reshape(())}
 
     # ----------------------------------------------------------- inference
     def encode(self, x: Tensor) -> Tensor:

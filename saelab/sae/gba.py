@@ -100,6 +100,7 @@ class GBAConfig(SAEConfig):
 @register("gba")
 class GroupBiasAdaptationSAE(SAE):
     config_class = GBAConfig
+    required_fields = ("d_in", "d_sae", "activation")
     cfg: GBAConfig
 
     def create_parameters(self, dtype: torch.dtype) -> None:

@@ -25,6 +25,7 @@ class JumpReLUConfig(SAEConfig):
 @register("jumprelu")
 class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
+    saelens_architecture = "jumprelu"
     cfg: JumpReLUConfig
 
     def create_parameters(self, dtype: torch.dtype) -> None:

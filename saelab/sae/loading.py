@@ -81,14 +81,41 @@ def locate(
     if local.is_dir():
         folder, is_checkpoint = resolve_local(local / subfolder if subfolder else local)
         return folder, {"kind": "checkpoint" if is_checkpoint else "directory", "path": str(folder)}
-    if not _REPO_ID.match(str(source)) or str(source).startswith((".", "~")):
+    if looks_local(source):
+        missing = first_missing(local)
         raise FileNotFoundError(
-            f"{source} is not a directory (nor a Hugging Face repo id such as 'owner/name')."
+            f"{source} is not a directory ({missing} does not exist); pass a saelab run directory, an SAE "
+            "directory or a checkpoint (or a Hugging Face repo id such as 'owner/name')."
         )
     parts = str(source).split("/")
     repo_id, inner = "/".join(parts[:2]), "/".join([*parts[2:], *([subfolder] if subfolder else [])])
-    folder = hub_folder(repo_id, inner, revision, cache_dir)
+    try:
+        folder = hub_folder(repo_id, inner, revision, cache_dir)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err} (Tried {source!r} as a hub repo id because no local directory {local.absolute()} exists.)"
+        ) from err
     return folder, {"kind": "hub", "repo_id": repo_id, "subfolder": inner, "revision": revision or "main"}
+
+
+def looks_local(source: str | Path) -> bool:
+    """Whether a source that is not an existing directory must be a local path rather than a hub repo id:
+    a Path object, an absolute/relative/home path, anything not shaped 'owner/name[/sub/folder]', or a
+    path whose first component exists here (e.g. 'outputs/my_run' next to an 'outputs' folder)."""
+    text = str(source)
+    if isinstance(source, Path) or text.startswith((".", "/", "~")) or "\\" in text:
+        return True
+    if not _REPO_ID.match(text):
+        return True
+    return Path(text.split("/")[0]).exists()
+
+
+def first_missing(path: Path) -> Path:
+    """The shortest prefix of `path` that does not exist (`path` itself if its parent exists)."""
+    for prefix in reversed([path, *path.parents]):
+        if not prefix.exists():
+            return prefix
+    return path
 
 
 def hub_folder(repo_id: str, inner: str, revision: str | None, cache_dir: str | Path | None) -> Path:
@@ -99,6 +126,8 @@ def hub_folder(repo_id: str, inner: str, revision: str | None, cache_dir: str | 
             folder = hub_file(repo_id, inner, config_name, revision, cache_dir).parent
             hub_file(repo_id, inner, weights_name, revision, cache_dir)
             return folder
+        except HubUnreachableError:
+            raise  # no connection: every other layout would fail the same way, after its own retries
         except FileNotFoundError as err:
             first_error = first_error or err
     raise FileNotFoundError(f"{first_error} No known SAE layout is there either: {LAYOUTS_TEXT}.")
@@ -117,11 +146,16 @@ def input_scale_of(
 ) -> tuple[float | None, dict[str, Any]]:
     """(factor the SAE's inputs were scaled by in training and is still to be folded, extra metadata)."""
     if is_checkpoint:
+        from saelab.train.checkpoint import TRAINING_WEIGHTS_FILE
+
         if given is not None:
             raise ValueError(
                 f"{folder} is a saelab checkpoint that stores its input scale; drop norm_scaling_factor."
             )
-        return checkpoint_scale(folder)
+        scale, meta = checkpoint_scale(folder)
+        # Checkpoints keep the training-space weights apart and the input scale already folded into
+        # sae_weights.safetensors; older ones (no training_weights.safetensors) hold only the training-space weights.
+        return (None if (folder / TRAINING_WEIGHTS_FILE).is_file() else scale), meta
     if given is not None and not needs_input_scale(raw):
         raise ValueError(
             f"{folder / CONFIG_FILE} says normalize_activations={raw.get('normalize_activations', 'none')!r}: "
@@ -132,11 +166,17 @@ def input_scale_of(
     return given, {}
 
 
-def read_sae_dir(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> SAE:
-    """The SAE exactly as stored in directory `path` (no input scale folded in): for resuming training."""
+def read_sae_dir(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | None = None,
+    weights_name: str = WEIGHTS_FILE,
+) -> SAE:
+    """The SAE exactly as stored in directory `path` (cfg.json + `weights_name`; no input scale folded in):
+    for resuming training from a checkpoint's training-space weights."""
     folder = Path(path)
-    raw, state = read_files(folder)
-    return build_from_files(raw, state, folder, dtype=dtype).to(device).eval()
+    raw, state = read_files(folder, weights_name)
+    return build_from_files(raw, state, folder, dtype=dtype, weights_name=weights_name).to(device).eval()
 
 
 def resolve_local(folder: Path) -> tuple[Path, bool]:
@@ -164,13 +204,15 @@ def resolve_local(folder: Path) -> tuple[Path, bool]:
     )
 
 
-def read_files(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_files(
+    folder: Path, weights_name: str = WEIGHTS_FILE
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(cfg.json dict, tensors) of an SAE directory (a peer's layout converted to saelab's); errors name the
     missing or corrupt file."""
     layout = peer_layout(folder)
-    if layout is not None and not (folder / WEIGHTS_FILE).is_file():
+    if layout is not None and not (folder / weights_name).is_file():
         return PEER_LAYOUTS[layout][2](folder)
-    cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    cfg_path, weights_path = folder / CONFIG_FILE, folder / weights_name
     for needed in (cfg_path, weights_path):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} is missing: an SAE directory holds {LAYOUTS_TEXT}.")
@@ -189,9 +231,10 @@ def build_from_files(
     folder: Path,
     input_scale: float | None = None,
     dtype: str | torch.dtype | None = None,
+    weights_name: str = WEIGHTS_FILE,
 ) -> SAE:
     """Build the SAE a (cfg.json, tensors) pair describes, with `input_scale` folded in (in float64)."""
-    cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    cfg_path, weights_path = folder / CONFIG_FILE, folder / weights_name
     if needs_input_scale(raw) and input_scale is None:
         raise ValueError(
             f"{cfg_path}: normalize_activations={raw['normalize_activations']!r} but the factor activations "
@@ -202,8 +245,16 @@ def build_from_files(
     cfg, tensors = to_saelab(raw, state, where=str(cfg_path), dtype=target)
     target = cfg["dtype"]
     work = "float64" if input_scale is not None else target  # fold the scale before rounding to the target
+    cls = get_sae_class(cfg["architecture"])
+    missing_fields = [name for name in cls.required_fields if name not in cfg]
+    if missing_fields:
+        raise ValueError(
+            f"{cfg_path} has no {missing_fields} field(s), which a {cls.architecture} SAE needs (they decide "
+            "what it computes; no default is assumed): add them to the file."
+        )
+    check_finite(tensors, cls.unset_when_nan, weights_path)
     try:
-        sae = get_sae_class(cfg["architecture"]).from_config_dict({**cfg, "dtype": work})
+        sae = cls.from_config_dict({**cfg, "dtype": work})
     except (TypeError, ValueError) as err:
         raise ValueError(f"{cfg_path}: {err}") from err
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
@@ -224,6 +275,22 @@ def build_from_files(
     return sae.to(DTYPES[target])
 
 
+def check_finite(tensors: dict[str, torch.Tensor], unset_when_nan: frozenset[str], where: Path) -> None:
+    """Raise naming every tensor holding NaN or Inf (except all-NaN "not estimated yet" tensors)."""
+    bad = []
+    for name, value in tensors.items():
+        if not value.is_floating_point() or bool(torch.isfinite(value).all()):
+            continue
+        if name in unset_when_nan and bool(value.isnan().all()):
+            continue
+        bad.append(f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()} values)")
+    if bad:
+        raise ValueError(
+            f"{where}: tensors hold NaN or Inf: {', '.join(bad)}. The SAE diverged in training or the file is "
+            "corrupt; load an earlier checkpoint or retrain."
+        )
+
+
 def checkpoint_scale(folder: Path) -> tuple[float, dict[str, Any]]:
     """(input scale, metadata) from the trainer state of saelab checkpoint `folder`."""
     from saelab.train.checkpoint import STATE_FILE
@@ -231,29 +298,55 @@ def checkpoint_scale(folder: Path) -> tuple[float, dict[str, Any]]:
     state_path = folder / STATE_FILE
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
+        meta = {
+            "checkpoint_step": int(state["step"]),
+            "training_tokens": int(state["tracker"]["tokens_seen"]),
+        }
+        return float(state["input_scale"]), meta
     except Exception as err:
-        raise ValueError(f"could not read {state_path}: {err}. The checkpoint is corrupt.") from err
-    meta = {"checkpoint_step": int(state["step"]), "training_tokens": int(state["tracker"]["tokens_seen"])}
-    return float(state["input_scale"]), meta
+        what = f"has no entry {err}" if isinstance(err, KeyError) else f"could not be read ({err})"
+        raise ValueError(
+            f"{state_path} {what}: the checkpoint is corrupt or not a saelab checkpoint; load another "
+            "checkpoint or the run's sae/ folder."
+        ) from err
 
 
 def hub_file(
     repo_id: str, subfolder: str, filename: str, revision: str | None, cache_dir: str | Path | None
 ) -> Path:
     """Local path of one file of a hub repo, downloaded with `huggingface_hub` or found in its cache."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    name = "/".join(p for p in (repo_id, subfolder, filename) if p)
+    where = f"{name} (revision {revision or 'main'})"
     try:
         return Path(
             hf_hub_download(
                 repo_id, filename, subfolder=subfolder or None, revision=revision, cache_dir=cache_dir
             )
         )
-    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
-        name = "/".join(p for p in (repo_id, subfolder, filename) if p)
-        raise FileNotFoundError(
-            f"{name} (revision {revision or 'main'}) is neither on the Hugging Face hub nor in the local cache "
-            f"{cache_dir or '$HF_HUB_CACHE'} ({type(err).__name__}). Check the repo id and subfolder, or unset "
-            "HF_HUB_OFFLINE to download it."
+    except LocalEntryNotFoundError as err:
+        cache = cache_dir or "$HF_HUB_CACHE"
+        if constants.HF_HUB_OFFLINE:  # only the cache was searched (quickly): other layouts may be there
+            raise FileNotFoundError(
+                f"{where} is not in the local Hugging Face cache {cache}; HF_HUB_OFFLINE is set, so nothing "
+                "was downloaded (unset it to download)."
+            ) from err
+        raise HubUnreachableError(
+            f"{where} is not in the local Hugging Face cache {cache} and the hub could not be reached; "
+            "check the connection (or the repo id, if a local path was meant)."
         ) from err
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise FileNotFoundError(
+            f"{where} is not on the Hugging Face hub ({type(err).__name__}). Check the repo id and subfolder."
+        ) from err
+
+
+class HubUnreachableError(FileNotFoundError):
+    """A hub file is not cached and cannot be fetched (offline mode or no connection)."""

@@ -69,6 +69,7 @@ class MPConfig(SAEConfig):
 @register("mp")
 class MatchingPursuitSAE(SAE):
     config_class = MPConfig
+    required_fields = ("d_in", "d_sae", "k")
     unit_norm_decoder = True
     cfg: MPConfig
 

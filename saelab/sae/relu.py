@@ -40,6 +40,7 @@ class ReLUConfig(SAEConfig):
 @register("relu", "standard")
 class ReLUSAE(SAE):
     config_class = ReLUConfig
+    saelens_architecture = "standard"
     cfg: ReLUConfig
 
     def reset_parameters(self) -> None:

@@ -65,6 +65,8 @@ def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
 @register("topk")
 class TopKSAE(SAE):
     config_class = TopKConfig
+    saelens_architecture = "topk"
+    required_fields = ("d_in", "d_sae", "k")
     unit_norm_decoder = True
     cfg: TopKConfig
     #: CPU workspace for `selection_pre_activations` (not a parameter or buffer: never saved or moved).

@@ -80,7 +80,9 @@ def planted(tmp_path_factory):
         sae.b_enc[PLANTED_LATENT] = -0.5
         sae.b_enc[8:12] = -1e3  # four latents that never fire
     tokens = token_contexts(120, seed=11)
-    cfg = InspectConfig(n_top=12, n_samples=6, n_cofiring=47, batch_size=7, window_before=5, window_after=3)
+    cfg = InspectConfig(
+        n_top=12, n_samples=6, n_cofiring=47, cofiring_cap=48, batch_size=7, window_before=5, window_after=3
+    )
     data = collect_features(model, sae, tokens, hook_name=HOOK, cfg=cfg)
     z = dense_relu_codes(hook_acts(model, tokens), sae) * keep_of(tokens)[:, None]
     return model, sae, tokens, cfg, data, z
@@ -193,15 +195,15 @@ def test_collector_state_does_not_grow_with_tokens():
     collector = LatentCollector(d_sae=8, context_size=T, cfg=cfg, device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     sizes = []
-    for step in range(200):
+    for step in range(80):
         tokens = torch.randint(3, 40, (4, T), generator=gen)
         values = torch.rand(4 * T, 3, generator=gen)
         indices = torch.stack([torch.randperm(8, generator=gen)[:3] for _ in range(4 * T)])
         collector.update((values, indices), tokens, torch.ones(4, T, dtype=torch.bool))
-        if step in (9, 199):
+        if step in (9, 79):
             sizes.append((collector.state_nbytes() - collector.store.nbytes(), collector.store.ids.numel()))
     assert sizes[0][0] == sizes[1][0]  # the tables: fixed size
-    assert collector.n_tokens == 200 * 4 * T
+    assert collector.n_tokens == 80 * 4 * T
     bound = 8 * (2 + 2)  # contexts referred to by kept examples, at most n * (n_top + n_samples)
     assert (
         sizes[1][1] <= bound + 2 * bound + 4 * 4
@@ -302,6 +304,28 @@ def test_site_files_are_complete(site):
     ]
     assert index["tokens"][PLANTED_LATENT] == [PLANTED_TOKEN]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # written atomically
+
+
+def test_site_is_served_on_localhost(site):
+    import threading
+    import urllib.request
+
+    from saelab.inspect.site import make_server
+
+    _, out = site
+    server = make_server(out, 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        assert host == "127.0.0.1"
+        for name in ("index.html", "data/index.js", "data/latents_0.js"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}", timeout=10) as response:
+                assert response.read() == (out / name).read_bytes()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def test_site_in_headless_chromium(site, tmp_path):

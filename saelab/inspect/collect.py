@@ -35,14 +35,17 @@ from saelab.splice import is_transformer_lens
 
 #: Example windows looked up per chunk (bounds the [chunk, window, k] gather of sparse codes).
 LOOKUP_CHUNK = 4096
+#: Sparse codes of a batch are expanded to dense [N, n] for window lookups up to this many elements.
+DENSE_LOOKUP_ELEMENTS = 2**26
 
 
 class BatchCodes:
     """Codes of one model batch flattened over (context, position): dense [N, n] or sparse (values, indices)
     [N, k]; `keep` [N] bool marks the non-special positions."""
 
-    def __init__(self, codes: Codes, keep: Tensor, context_size: int):
-        self.codes, self.keep, self.context_size = codes, keep, context_size
+    def __init__(self, codes: Codes, keep: Tensor, context_size: int, d_sae: int):
+        self.codes, self.keep, self.context_size, self.d_sae = codes, keep, context_size, d_sae
+        self._dense: Tensor | None = None
 
     def events(self) -> tuple[Tensor, Tensor, Tensor]:
         """(row, latent, value) [E] of every nonzero code at a kept position."""
@@ -55,13 +58,21 @@ class BatchCodes:
 
     def lookup(self, latent: Tensor, rows: Tensor) -> Tensor:
         """latent [M], rows [M, W] -> [M, W] code of `latent` at each row (0 at special positions)."""
-        if isinstance(self.codes, tuple):
-            values, indices = self.codes
-            match = indices[rows] == latent[:, None, None]
-            found = (values[rows] * match).sum(dim=-1)
+        dense = self.codes if not isinstance(self.codes, tuple) else self._dense_codes()
+        if dense is not None:
+            found = dense[rows, latent[:, None]]
         else:
-            found = self.codes[rows, latent[:, None]]
+            values, indices = self.codes
+            found = (values[rows] * (indices[rows] == latent[:, None, None])).sum(dim=-1)
         return found * self.keep[rows]
+
+    def _dense_codes(self) -> Tensor | None:
+        """Sparse codes as dense [N, n] (built once per batch), or None when that would be too large."""
+        values, indices = self.codes
+        if self._dense is None and values.shape[0] * self.d_sae <= DENSE_LOOKUP_ELEMENTS:
+            dense = torch.zeros(values.shape[0], self.d_sae, dtype=values.dtype, device=values.device)
+            self._dense = dense.scatter_add_(1, indices, values)
+        return self._dense
 
     def windows(self, latent: Tensor, row: Tensor, before: int, after: int) -> Tensor:
         """latent, row [M] -> [M, before + 1 + after]: the latent's codes around each row within its context,
@@ -149,7 +160,7 @@ class LatentCollector:
         if tokens.shape[1] != T:
             raise ValueError(f"every token batch must hold contexts of {T} tokens, got {tokens.shape[1]}.")
         device = self.fire_count.device
-        batch = BatchCodes(codes, keep.reshape(-1).to(device), T)
+        batch = BatchCodes(codes, keep.reshape(-1).to(device), T, self.n)
         row, latent, value = batch.events()
         value = value.float()
         base = self.n_contexts * T

@@ -31,7 +31,7 @@ class InspectConfig:
     n_top: int = 20
     n_samples: int = 24
     n_cofiring: int = 16
-    cofiring_cap: int = 64
+    cofiring_cap: int = 32
     n_neighbours: int = 10
     n_logit_tokens: int = 10
     window_before: int = 24

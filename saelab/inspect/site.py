@@ -191,10 +191,15 @@ def write_site(
     return Path(out_dir) / "index.html"
 
 
+def make_server(out_dir: str | Path, port: int = 8000) -> http.server.ThreadingHTTPServer:
+    """An HTTP server for `out_dir` bound to 127.0.0.1:<port> (0: any free port); not yet serving."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out_dir))
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+
 def serve(out_dir: str | Path, port: int = 8000) -> None:
     """Serve `out_dir` on http://127.0.0.1:<port>/ until interrupted (Ctrl-C)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out_dir))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+    with make_server(out_dir, port) as server:
         host, bound = server.server_address[:2]
         print(f"serving {out_dir} on http://{host}:{bound}/ (Ctrl-C to stop)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):

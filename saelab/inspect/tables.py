@@ -28,10 +28,24 @@ def rank_in_groups(groups: Tensor) -> Tensor:
     return torch.arange(groups.numel(), device=groups.device) - starts
 
 
+def descending_key(score: Tensor) -> Tensor:
+    """score [E] float32 or int -> int64 in [0, 2^32) that sorts ascending as `score` sorts descending.
+
+    Floats: the IEEE bit pattern, with the magnitude bits flipped for negatives, orders like the value.
+    Integers must lie in [0, 2^31).
+    """
+    if score.is_floating_point():
+        bits = score.float().contiguous().view(torch.int32)
+        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+    else:
+        ordered = score.long()
+    return (2**31 - 1) - ordered
+
+
 def best_per_group(groups: Tensor, score: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """(order, rank): indices of the `size` highest-scoring elements of each group, and their rank in it."""
-    by_score = torch.argsort(score, descending=True, stable=True)
-    order = by_score[torch.argsort(groups[by_score], stable=True)]
+    """(order, rank): indices of the `size` highest-scoring elements of each group (groups in [0, 2^31)),
+    ordered by group then score descending, and their rank within the group. One int64 sort."""
+    order = torch.argsort((groups.long() << 32) | descending_key(score))
     rank = rank_in_groups(groups[order])
     keep = rank < size
     return order[keep], rank[keep]
@@ -114,21 +128,23 @@ class CofiringTable:
         """active [N, c] int64: each token's firing latents, -1 padded. Counts every ordered pair (i, j), i != j."""
         if self.size == 0 or active.shape[1] < 2:
             return
-        a = active[:, :, None].expand(-1, -1, active.shape[1])
-        b = active[:, None, :].expand_as(a)
-        valid = (a >= 0) & (b >= 0) & (a != b)
-        keys = a[valid] * self.n + b[valid]
-        if keys.numel() == 0:
+        c = active.shape[1]
+        first, second = (~torch.eye(c, dtype=torch.bool, device=active.device)).nonzero(as_tuple=True)
+        a, b = active[:, first], active[:, second]  # [N, c * (c - 1)]: every ordered pair of slots
+        valid = (a >= 0) & (b >= 0)
+        pair_keys = a[valid] * self.n + b[valid]
+        if pair_keys.numel() == 0:
             return
-        keys, counts = torch.unique(keys, return_counts=True)
-        rows = torch.unique(keys // self.n)
+        touched = torch.zeros(self.n, dtype=torch.bool, device=pair_keys.device)
+        touched[pair_keys // self.n] = True
+        rows = touched.nonzero().flatten()
         held = self.partner[rows] >= 0
         old_keys = (rows[:, None] * self.n + self.partner[rows])[held]
-        keys, inverse = torch.unique(torch.cat([keys, old_keys]), return_inverse=True)
+        keys, inverse = torch.unique(torch.cat([pair_keys, old_keys]), return_inverse=True)
         total = torch.zeros(keys.numel(), dtype=torch.long, device=keys.device)
-        total.index_add_(0, inverse, torch.cat([counts, self.count[rows][held]]))
+        total.index_add_(0, inverse, torch.cat([torch.ones_like(pair_keys), self.count[rows][held]]))
         latent = keys // self.n
-        order, rank = best_per_group(latent, total.double(), self.size + 1)
+        order, rank = best_per_group(latent, total, self.size + 1)
         latent, partner, total = latent[order], keys[order] % self.n, total[order]
         slot = torch.searchsorted(rows, latent)
         cut = torch.zeros(rows.numel(), dtype=torch.long, device=keys.device)

@@ -285,6 +285,18 @@ def test_bad_settings_are_refused_with_the_field_name(planted):
         collect_features(model, sae, torch.zeros(2, T, dtype=torch.long), hook_name=HOOK)
 
 
+def test_an_sae_that_never_fires_still_gets_a_site(planted, tmp_path):
+    model, _, tokens, *_ = planted
+    sae = ReLUSAE(ReLUConfig(d_in=32, d_sae=6)).eval()
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e3)
+    data = collect_features(model, sae, tokens[:10], hook_name=HOOK)
+    assert bool(data.dead.all()) and data.context_ids.numel() == 0 and data.examples(0) == []
+    write_site(data, tmp_path / "site")
+    index = (tmp_path / "site" / "data" / "index.js").read_text()
+    assert '"fires":[0,0,0,0,0,0]' in index
+
+
 # ------------------------------------------------------------------ the site, in a real browser
 @pytest.fixture(scope="module")
 def site(planted, tmp_path_factory):
@@ -352,8 +364,10 @@ def test_site_in_headless_chromium(site, tmp_path):
     assert [(data.context_ids[c].item(), p) for _, c, p in shown] == [(c, p) for _, c, p in want]
     assert [v for v, _, _ in shown] == pytest.approx([v for v, _, _ in want], rel=1e-3)
     assert len(dom.examples["samples"]) == 6
-    dom = parse_dom(chromium(url + "#q=%2312", tmp_path / "u3", "--dump-dom"))  # "#12": latent id
-    assert dom.rows == [12]
+    # "#12": search by latent id; latent 12 lives in the second data file (10 latents per file)
+    dom = parse_dom(chromium(url + "#q=%2312&latent=12", tmp_path / "u3", "--dump-dom"))
+    assert dom.rows == [12] and dom.panel == "12"
+    assert len(dom.examples["top"]) == len(data.examples(12)) > 0
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     for name, hash_ in (
         ("inspect_index.png", "#sort=density"),

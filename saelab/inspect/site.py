@@ -61,7 +61,8 @@ class ExampleTable:
         tokens = tokens[latents.start : latents.stop]
         self.valid = (tokens >= 0).tolist()
         ctx, pos = tokens.clamp_min(0) // T, tokens.clamp_min(0) % T
-        self.context = site_context[torch.searchsorted(data.context_ids, ctx)].tolist()
+        row = torch.searchsorted(data.context_ids, ctx).clamp_max(max(site_context.numel() - 1, 0))
+        self.context = (site_context[row] if site_context.numel() else torch.zeros_like(ctx)).tolist()
         self.pos = pos.tolist()
         self.start = (pos - before).clamp_min(0).tolist()
         self.skip = ((pos - before).clamp_min(0) - (pos - before)).tolist()

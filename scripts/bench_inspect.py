@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--sae", default=None, help="an SAE to load (default: untrained TopK 576 x 8, k=32)")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="contexts per forward pass")
+    parser.add_argument("--hook", default="blocks.6.hook_resid_post")
     parser.add_argument("--assets", default="assets")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
@@ -74,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     device = setup_device(args.device, args.threads)
     assets = fetch_assets(Path(args.assets))
-    hook = "blocks.6.hook_resid_post"
+    hook = args.hook
     src = ModelSourceConfig(dataset=str(assets / SHAKESPEARE_GLOB), context_size=128, assets_dir=str(assets))
     pipeline = build_pipeline(src, [hook], device)
     if args.sae:

@@ -183,7 +183,7 @@
       '<div class="cols"><div><h3>Activation histogram</h3>' + histogramSvg(rec.hist) + "</div><div><h3>Promoted tokens</h3>" +
       tokenList(rec.promoted) + "</div><div><h3>Suppressed tokens</h3>" + tokenList(rec.suppressed) + "</div></div>" +
       '<h3>Top activations</h3><div id="top">' + rec.top.map((e) => exampleHtml(e, scale)).join("") + "</div>" +
-      '<div class="cols"><div><h3>Nearest latents (decoder cos)</h3><ul class="list">' +
+      '<div class="cols two"><div><h3>Nearest latents (decoder cos)</h3><ul class="list">' +
       rec.nearest.map(([j, c]) => "<li>" + latentLink(j, fmt(c)) + "</li>").join("") +
       '</ul></div><div><h3>Co-firing latents</h3><ul class="list">' + cof.map((l) => "<li>" + l + "</li>").join("") +
       "</ul></div></div>" + '<p class="note">Logits: ' + esc(META.logit_note) + " Co-firing: among each token's " +

@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = setup_device(args.device, args.threads)
-    assets = fetch_assets(Path(args.assets))
+    assets = Path(args.assets)
+    fetch_assets(assets)
     hook = args.hook
     src = ModelSourceConfig(dataset=str(assets / SHAKESPEARE_GLOB), context_size=128, assets_dir=str(assets))
     pipeline = build_pipeline(src, [hook], device)

@@ -417,6 +417,12 @@ def test_saelab_inspect_command_on_a_local_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["inspect", f"sae={tmp_path / 'run'}", "source=synthetic", "logging.progress=false"])
     assert "needs source=smollm2 or source=model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the SAE's recorded hook differs from the source's
+        main([
+            "inspect", f"sae={tmp_path / 'run'}", "source=model", f"source.model={folder}", "source.backend=hf",
+            "source.hook_name=model.layers.0", "logging.progress=false", f"hydra.run.dir={tmp_path / 'hydra'}",
+        ])  # fmt: skip
+    assert "pass source.hook_name=model.layers.1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ SmolLM2 (offline assets)

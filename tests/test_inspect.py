@@ -157,6 +157,17 @@ def test_reservoir_samples_and_topk_codes_against_brute_force(planted):
         torch.testing.assert_close(
             data.sample_value[i][: got.numel()].double(), z[got, i], rtol=1e-5, atol=1e-5
         )
+        for j, g in enumerate(got.tolist()):  # each sample's stored window: the latent's codes around it
+            ctx, pos = divmod(g, T)
+            offsets = range(-cfg.window_before, cfg.window_after + 1)
+            want_window = [z[g + o, i].item() if 0 <= pos + o < T else float("nan") for o in offsets]
+            torch.testing.assert_close(
+                data.sample_window[i, j].double(),
+                torch.tensor(want_window).double(),
+                rtol=2e-3,
+                atol=1e-3,
+                equal_nan=True,
+            )
         if firing.numel() <= 8:
             assert set(got.tolist()) == set(firing.tolist())
         else:  # position of each sampled firing in the latent's stream of firings, in [0, 1)

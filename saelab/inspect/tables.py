@@ -55,8 +55,9 @@ class TopTable:
     """Per latent, the `size` events with the largest score.
 
     score, value [n, size] float32 (-inf / 0 when empty), token [n, size] int64 (global token index, -1 when
-    empty), window [n, size, width] float16 (the latent's activation around the token; NaN outside the context).
-    Rows are sorted by score, descending.
+    empty): rows sorted by score, descending. Each entry's activation window (float16, NaN outside the
+    context) is stored once at `window[latent, slot[latent, rank]]` and never moved: a merge writes only the
+    windows of new entries, into the slots that evicted entries free. `ranked_window()` gives them in rank order.
     """
 
     def __init__(self, n: int, size: int, width: int, device: torch.device):
@@ -64,6 +65,7 @@ class TopTable:
         self.score = torch.full((n, size), -torch.inf, device=device)
         self.value = torch.zeros(n, size, device=device)
         self.token = torch.full((n, size), -1, dtype=torch.long, device=device)
+        self.slot = torch.arange(size, device=device).repeat(n, 1)
         self.window = torch.full((n, size, width), torch.nan, dtype=torch.float16, device=device)
 
     def update(
@@ -85,31 +87,43 @@ class TopTable:
         order, rank = best_per_group(latent, score, self.size)
         latent, score, value, token = latent[order], score[order], value[order], token[order]
         rows = torch.unique_consecutive(latent)
-        slot = torch.searchsorted(rows, latent)
+        row = torch.searchsorted(rows, latent)
         t, s = rows.numel(), self.size
         new_score = torch.full((t, s), -torch.inf, device=score.device)
         new_value = torch.zeros(t, s, device=score.device)
         new_token = torch.full((t, s), -1, dtype=torch.long, device=score.device)
-        new_score[slot, rank], new_value[slot, rank], new_token[slot, rank] = score, value, token
+        new_score[row, rank], new_value[row, rank], new_token[row, rank] = score, value, token
         best, pick = torch.cat([self.score[rows], new_score], 1).topk(s, dim=1)
         merged_value = torch.cat([self.value[rows], new_value], 1).gather(1, pick)
         merged_token = torch.cat([self.token[rows], new_token], 1).gather(1, pick)
-        old_window = self.window[rows]
-        window = old_window.gather(1, pick.clamp(max=s - 1)[..., None].expand_as(old_window)).clone()
-        fresh = (pick >= s) & (merged_token >= 0)
-        r, c = fresh.nonzero(as_tuple=True)
+        # window slots: kept entries keep theirs; new entries take the freed ones, in slot order
+        kept = pick < s
+        kept_slot = self.slot[rows].gather(1, pick.clamp(max=s - 1))
+        used = torch.zeros(t, s + 1, dtype=torch.bool, device=score.device)
+        used.scatter_(1, torch.where(kept, kept_slot, s), True)
+        free = torch.argsort(used[:, :s].to(torch.uint8), dim=1, stable=True)  # unused slots first
+        fresh_rank = ((~kept).long().cumsum(1) - 1).clamp_min(0)
+        merged_slot = torch.where(kept, kept_slot, free.gather(1, fresh_rank))
+        r, c = (~kept & (merged_token >= 0)).nonzero(as_tuple=True)
         if r.numel():
-            window[r, c] = windows(rows[r], merged_token[r, c]).to(window.dtype)
-        self.score[rows], self.value[rows], self.token[rows], self.window[rows] = (
+            self.window[rows[r], merged_slot[r, c]] = windows(rows[r], merged_token[r, c]).to(
+                self.window.dtype
+            )
+        self.score[rows], self.value[rows], self.token[rows], self.slot[rows] = (
             best,
             merged_value,
             merged_token,
-            window,
+            merged_slot,
         )
         return rows
 
+    def ranked_window(self) -> Tensor:
+        """[n, size, width]: each entry's window, in the rows' rank order."""
+        return self.window.gather(1, self.slot[..., None].expand_as(self.window))
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.score, self.value, self.token, self.window))
+        tensors = (self.score, self.value, self.token, self.slot, self.window)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class CofiringTable:

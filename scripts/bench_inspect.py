@@ -1,9 +1,10 @@
 """Benchmark `saelab inspect` on the real SmolLM2-135M (offline assets): tokens/s and peak memory.
 
 In one process, on the same contexts (Shakespeare, 128 tokens each, batches of 8): the baseline is the model
-run to the hook plus the SAE's encoder (what any use of the SAE costs); `collect_features` adds the per-latent
+run to the hook plus the SAE's encoder (what any use of the SAE costs), run before and after and averaged; `collect_features` adds the per-latent
 tables (top examples with windows, reservoir samples, histogram, co-firing) and the weight analyses; the site
-writer is timed apart. Peak memory: the high-water mark of the process (CPU: resident set; CUDA: allocated)
+writer is timed apart. Since the machine may be shared, the time spent in the per-latent tables
+(`LatentCollector.update`) is also measured batch by batch inside the same run, as a share of its time. Peak memory: the high-water mark of the process (CPU: resident set; CUDA: allocated)
 during `collect_features`, above what was in use before it. Prints a table and a JSON line.
 
     python scripts/fetch_assets.py && python scripts/bench_inspect.py --tokens 8192
@@ -39,6 +40,7 @@ from saelab.eval.codes import encode_codes  # noqa: E402
 from saelab.harvest.config import ModelSourceConfig  # noqa: E402
 from saelab.harvest.pipeline import build_pipeline  # noqa: E402
 from saelab.inspect import InspectConfig, collect_features, write_site  # noqa: E402
+from saelab.inspect.collect import LatentCollector  # noqa: E402
 from saelab.sae.loading import load_sae  # noqa: E402
 from saelab.sae.topk import TopKConfig, TopKSAE  # noqa: E402
 
@@ -56,6 +58,23 @@ def baseline_rate(pipeline, sae, hook: str, tokens: int, batch: int, device: tor
             break
     sync(device)
     return kept / (time.perf_counter() - start)
+
+
+def time_table_updates(device: torch.device) -> list[float]:
+    """Instrument `LatentCollector.update` (the per-latent tables) so its seconds add up in the list returned;
+    measured batch by batch inside the same run, so load changes on a shared machine hit both parts alike."""
+    spent = [0.0]
+    update = LatentCollector.update
+
+    def timed(self, *args, **kwargs):
+        sync(device)
+        start = time.perf_counter()
+        update(self, *args, **kwargs)
+        sync(device)
+        spent[0] += time.perf_counter() - start
+
+    LatentCollector.update = timed
+    return spent
 
 
 def main() -> None:
@@ -85,8 +104,9 @@ def main() -> None:
         torch.manual_seed(0)
         sae = TopKSAE(TopKConfig(d_in=576, d_sae=576 * 8, k=args.k)).to(device).eval()
     with torch.no_grad():
-        base = baseline_rate(pipeline, sae, hook, args.tokens, args.batch, device)
+        base_before = baseline_rate(pipeline, sae, hook, args.tokens, args.batch, device)
     cfg = InspectConfig(total_tokens=args.tokens, batch_size=args.batch)
+    table_seconds = time_table_updates(device)
     before = current_memory(device)
     reset_peak_memory(device)
     start = time.perf_counter()
@@ -98,6 +118,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
     extra = (peak_memory(device) - before) / 2**20
     rate = data.n_tokens / seconds
+    with torch.no_grad():  # the baseline again after, so a load change on a shared machine shows and averages
+        base_after = baseline_rate(pipeline, sae, hook, args.tokens, args.batch, device)
+    base = (base_before + base_after) / 2
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.site or tmp) / "inspect"
         start = time.perf_counter()
@@ -111,9 +134,12 @@ def main() -> None:
         "k": getattr(sae.cfg, "k", None),
         "tokens": data.n_tokens,
         "baseline_tokens_per_s": round(base, 1),
+        "baseline_before_after": [round(base_before, 1), round(base_after, 1)],
         "inspect_tokens_per_s": round(rate, 1),
         "inspect_vs_baseline": round(rate / base, 3),
         "inspect_seconds": round(seconds, 2),
+        "table_update_seconds": round(table_seconds[0], 2),
+        "table_share_of_inspect": round(table_seconds[0] / seconds, 3),
         "peak_extra_mib": round(extra, 1),
         "site_seconds": round(site_seconds, 2),
         "site_mib": round(site_mb, 1),
@@ -123,8 +149,14 @@ def main() -> None:
         f"saelab inspect on SmolLM2-135M {hook}, {sae.d_sae} latents, {data.n_tokens} tokens, {result['device']}",
         ["run", "tokens/s", "vs baseline", "peak memory above start (MiB)"],
         [
-            ["model to hook + SAE encode (baseline)", f"{base:.0f}", "1.00x", ""],
+            [
+                f"model to hook + SAE encode (baseline; {base_before:.0f} before, {base_after:.0f} after)",
+                f"{base:.0f}",
+                "1.00x",
+                "",
+            ],
             ["collect_features", f"{rate:.0f}", f"{rate / base:.2f}x", f"{extra:.0f}"],
+            [f"  of which per-latent tables: {table_seconds[0] / seconds:.0%} of its time", "", "", ""],
             [f"write_site ({site_mb:.1f} MiB)", f"{data.n_tokens / site_seconds:.0f}", "", ""],
         ],
     )

@@ -50,6 +50,20 @@ def _eval_command(argv: list[str]) -> None:
     hydra_app("eval", _eval)([f"sae_path={a[4:]}" if a.startswith("sae=") else a for a in argv])
 
 
+def _inspect(cfg: DictConfig) -> object:
+    from saelab.inspect.run import inspect_from_config
+
+    return inspect_from_config(cfg)
+
+
+def _inspect_command(argv: list[str]) -> None:
+    """`saelab inspect sae=PATH ...`: like `saelab eval`, `sae=` is passed on as `sae_path=`."""
+    from saelab.inspect.config import register_inspect_config
+
+    register_inspect_config()
+    hydra_app("inspect", _inspect)([f"sae_path={a[4:]}" if a.startswith("sae=") else a for a in argv])
+
+
 def _harvest(cfg: DictConfig) -> object:
     from saelab.harvest.job import harvest_from_config
 
@@ -72,6 +86,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": hydra_app("config", _train),
     "eval": _eval_command,
     "harvest": hydra_app("harvest", _harvest),
+    "inspect": _inspect_command,
     "fetch-assets": _fetch_assets,
     "sweep-summary": _sweep_summary,
 }

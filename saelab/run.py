@@ -53,23 +53,28 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
 
 def summary_line(summary: dict[str, Any], out: Path) -> str:
     """One human-readable line: where the SAE is and its final metrics."""
-    shown = ("fvu", "l0", "dead_frac", "mmcs", "frac_recovered")
+    shown = ("fvu", "l0", "dead_frac", "heldout/dead_frac", "mmcs", "frac_recovered")
     metrics = ", ".join(f"{k}={summary[k]:.4g}" for k in shown if k in summary)
-    return f"saved {out / 'sae'} after {summary['tokens']:,} tokens: {metrics}"
+    window = f" (dead_frac: silent for the last {summary['dead_window_tokens']:,} tokens)"
+    return f"saved {out / 'sae'} after {summary['tokens']:,} tokens: {metrics}{window}"
 
 
 def write_summary(path: Path, result: TrainResult, source: Any, run_config: dict[str, Any]) -> dict[str, Any]:
-    """One JSON row per run: final metrics, dead fraction, recovery when the source has planted features."""
+    """One JSON row per run: final metrics, dead fraction (with its token window), the last held-out
+    evaluation when there was one, recovery when the source has planted features."""
+    last_eval = result.eval_history[-1] if result.eval_history else {}
     summary: dict[str, Any] = {
         "steps": result.steps,
         "tokens": result.tokens,
         "dead_frac": result.dead_fraction,
+        "dead_window_tokens": result.dead_window_tokens,
         "input_scale": result.input_scale,
         **{
             k: v
             for k, v in (result.history[-1] if result.history else {}).items()
             if k not in ("step", "tokens")
         },
+        **{k: v for k, v in last_eval.items() if k != "step"},
     }
     features = getattr(source, "features", None)
     if features is not None:

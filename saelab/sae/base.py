@@ -180,15 +180,19 @@ class SAE(nn.Module):
 
     def default_lr(self, batch_size: int) -> float:
         """Adam learning rate used when trainer.lr is left unset:
-        4e-3 * sqrt(d_in / 64) * sqrt(min(1, 4096 / d_sae)) * sqrt(batch / 4096).
+        4e-3 * min(sqrt(d_in / 64), 32 / sqrt(d_in)) * sqrt(min(1, 4096 / d_sae)) * sqrt(batch / 4096).
 
-        Width: flat up to 4096 latents, then Gao et al.'s 1/sqrt(width). Input width: on planted features the
-        best rate grew with d_in (d_in 64: 2e-3 to 4e-3; d_in 256: 4e-3 to 8e-3); at GPT-2 small's d_in 768
-        and 32k latents this gives 4.9e-3, the "10x the peers' 3e-4 to 5e-4" that converges in a few hundred
-        steps of 4096 (DESIGN.md). BENCHMARKS.md, "Default learning rate", has the measurements.
+        Input width: Adam moves every weight by about lr a step whatever the gradient's scale, while a unit-norm
+        decoder row has elements of about 1/sqrt(d_in), so a step turns a row by about lr * sqrt(d_in). Up to
+        d_in 256 the best rate on planted features grew with d_in (d_in 64: 2e-3 to 4e-3; 256: 4e-3 to 8e-3);
+        beyond it the rate keeps lr * sqrt(d_in) at its d_in-256 value: at d_in 768 the rising rule (3x this
+        one) killed half the latents and recovered 59% of the features where this one recovers 84%
+        (scripts/bench_scale.py). Width: flat up to 4096 latents, then Gao et al.'s 1/sqrt(width).
+        At d_in 768, 32k latents, batch 8192 this gives 2.3e-3; BENCHMARKS.md has the measurements.
         """
+        d_in_factor = min(math.sqrt(self.d_in / 64), 32 / math.sqrt(self.d_in))
         width = math.sqrt(min(1.0, 4096 / self.d_sae))
-        return 4e-3 * math.sqrt(self.d_in / 64) * width * math.sqrt(batch_size / 4096)
+        return 4e-3 * d_in_factor * width * math.sqrt(batch_size / 4096)
 
     def resume_at(self, step: int) -> None:
         """Restore host-side training counters when a run resumes at `step` (buffers come from the checkpoint)."""

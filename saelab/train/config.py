@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-#: trainer.autocast_dtype values -> the autocast dtype (None: no autocast).
+#: trainer.autocast_dtype values -> the autocast dtype (None: no autocast); "auto" is resolved by the trainer.
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bfloat16": torch.bfloat16}
+AUTOCAST_CHOICES = ("auto", *AUTOCAST_DTYPES)
 
 
 @dataclass
@@ -21,8 +22,8 @@ class TrainerConfig:
     eval_every: steps between held-out evaluations (FVU, L0, cosine, dead fraction; 0 disables). The first
     eval_batches batches of the source are held out for it and never trained on.
     autocast_dtype: "bfloat16" runs the forward pass under bf16 autocast (float32 master weights, optimizer
-    and gradients); "none" keeps everything in the SAE's dtype. compile: wrap the SAE's training forward in
-    torch.compile.
+    and gradients); "none" keeps everything in the SAE's dtype; "auto" (default) is bfloat16 on CUDA for a
+    float32 SAE and none otherwise (CPU). compile: wrap the SAE's training forward in torch.compile.
     """
 
     total_tokens: int = 20_000_000
@@ -45,7 +46,7 @@ class TrainerConfig:
     resume_from: str | None = None
     eval_every: int = 0
     eval_batches: int = 4
-    autocast_dtype: str = "none"
+    autocast_dtype: str = "auto"
     compile: bool = False
 
     @property
@@ -74,9 +75,9 @@ class TrainerConfig:
         for name in ("grad_clip_norm", "dead_window_tokens", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 disables it).")
-        if self.autocast_dtype not in AUTOCAST_DTYPES:
+        if self.autocast_dtype not in AUTOCAST_CHOICES:
             raise ValueError(
-                f"trainer.autocast_dtype={self.autocast_dtype!r} must be one of {sorted(AUTOCAST_DTYPES)}."
+                f"trainer.autocast_dtype={self.autocast_dtype!r} must be one of {sorted(AUTOCAST_CHOICES)}."
             )
         if self.eval_every and self.eval_batches < 1:
             raise ValueError(f"trainer.eval_batches={self.eval_batches} must be >= 1 when eval_every > 0.")

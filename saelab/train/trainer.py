@@ -41,13 +41,19 @@ class BatchSource(Protocol):
 
 @dataclass
 class TrainResult:
-    """The trained SAE (accepting raw, un-normalised inputs), its input scale and the logged history."""
+    """The trained SAE (accepting raw, un-normalised inputs), its input scale and the logged history.
+
+    dead_fraction: latents silent for the last `dead_window_tokens` training tokens (the AuxK window). A
+    check over fewer tokens (e.g. held-out batches, `eval_history`'s heldout/dead_frac) counts more latents
+    dead: a latent firing once in 100k tokens is alive here and silent on 32k held-out rows.
+    """
 
     sae: SAE
     steps: int
     tokens: int
     input_scale: float
     dead_fraction: float
+    dead_window_tokens: int
     history: list[dict[str, float]] = field(default_factory=list)
     output_dir: Path | None = None
     eval_history: list[dict[str, float]] = field(default_factory=list)
@@ -66,6 +72,15 @@ def norm_scale(x: Tensor) -> float:
     if not math.isfinite(mean_norm) or mean_norm <= 0:
         raise ValueError("cannot normalise activations: the first batch has zero or non-finite norm.")
     return math.sqrt(x.shape[-1]) / mean_norm
+
+
+def resolve_autocast(name: str, device: torch.device, weight_dtype: torch.dtype) -> torch.dtype | None:
+    """trainer.autocast_dtype -> the autocast dtype (None: off). "auto": bf16 on CUDA for float32 weights
+    (where the GPU supports bf16), off elsewhere (CPU, other weight dtypes)."""
+    if name != "auto":
+        return AUTOCAST_DTYPES[name]
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if cuda_bf16 and weight_dtype == torch.float32 else None
 
 
 def check_batch(x: Tensor, d_in: int, step: int) -> None:
@@ -113,7 +128,7 @@ class Trainer:
             fused=fused,
             foreach=not fused,
         )
-        self.autocast_dtype = AUTOCAST_DTYPES[cfg.autocast_dtype]
+        self.autocast_dtype = resolve_autocast(cfg.autocast_dtype, self.device, sae.W_dec.dtype)
         if self.autocast_dtype is not None and sae.W_dec.dtype != torch.float32:
             raise ValueError(
                 f"trainer.autocast_dtype={cfg.autocast_dtype} keeps float32 master weights, but the SAE is "
@@ -336,16 +351,24 @@ class Trainer:
             **final.cfg.metadata,
             "training_tokens": self.tracker.tokens_seen,
             "final_metrics": {k: last[k] for k in ("loss", "l0", "fvu", "dead_frac") if k in last},
+            "dead_window_tokens": self.tracker.window,
         }
         if self.output_dir is not None:
             final.save(self.output_dir / "sae")
-        logger.summary({"final/dead_frac": dead, **{f"final/{k}": v for k, v in last.items()}})
+        logger.summary(
+            {
+                "final/dead_frac": dead,
+                "final/dead_window_tokens": self.tracker.window,
+                **{f"final/{k}": v for k, v in last.items()},
+            }
+        )
         return TrainResult(
             sae=final,
             steps=self.step,
             tokens=self.tracker.tokens_seen,
             input_scale=self.input_scale,
             dead_fraction=dead,
+            dead_window_tokens=self.tracker.window,
             history=self.history,
             output_dir=self.output_dir,
             eval_history=self.eval_history,

@@ -1,0 +1,416 @@
+"""Quality of each library's untuned TopK defaults along a ladder of shapes, on planted features.
+
+Every rung plants `features` unit-norm directions in d_in dimensions (power-law firing frequencies with
+`active` features per row on average, magnitudes |N(0, 1)| + 0.5, noise 0.01, rows scaled to
+E||x|| = sqrt(d_in)) and trains, on the same batches and for the same tokens:
+
+- saelab: `Trainer` with nothing but total_tokens and batch_size set (default lr, dead window, AuxK, init;
+  autocast per the trainer default), driven step by step as `Trainer.fit` does;
+- sparsify: `SparseCoder` with its trainer's defaults: signum wrapped in schedule-free (momentum 0.95) at
+  5e-3 / sqrt(latents / 2^14), AuxK off (auxk_alpha 0), b_dec = mean of the first batch, unit-norm decoder
+  with the parallel gradient removed; evaluated at the schedule-free average (`optimizer.eval()`);
+- SAELens (`--libs ... saelens`; slow on CPU): `TopKTrainingSAE` + `SAETrainer` at their defaults (Adam 3e-4,
+  constant schedule, dead window 1000 steps, no autocast).
+
+Extra saelab variants test hypotheses: `--variant NAME:field=value,...` sets TrainerConfig / TopKConfig
+fields (and `lr_mult`, a factor on the default lr).
+
+Metrics, the same for every library, on a held-out window (`--heldout-rows`, batches never trained on):
+FVU (float64), dead = latents that fire on none of those rows; MMCS and the fraction of planted features
+whose best decoder row has cosine >= 0.9. Also saelab's own training-time dead report. Wall time counts
+training steps only (batches are generated once per step and fed to every library).
+The data stream and the SAE initialisations use separate seeds (`--data-seed`, `--init-seed`).
+
+    python scripts/bench_scale.py --rungs 768s --json out.json           # CPU: a few minutes
+    python scripts/bench_scale.py --rungs 768-gpu 2304-gpu --device cuda   # the GPU rungs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import benchutil
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.synth import power_law_frequencies
+from saelab.train.config import TrainerConfig
+from saelab.train.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One shape of the ladder."""
+
+    d_in: int
+    features: int
+    active: float
+    latents: int
+    k: int
+    batch: int
+    steps: int
+
+    @property
+    def label(self) -> str:
+        return f"d{self.d_in} F{self.features} n{self.latents} k{self.k} B{self.batch} x{self.steps}"
+
+
+RUNGS = {
+    "64": Rung(64, 512, 6, 1024, 8, 2048, 300),
+    "256xs": Rung(256, 2048, 24, 4096, 32, 1024, 300),
+    "256": Rung(256, 4096, 16, 8192, 32, 2048, 300),
+    "768xs": Rung(768, 2048, 24, 4096, 32, 1024, 300),
+    "768s": Rung(768, 2048, 24, 4096, 32, 2048, 300),
+    "768": Rung(768, 4096, 24, 8192, 32, 2048, 300),
+    "768-gpu": Rung(768, 16384, 24, 32768, 32, 8192, 1200),
+    "2304-gpu": Rung(2304, 32768, 48, 65536, 64, 4096, 2400),
+}
+
+
+class PlantedData:
+    """Batches [batch, d_in] of planted features, generated sparsely (cost O(batch * active * d_in)).
+
+    Batch i is a pure function of (seed, i); indices >= HELD_OUT are reserved for evaluation.
+    """
+
+    HELD_OUT = 10**7
+
+    def __init__(self, rung: Rung, seed: int, device: torch.device):
+        self.rung, self.seed, self.device = rung, seed, device
+        gen = torch.Generator().manual_seed(seed)
+        dirs = torch.randn(rung.features, rung.d_in, generator=gen, dtype=torch.float64)
+        self.features = F.normalize(dirs, dim=1).float().to(device)  # [features, d_in]
+        self.frequencies = power_law_frequencies(rung.features, rung.active, 0.5).to(device)  # [features]
+        self.scale = 1.0
+        probe = torch.cat([self.batch(self.HELD_OUT - 1 - i) for i in range(4)])
+        self.scale = math.sqrt(rung.d_in) / probe.norm(dim=1).mean().item()
+
+    def batch(self, index: int) -> Tensor:
+        """x [batch, d_in]: sum of active features times |N(0,1)| + 0.5, plus N(0, 0.01^2) noise, scaled."""
+        r = self.rung
+        gen = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + index + 1)
+        active = torch.rand(r.batch, r.features, generator=gen, device=self.device) < self.frequencies
+        rows, cols = active.nonzero(as_tuple=True)
+        magnitudes = torch.randn(cols.shape[0], generator=gen, device=self.device).abs() + 0.5
+        offsets = torch.searchsorted(rows, torch.arange(r.batch, device=self.device))
+        x = F.embedding_bag(cols, self.features, offsets, mode="sum", per_sample_weights=magnitudes)
+        x += 0.01 * torch.randn(r.batch, r.d_in, generator=gen, device=self.device)
+        return self.scale * x
+
+    def held_out(self, rows: int) -> list[Tensor]:
+        return [self.batch(self.HELD_OUT + i) for i in range(max(1, rows // self.rung.batch))]
+
+
+class Library:
+    """A training run: `step(x)` trains on one batch; `encode(x)` -> (values [B, k], indices [B, k]) and
+    `decode(values, indices)` -> x_hat [B, d_in] for evaluation; `decoder()` -> [n, d_in]."""
+
+    own_dead: float | None = None  # saelab's own report: silent for its dead window of training tokens
+    silent_last: dict[int, float] | None = None  # saelab: fraction silent for the last N training rows
+    lr: float = float("nan")
+
+    def step(self, x: Tensor) -> None: ...
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor: ...
+
+    def decoder(self) -> Tensor: ...
+
+    def finish(self) -> None:
+        """Called once after the last step, before evaluation."""
+
+
+TRAINER_FIELDS = {f.name for f in dataclasses.fields(TrainerConfig)}
+SAE_FIELDS = {f.name for f in dataclasses.fields(TopKConfig)}
+
+
+def parse_overrides(text: str) -> dict[str, float | int | str]:
+    out: dict[str, float | int | str] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in TRAINER_FIELDS | SAE_FIELDS | {"lr_mult"}:
+            raise SystemExit(f"--variant field {key!r} is not a TrainerConfig/TopKConfig field or lr_mult.")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+class Saelab(Library):
+    def __init__(self, rung: Rung, first: Tensor, device: torch.device, overrides: dict) -> None:
+        over = dict(overrides)
+        lr_mult = float(over.pop("lr_mult", 1.0))
+        sae_over = {k: v for k, v in over.items() if k in SAE_FIELDS}
+        trainer_over = {k: v for k, v in over.items() if k in TRAINER_FIELDS}
+        sae = TopKSAE(TopKConfig(d_in=rung.d_in, d_sae=rung.latents, k=rung.k, **sae_over))
+        cfg = TrainerConfig(
+            total_tokens=rung.steps * rung.batch, batch_size=rung.batch, device=str(device), log_every=10**9
+        )
+        cfg = dataclasses.replace(cfg, **trainer_over)
+        if lr_mult != 1.0:
+            cfg = dataclasses.replace(cfg, lr=lr_mult * (cfg.lr or sae.default_lr(rung.batch)))
+        self.trainer = Trainer(sae, cfg)
+        self.trainer.prepare(first)
+        self.lr = self.trainer.lr
+
+    def step(self, x: Tensor) -> None:
+        trainer = self.trainer
+        trainer.train_step(x)
+        if trainer.step % trainer.cfg.dead_check_every == 0:  # what Trainer.fit does between steps
+            trainer.any_dead = bool(trainer.tracker.dead_mask.any())
+
+    def finish(self) -> None:
+        tracker = self.trainer.tracker
+        self.own_dead = tracker.dead_fraction()
+        self.silent_last = {
+            rows: (tracker.tokens_since_fired >= rows).double().mean().item()
+            for rows in (32768, tracker.window)
+        }
+        self.sae = self.trainer.inference_sae()
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.sae.encode_sparse(x)
+
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        return self.sae.decode_sparse(values, indices)
+
+    def decoder(self) -> Tensor:
+        return self.sae.W_dec
+
+
+class Sparsify(Library):
+    def __init__(self, rung: Rung, first: Tensor, device: torch.device, overrides: dict) -> None:
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.sign_sgd import SignSGD
+
+        self.sae = SparseCoder(
+            rung.d_in, SparseCoderConfig(k=rung.k, num_latents=rung.latents), device, dtype=torch.float32
+        )
+        self.sae.b_dec.data = first.mean(0).to(self.sae.dtype)  # its Trainer does this at step 0
+        self.lr = 5e-3 / math.sqrt(rung.latents / 2**14)  # its trainer's signum default
+        self.optimizer = ScheduleFreeWrapper(
+            SignSGD([{"params": self.sae.parameters(), "lr": self.lr}]), momentum=0.95
+        )
+        self.optimizer.train()
+
+    def step(self, x: Tensor) -> None:
+        sae = self.sae
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x, dead_mask=None)  # auxk_alpha defaults to 0: no AuxK
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def finish(self) -> None:
+        self.optimizer.eval()  # the schedule-free average, which sparsify saves
+        self.sae.set_decoder_norm_to_unit_norm()
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.sae.encode(x)
+        return out.top_acts, out.top_indices
+
+    @torch.no_grad()
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        return self.sae.decode(values, indices)
+
+    def decoder(self) -> Tensor:
+        return self.sae.W_dec
+
+
+class SAELens(Library):
+    def __init__(self, rung: Rung, first: Tensor, device: torch.device, overrides: dict) -> None:
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.config import LoggingConfig, SAETrainerConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        self.sae = TopKTrainingSAE(
+            TopKTrainingSAEConfig(d_in=rung.d_in, d_sae=rung.latents, k=rung.k, device=str(device))
+        )
+        cfg = SAETrainerConfig(
+            total_training_samples=rung.steps * rung.batch,
+            train_batch_size_samples=rung.batch,
+            lr_end=3e-5,  # what its runner config's post-init sets (lr / 10); unused by the constant schedule
+            device=str(device),
+            logger=LoggingConfig(log_to_wandb=False),
+        )
+        self.lr = cfg.lr
+        self.trainer = SAETrainer(cfg, self.sae, data_provider=iter([first]))
+
+    def step(self, x: Tensor) -> None:
+        self.trainer.step(x)
+        self.trainer.n_training_steps += 1  # what SAETrainer.fit does after each step
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.sae.encode(x).topk(self.sae.cfg.k, dim=1)
+
+    @torch.no_grad()
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        z = torch.zeros(values.shape[0], self.sae.cfg.d_sae, device=values.device).scatter_(
+            1, indices, values
+        )
+        return self.sae.decode(z)
+
+    def decoder(self) -> Tensor:
+        return self.sae.W_dec
+
+
+LIBRARIES: dict[str, Callable[..., Library]] = {"saelab": Saelab, "sparsify": Sparsify, "saelens": SAELens}
+
+
+@torch.no_grad()
+def best_cosines(features: Tensor, decoder: Tensor, chunk: int = 8192) -> Tensor:
+    """For each planted feature [F, d], its max cosine with any decoder row [n, d]; [F], float32 on the
+    device (float64 on the CPU would take hours at the GPU rungs' 32k x 65k x 2304)."""
+    rows = F.normalize(decoder, dim=1)
+    best = torch.full((features.shape[0],), -1.0, device=features.device)
+    for start in range(0, rows.shape[0], chunk):
+        best = torch.maximum(best, (features @ rows[start : start + chunk].T).max(dim=1).values)
+    return best
+
+
+@torch.no_grad()
+def evaluate(lib: Library, data: PlantedData, held_out: list[Tensor]) -> dict[str, float]:
+    """Held-out FVU and dead fraction (no fire on any held-out row), MMCS and recovered at cos 0.9."""
+    n = lib.decoder().shape[0]
+    fires = torch.zeros(n, dtype=torch.long, device=data.device)
+    error = total = 0.0
+    mean = torch.cat(held_out).double().mean(0)
+    for x in held_out:
+        values, indices = lib.encode(x)
+        x_hat = lib.decode(values, indices)
+        fires.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).long())
+        error += (x.double() - x_hat.double()).pow(2).sum().item()
+        total += (x.double() - mean).pow(2).sum().item()
+    best = best_cosines(data.features, lib.decoder().detach().float())
+    return {
+        "mmcs": best.mean().item(),
+        "recovered": (best >= 0.9).double().mean().item(),
+        "fvu": error / total,
+        "dead_heldout": (fires == 0).double().mean().item(),
+        "l0": (fires.sum() / (len(held_out) * held_out[0].shape[0])).item(),
+    }
+
+
+def run_rung(rung: Rung, runs: dict[str, tuple[str, dict]], args: argparse.Namespace, device) -> dict:
+    """Train every run on the same batches, one step each in turn; returns metrics per run."""
+    data = PlantedData(rung, args.data_seed, device)
+    first = data.batch(0)
+    libs: dict[str, Library] = {}
+    for i, (name, (kind, overrides)) in enumerate(runs.items()):
+        torch.manual_seed(args.init_seed + 7919 * i)  # init stream: never the data seed's
+        libs[name] = LIBRARIES[kind](rung, first, device, overrides)
+    seconds = dict.fromkeys(libs, 0.0)
+    data_s = 0.0
+    for step in range(rung.steps):
+        start = time.perf_counter()
+        x = data.batch(step)
+        benchutil.sync(device)
+        data_s += time.perf_counter() - start
+        for name, lib in libs.items():
+            start = time.perf_counter()
+            lib.step(x)
+            benchutil.sync(device)
+            seconds[name] += time.perf_counter() - start
+        if args.progress and (step + 1) % args.progress == 0:
+            print(
+                f"  step {step + 1}/{rung.steps}", {k: round(v) for k, v in seconds.items()}, file=sys.stderr
+            )
+    held_out = data.held_out(args.heldout_rows)
+    results = {}
+    for name, lib in libs.items():
+        lib.finish()
+        results[name] = {
+            "lr": lib.lr,
+            **evaluate(lib, data, held_out),
+            "own_dead": lib.own_dead,
+            "silent_last_rows": lib.silent_last,
+            "wall_s": seconds[name],
+        }
+    return {"rung": dataclasses.asdict(rung), "label": rung.label, "data_s": data_s, "runs": results}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rungs", nargs="+", default=["64", "256", "768s"], help=f"names from {sorted(RUNGS)}")
+    p.add_argument("--steps", type=int, default=0, help="override every rung's step count")
+    p.add_argument("--libs", nargs="+", default=["saelab", "sparsify"], choices=sorted(LIBRARIES))
+    p.add_argument("--variant", nargs="*", default=[], help="extra saelab runs: NAME:field=value,...")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--heldout-rows", type=int, default=32768)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--init-seed", type=int, default=1)
+    p.add_argument("--progress", type=int, default=0, help="print wall times every this many steps")
+    p.add_argument("--json")
+    args = p.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    device = benchutil.setup_device(args.device, args.threads)
+    if device.type == "cpu":  # sparsify's Triton decoder needs a GPU; its eager one is the CPU path
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    runs: dict[str, tuple[str, dict]] = {name: (name, {}) for name in args.libs}
+    for text in args.variant:
+        name, _, fields = text.partition(":")
+        runs[f"saelab[{name}]"] = ("saelab", parse_overrides(fields))
+    results = []
+    for name in args.rungs:
+        rung = RUNGS[name]
+        if args.steps:
+            rung = dataclasses.replace(rung, steps=args.steps)
+        print(f"rung {rung.label}", file=sys.stderr, flush=True)
+        result = run_rung(rung, runs, args, device)
+        results.append(result)
+        rows = [
+            [
+                lib,
+                f"{r['lr']:.2e}",
+                f"{r['mmcs']:.3f}",
+                f"{100 * r['recovered']:.1f}%",
+                f"{r['fvu']:.3f}",
+                f"{100 * r['dead_heldout']:.1f}%",
+                "-" if r["own_dead"] is None else f"{100 * r['own_dead']:.1f}%",
+                f"{r['wall_s']:.0f}",
+            ]
+            for lib, r in result["runs"].items()
+        ]
+        print(
+            f"\n{rung.label} ({rung.batch * rung.steps / 1e6:.2f}M tokens; batch generation {result['data_s']:.0f} s)"
+        )
+        print("| run | lr | MMCS | recovered @0.9 | FVU | dead held-out | dead (own report) | wall s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |", flush=True)
+    benchutil.write_json(
+        args.json,
+        {
+            "benchmark": "bench_scale",
+            "device": benchutil.device_name(device),
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "command": " ".join(sys.argv),
+            "variants": {name: spec for name, spec in runs.items()},
+            "results": results,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -410,6 +410,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     device = benchutil.setup_device(args.device, args.threads)
+    if device.type == "cpu":  # sparsify picks its Triton decoder whenever Triton imports; it needs CUDA
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     cuda = device.type == "cuda"
     autocast = args.autocast == "bfloat16" or (args.autocast == "auto" and cuda)
     steps = args.steps or (400 if cuda else 200)

@@ -61,7 +61,7 @@ def dead_codes(pre_dead: Tensor, aux_k: int) -> Tensor:
     """Each row's top aux_k of pre_dead [B, C] after ReLU, zeros elsewhere -> [B, C] (all of a row when C <= aux_k)."""
     if pre_dead.shape[1] <= aux_k:
         return pre_dead.relu()
-    values, positions = pre_dead.topk(aux_k, dim=1, sorted=False)
+    values, positions = topk_select(pre_dead, aux_k)
     return torch.zeros_like(pre_dead).scatter_(1, positions, values.relu())
 
 

@@ -34,7 +34,7 @@ import torch
 from saelab.kernels import default_group_size, topk_select
 from saelab.kernels.reference import plain_topk_training_forward
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
-from saelab.sae.mp import MPSAE, MPConfig
+from saelab.sae.mp import MatchingPursuitSAE, MPConfig
 from saelab.sae.relu import ReLUConfig, ReLUSAE
 from saelab.sae.topk import TopKConfig, TopKSAE
 from saelab.train.config import TrainerConfig
@@ -50,7 +50,7 @@ def build(
     if name == "relu":
         sae = ReLUSAE(ReLUConfig(d_in=args.d_in, d_sae=args.n))
     elif name == "mp":
-        sae = MPSAE(MPConfig(d_in=args.d_in, d_sae=args.n, k=args.k))
+        sae = MatchingPursuitSAE(MPConfig(d_in=args.d_in, d_sae=args.n, k=args.k))
     elif name == "batchtopk":
         sae = BatchTopKSAE(BatchTopKConfig(d_in=args.d_in, d_sae=args.n, k=args.k))
     else:

@@ -448,13 +448,13 @@ def main() -> None:
                     "-" if lib["peak_mib"] is None else f"{lib['peak_mib']:,.0f}",
                     f"{lib['fvu']:.4f}",
                     f"{100 * lib['floor_fraction']:.0f}%",
-                    "-" if speedup is None else " / ".join(f"{speedup[p]:.2f}x" for p in PHASES),
+                    "-" if speedup is None else "/".join(f"{speedup[p]:.2f}" for p in PHASES),
                 ]
             )
-        dead = f"{100 * result['forced_dead_fraction']:.0f}% dead"
+        dead = f"{100 * result['forced_dead_fraction']:.0f}%"
         columns = [
-            "library", "samples/s", "ms/step (run)", "ms idle", f"ms active ({dead})", "active/idle",
-            "peak MiB", "FVU", "of matmul floor", "saelab speedup (run / idle / active)",
+            "library", "samples/s", "ms run", "ms idle", f"ms {dead} dead", "dead/idle",
+            "peak MiB", "FVU", "of floor", "saelab x (run/idle/dead)",
         ]  # fmt: skip
         benchutil.print_table(
             f"TopK training, {spec.label}, {result['compute_dtype']}, {steps} steps; encoder matmul "

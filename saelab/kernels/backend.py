@@ -27,8 +27,9 @@ from types import ModuleType
 
 import torch
 
-#: On CPU, AuxK uses the dense gathered product while n_dead <= this many times aux_k (measured on a 2-core CPU,
-#: scripts/bench_auxk.py: dense and sparse cost about the same near 4).
+#: On CPU, AuxK uses the dense gathered product while n_dead <= this many times aux_k. Measured on a 2-core CPU
+#: (scripts/bench_auxk.py, 256/4096/32/1024): at 3.2 x aux_k the dense product still cost a little less than
+#: the sparse codes (1.43x vs 1.51x the idle step); its cost grows with n_dead, the sparse codes stay aux_k a row.
 AUXK_DENSE_MAX_RATIO = 4.0
 CHOICES = {
     "SAELAB_SPARSE_BACKEND": ("auto", "torch", "triton"),

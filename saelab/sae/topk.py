@@ -5,7 +5,8 @@ where AuxK fits the detached residual e = x - x_hat with the top `aux_k` pre-act
 latents (decoded without b_dec), normalised by the residual's variance. Decoder rows are unit norm.
 
 Training selects on detached pre-activations and attaches gradients through the kept codes only
-(`saelab.kernels`), so everything after the encoder matmul costs O(B * (k + aux_k) * d_in). Init:
+(`saelab.kernels`), so everything after the encoder matmul costs O(B * k * d_in), plus AuxK's products over
+the gathered dead latents (`saelab.kernels.auxk`). Init:
 tied weights, b_dec = geometric median of the first batch, encoder scaled to the least-squares fit of it.
 """
 

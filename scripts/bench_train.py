@@ -6,7 +6,9 @@ Runs, interleaved round by round in one process on the same fresh synthetic batc
   through the selected codes only, grouped top-k, fused Adam, bf16 autocast on CUDA).
 - topk-plain: the same trainer with the plain dense-autograd TopK pass (`saelab.kernels.reference`), the
   baseline of the speedup column.
+- batchtopk: the BatchTopK SAE (top B * k of the whole batch; same sparse kernels as topk).
 - relu: the ReLU + L1 SAE (dense by nature).
+- mp: the matching-pursuit SAE (k sequential correlation passes, Gram-matrix selection).
 
 A second table times exact top-k selection over a [B, n] matrix, torch.topk against saelab's grouped
 selection, for TopK's k and AuxK's d_in / 2. Each row of the first also gives the fraction of the encoder-matmul floor reached (one [B, d] x [d, n] product in the
@@ -31,12 +33,14 @@ import torch
 
 from saelab.kernels import default_group_size, topk_select
 from saelab.kernels.reference import plain_topk_training_forward
+from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saelab.sae.mp import MatchingPursuitSAE, MPConfig
 from saelab.sae.relu import ReLUConfig, ReLUSAE
 from saelab.sae.topk import TopKConfig, TopKSAE
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 
-RUNS = ("topk", "topk-plain", "relu")
+RUNS = ("topk", "topk-plain", "batchtopk", "relu", "mp")
 
 
 def build(
@@ -45,6 +49,10 @@ def build(
     torch.manual_seed(0)
     if name == "relu":
         sae = ReLUSAE(ReLUConfig(d_in=args.d_in, d_sae=args.n))
+    elif name == "mp":
+        sae = MatchingPursuitSAE(MPConfig(d_in=args.d_in, d_sae=args.n, k=args.k))
+    elif name == "batchtopk":
+        sae = BatchTopKSAE(BatchTopKConfig(d_in=args.d_in, d_sae=args.n, k=args.k))
     else:
         sae = TopKSAE(TopKConfig(d_in=args.d_in, d_sae=args.n, k=args.k))
     cfg = TrainerConfig(
@@ -69,7 +77,7 @@ def select(pre: torch.Tensor, k: int, group_size: int | None) -> None:
 def step(trainer: Trainer, x: torch.Tensor) -> None:
     trainer.train_step(x)
     if trainer.step % trainer.cfg.dead_check_every == 0:  # what Trainer.fit does between steps
-        trainer.any_dead = bool(trainer.tracker.dead_mask.any())
+        trainer.refresh_dead()
 
 
 def data(args: argparse.Namespace, device: torch.device) -> benchutil.Activations:

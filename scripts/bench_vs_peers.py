@@ -13,7 +13,10 @@ training step as a user would:
   `Trainer.fit`; auxk_alpha = 1/32 (its default 0 turns AuxK off); it always autocasts to bf16 on CUDA.
 
 Timing interleaves the libraries round by round (rotating order) and reports the median round, so load on
-a shared machine hits all of them alike. Peak memory is measured for each library in a fresh process
+a shared machine hits all of them alike, in three phases: the whole run (each library's own dead-latent
+counters over a dead window of --dead-window-frac of the run), then AuxK idle (every library's counters
+forced to "no latent dead") and AuxK active (the same random --dead-frac of the latents forced dead in every
+library, before every step), so that the cost of AuxK shows on its own. Peak memory is measured for each library in a fresh process
 (CUDA: max allocated tensor memory; CPU: growth of the peak resident set) over a few steps. FVU is
 measured on held-out batches. The encoder-matmul floor is one [B, d] x [d, n] product in the training
 compute dtype, timed in the same rounds.
@@ -78,9 +81,12 @@ class Spec:
 
 
 class Run(Protocol):
-    """A library's training run: one optimisation step per call, and inference for the FVU."""
+    """A library's training run: one optimisation step per call, inference for the FVU, and a switch that
+    pins its dead-latent counters so that exactly `mask` [n] is dead before every step (None: its own)."""
 
     def step(self, x: torch.Tensor) -> None: ...
+
+    def force_dead(self, mask: torch.Tensor | None) -> None: ...
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -101,12 +107,25 @@ class SaelabRun:
         sae = TopKSAE(TopKConfig(d_in=spec.d_in, d_sae=spec.n, k=spec.k, aux_k_coef=AUX_K_COEF))
         self.trainer = Trainer(sae, cfg)
         self.trainer.prepare(first)
+        self.forced: torch.Tensor | None = None
+
+    def force_dead(self, mask: torch.Tensor | None) -> None:
+        self.forced = mask
+        self.pin_dead()
+        self.trainer.refresh_dead()
+
+    def pin_dead(self) -> None:
+        if self.forced is not None:
+            tracker = self.trainer.tracker
+            tracker.tokens_since_fired.copy_(self.forced.long() * tracker.window)
 
     def step(self, x: torch.Tensor) -> None:
         trainer = self.trainer
+        self.pin_dead()
         trainer.train_step(x)
         if trainer.step % trainer.cfg.dead_check_every == 0:  # what Trainer.fit does between steps
-            trainer.any_dead = bool(trainer.tracker.dead_mask.any())
+            self.pin_dead()
+            trainer.refresh_dead()
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,8 +155,16 @@ class SAELensRun:
             logger=LoggingConfig(log_to_wandb=False),
         )
         self.trainer = SAETrainer(cfg, self.sae, data_provider=iter([first]))
+        self.window = cfg.dead_feature_window
+        self.forced: torch.Tensor | None = None
+
+    def force_dead(self, mask: torch.Tensor | None) -> None:
+        self.forced = mask
 
     def step(self, x: torch.Tensor) -> None:
+        if self.forced is not None:
+            counter = self.trainer.n_forward_passes_since_fired
+            counter.copy_(self.forced.to(counter.dtype) * (self.window + 1))
         self.trainer.step(x)
         self.trainer.n_training_steps += 1  # what SAETrainer.fit does after each step
 
@@ -162,8 +189,14 @@ class SparsifyRun:
         self.threshold = spec.dead_window_tokens
         self.tokens_since_fired = torch.zeros(spec.n, dtype=torch.long, device=spec.device)
         self.did_fire = torch.zeros(spec.n, dtype=torch.bool, device=spec.device)
+        self.forced: torch.Tensor | None = None
+
+    def force_dead(self, mask: torch.Tensor | None) -> None:
+        self.forced = mask
 
     def step(self, x: torch.Tensor) -> None:
+        if self.forced is not None:
+            self.tokens_since_fired.copy_(self.forced.long() * (self.threshold + 1))
         sae = self.sae
         sae.set_decoder_norm_to_unit_norm()
         out = sae(x, dead_mask=self.tokens_since_fired > self.threshold)
@@ -217,12 +250,22 @@ def build_runs(spec: Spec, names: list[str], first: torch.Tensor) -> tuple[dict[
     return runs, skipped
 
 
+PHASES = ("whole_run", "auxk_idle", "auxk_active")
+
+
 def benchmark_shape(spec: Spec, args: argparse.Namespace) -> dict[str, object]:
     data = activations(spec)
     runs, skipped = build_runs(spec, args.libs, data.batch(0))
-    per_round = (spec.steps - args.warmup) // args.rounds
+    rounds = {"whole_run": args.rounds, "auxk_idle": args.phase_rounds, "auxk_active": args.phase_rounds}
+    per_round = (spec.steps - args.warmup) // sum(rounds.values())
     dtype = torch.bfloat16 if spec.autocast else torch.float32
     matmul = benchutil.encoder_matmul(spec.batch, spec.d_in, spec.n, spec.device, dtype)
+    gen = torch.Generator().manual_seed(12345)  # the forced dead set: its own stream, shared by all libraries
+    forced = {
+        "whole_run": None,
+        "auxk_idle": torch.zeros(spec.n, dtype=torch.bool, device=spec.device),
+        "auxk_active": (torch.rand(spec.n, generator=gen) < args.dead_frac).to(spec.device),
+    }
 
     def train(name: str, batches: list[torch.Tensor]) -> None:
         for x in batches:
@@ -234,41 +277,52 @@ def benchmark_shape(spec: Spec, args: argparse.Namespace) -> dict[str, object]:
 
     for name in runs:
         train(name, [data.batch(i) for i in range(args.warmup)])
-    seconds: dict[str, list[float]] = {name: [] for name in [*runs, "matmul"]}
-    for r in range(args.rounds):  # every library trains on the same fresh batches in each round
-        start = args.warmup + r * per_round
-        batches = [data.batch(i) for i in range(start, start + per_round)]
-        timed = {name: (lambda name=name, batches=batches: train(name, batches)) for name in runs}
-        timed["matmul"] = lambda batches=batches: floor(batches)
-        for name, times in benchutil.time_interleaved(timed, 1, spec.device, first=r).items():
-            seconds[name] += times
-    done = args.warmup + args.rounds * per_round
+    seconds = {phase: {name: [] for name in [*runs, "matmul"]} for phase in PHASES}
+    start = args.warmup
+    for phase in PHASES:
+        for run in runs.values():
+            run.force_dead(forced[phase])
+        for r in range(rounds[phase]):  # every library trains on the same fresh batches in each round
+            batches = [data.batch(i) for i in range(start, start + per_round)]
+            start += per_round
+            timed = {name: (lambda name=name, batches=batches: train(name, batches)) for name in runs}
+            timed["matmul"] = lambda batches=batches: floor(batches)
+            for name, times in benchutil.time_interleaved(timed, 1, spec.device, first=r).items():
+                seconds[phase][name] += times
+    for run in runs.values():
+        run.force_dead(None)
     for name in runs:  # finish the schedule so every library trains for exactly spec.steps
-        train(name, [data.batch(i) for i in range(done, spec.steps)])
+        train(name, [data.batch(i) for i in range(start, spec.steps)])
     held_out = data.held_out(2)
 
-    floor_s = benchutil.median(seconds["matmul"]) / per_round
+    def step_s(phase: str, name: str) -> float:
+        return benchutil.median(seconds[phase][name]) / per_round
+
+    floor_s = step_s("whole_run", "matmul")
     libs: dict[str, dict[str, object]] = {}
     for name, run in runs.items():
-        step_s = benchutil.median(seconds[name]) / per_round
+        whole = step_s("whole_run", name)
         libs[name] = {
             "version": library_version(name),
-            "samples_per_s": spec.batch / step_s,
-            "step_ms": 1e3 * step_s,
+            "samples_per_s": spec.batch / whole,
+            "step_ms": 1e3 * whole,
+            "phase_step_ms": {phase: 1e3 * step_s(phase, name) for phase in PHASES},
+            "active_over_idle": step_s("auxk_active", name) / step_s("auxk_idle", name),
             "fvu": fvu(run, held_out),
             "peak_mib": None if args.no_memory else probe_memory(spec, name, args),
-            "floor_fraction": floor_s / step_s,
+            "floor_fraction": floor_s / whole,
         }
     ratios = {
-        f"saelab/{peer}": libs["saelab"]["samples_per_s"] / libs[peer]["samples_per_s"]
+        f"saelab/{peer}": {phase: step_s(phase, peer) / step_s(phase, "saelab") for phase in PHASES}
         for peer in libs
         if peer != "saelab" and "saelab" in libs
     }
     return {
         "shape": {"d_in": spec.d_in, "n": spec.n, "k": spec.k, "batch": spec.batch},
         "steps": spec.steps,
-        "timed_rounds": args.rounds,
+        "timed_rounds": rounds,
         "steps_per_round": per_round,
+        "forced_dead_fraction": forced["auxk_active"].float().mean().item(),
         "compute_dtype": str(dtype).removeprefix("torch."),
         "matmul_ms": 1e3 * floor_s,
         "matmul_tflops": 2 * spec.batch * spec.d_in * spec.n / floor_s / 1e12,
@@ -336,8 +390,14 @@ def main() -> None:
         "--steps", type=int, default=0, help="training steps per library (0: 200 CPU, 400 GPU)"
     )
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per library before timing")
-    parser.add_argument("--rounds", type=int, default=8, help="timed interleaved rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=8, help="timed interleaved rounds of the whole-run phase"
+    )
+    parser.add_argument("--phase-rounds", type=int, default=4, help="timed rounds of each forced AuxK phase")
     parser.add_argument("--dead-window-frac", type=float, default=0.1, help="dead window, fraction of tokens")
+    parser.add_argument(
+        "--dead-frac", type=float, default=0.2, help="latents forced dead in the AuxK-active phase"
+    )
     parser.add_argument(
         "--autocast", default="auto", choices=("auto", "none", "bfloat16"), help="auto: bf16 on CUDA"
     )
@@ -350,12 +410,15 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     device = benchutil.setup_device(args.device, args.threads)
+    if device.type == "cpu":  # sparsify picks its Triton decoder whenever Triton imports; it needs CUDA
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     cuda = device.type == "cuda"
     autocast = args.autocast == "bfloat16" or (args.autocast == "auto" and cuda)
     steps = args.steps or (400 if cuda else 200)
-    if steps - args.warmup < args.rounds:
+    if steps - args.warmup < args.rounds + 2 * args.phase_rounds:
         raise SystemExit(
-            f"--steps={steps} leaves fewer than --rounds={args.rounds} timed steps after the warm-up."
+            f"--steps={steps} leaves fewer than one step per timed round (--rounds={args.rounds}, "
+            f"2 x --phase-rounds={args.phase_rounds}) after the warm-up."
         )
     shapes = [parse_shape(s) for s in args.shapes or (["gpu-small", "gpu-large"] if cuda else ["cpu"])]
     specs = [
@@ -373,18 +436,26 @@ def main() -> None:
         rows = []
         for name, lib in result["libraries"].items():
             speedup = result["speedup"].get(f"saelab/{name}")
+            phase_ms = lib["phase_step_ms"]
             rows.append(
                 [
                     f"{name} {lib['version']}",
                     f"{lib['samples_per_s']:,.0f}",
                     f"{lib['step_ms']:.1f}",
+                    f"{phase_ms['auxk_idle']:.1f}",
+                    f"{phase_ms['auxk_active']:.1f}",
+                    f"{lib['active_over_idle']:.2f}",
                     "-" if lib["peak_mib"] is None else f"{lib['peak_mib']:,.0f}",
                     f"{lib['fvu']:.4f}",
                     f"{100 * lib['floor_fraction']:.0f}%",
-                    "-" if speedup is None else f"{speedup:.2f}x",
+                    "-" if speedup is None else "/".join(f"{speedup[p]:.2f}" for p in PHASES),
                 ]
             )
-        columns = ["library", "samples/s", "ms/step", "peak MiB", "FVU", "of matmul floor", "saelab speedup"]
+        dead = f"{100 * result['forced_dead_fraction']:.0f}%"
+        columns = [
+            "library", "samples/s", "ms run", "ms idle", f"ms {dead} dead", "dead/idle",
+            "peak MiB", "FVU", "of floor", "saelab x (run/idle/dead)",
+        ]  # fmt: skip
         benchutil.print_table(
             f"TopK training, {spec.label}, {result['compute_dtype']}, {steps} steps; encoder matmul "
             f"{result['matmul_ms']:.2f} ms ({result['matmul_tflops']:.2f} TFLOP/s)",

@@ -1,8 +1,9 @@
-"""Fast paths for sparse (TopK-style) SAEs in plain PyTorch, for CPU and CUDA.
+"""Fast paths for sparse (TopK-style) SAEs, for CPU (PyTorch) and CUDA (Triton kernels, `backend` decides).
 
 `sparse_decode` / `sparse_decode_groups` (embedding-bag decoder with a sparse backward),
 `sparse_encoder_values` (encoder gradient through the selected codes only), `topk_select` / `dead_topk`
-(exact grouped top-k selection) and the row primitives they share (`SlotPlan` sorts a step's slots once). Each matches the plain dense computation to float tolerance (tests/test_kernels.py).
+(exact grouped top-k selection), the row primitives they share (`SlotPlan` sorts a step's slots once) and
+AuxK on the gathered dead sub-dictionary (`auxk`). Each matches the plain dense computation to float tolerance (tests/test_kernels.py).
 """
 
 from saelab.kernels.decode import sparse_decode, sparse_decode_groups

@@ -1,6 +1,6 @@
 """Sparse decoder: x_hat = sum_j values[:, j] * W_dec[indices[:, j]] (+ b_dec), with a sparse backward.
 
-Forward is one embedding bag, O(B * K * d). Backward touches only the K active rows per sample:
+Forward is one embedding bag (or the Triton decode kernel, see `backend`), O(B * K * d). Backward touches only the K active rows per sample:
 grad W_dec[i] = sum over slots using latent i of value * grad_out (a bag per latent, O(B * K * d)) and
 grad values[b, j] = <W_dec[indices[b, j]], grad_out[b]>. A dense decoder would cost 2 * B * n * d each way.
 The columns of the codes may be split into groups decoded separately (TopK and AuxK codes in one call).
@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from saelab.kernels.backend import sparse_backend, triton_kernels
 from saelab.kernels.rows import SlotPlan, accumulate_rows, gather_dot, group_bags
 
 
@@ -29,6 +30,8 @@ class _SparseDecode(torch.autograd.Function):
     ) -> Tensor:
         ctx.sizes, ctx.plan = sizes, plan
         ctx.save_for_backward(values, indices, weight)
+        if sparse_backend(weight.device) == "triton":
+            return triton_kernels().decode_rows(values, indices, weight, sizes).to(weight.dtype)
         weights = values.to(weight.dtype)
         if len(sizes) == 1:
             return F.embedding_bag(indices, weight, mode="sum", per_sample_weights=weights)[:, None]
@@ -48,13 +51,13 @@ class _SparseDecode(torch.autograd.Function):
         values, indices, weight = ctx.saved_tensors
         batch, groups = values.shape[0], len(ctx.sizes)
         table = rearrange(grad_out, "b g d -> (b g) d").to(weight.dtype)
-        offsets = row_of_slot = None
+        row_of_slot = None
         if groups > 1:
-            offsets, column_group = group_bags(batch, ctx.sizes, values.device)
+            _, column_group = group_bags(batch, ctx.sizes, values.device)
             row_of_slot = torch.arange(batch, device=values.device)[:, None] * groups + column_group
         grad_values = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_values = gather_dot(indices, weight, table, offsets).to(values.dtype)
+            grad_values = gather_dot(indices, weight, table, ctx.sizes).to(values.dtype)
         if ctx.needs_input_grad[2]:
             grad_weight = accumulate_rows(ctx.plan, values, table, row_of_slot)
         return grad_values, None, grad_weight, None, None

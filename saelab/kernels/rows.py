@@ -1,7 +1,8 @@
 """Row gather/scatter primitives for sparse codes (values [B, K], indices [B, K] into a table [n, d]).
 
-They run in O(B * K * d) on top of fused `embedding_bag` kernels (CPU and CUDA) and never build a [B, n]
-or [B, K, d] tensor. A slot is one (b, j) entry of the codes; the slots of a row may be split into column
+They run in O(B * K * d) and never build a [B, n] or [B, K, d] tensor: on fused `embedding_bag` kernels
+(the CPU path), or on the Triton kernels of `triton_rows`, which stay balanced when a few latents are hit
+by every row (`backend.sparse_backend` picks per device). A slot is one (b, j) entry of the codes; the slots of a row may be split into column
 groups that are summed separately (bags), e.g. TopK codes and AuxK codes of the same row.
 """
 
@@ -11,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+
+from saelab.kernels.backend import sparse_backend, triton_kernels
 
 
 class SlotPlan:
@@ -23,14 +26,22 @@ class SlotPlan:
     def __init__(self, indices: Tensor, n: int):
         self.indices, self.n = indices, n
         self._sorted: tuple[Tensor, Tensor] | None = None
+        self._offsets: Tensor | None = None
+
+    def sorted_slots(self) -> tuple[Tensor, Tensor]:
+        """(latents [B * K] ascending, order [B * K]: the slots in that order)."""
+        if self._sorted is None:
+            self._sorted = rearrange(self.indices, "b k -> (b k)").sort()
+        return self._sorted
 
     def sorted(self) -> tuple[Tensor, Tensor]:
         """(order [B * K]: slots sorted by latent, offsets [n]: where each latent's slots start in order)."""
-        if self._sorted is None:
-            latents, order = rearrange(self.indices, "b k -> (b k)").sort()
-            offsets = torch.searchsorted(latents, torch.arange(self.n, device=latents.device))  # no host sync
-            self._sorted = (order, offsets)
-        return self._sorted
+        latents, order = self.sorted_slots()
+        if self._offsets is None:
+            self._offsets = torch.searchsorted(
+                latents, torch.arange(self.n, device=latents.device)
+            )  # no sync
+        return order, self._offsets
 
 
 def group_bags(batch: int, sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -53,22 +64,30 @@ def accumulate_rows(
     R = B). With the default this is S^T @ rows for the sparse [B, n] matrix S holding `weights` at the
     plan's indices: each latent's slots, contiguous in the plan's order, are summed as one bag.
     """
-    order, offsets = plan.sorted()
+    latents, order = plan.sorted_slots()
     if row_of_slot is None:
         row_ids = torch.div(order, weights.shape[1], rounding_mode="floor")
     else:
         row_ids = rearrange(row_of_slot, "b k -> (b k)")[order]
-    slot_weights = rearrange(weights, "b k -> (b k)")[order].to(rows.dtype)
-    return F.embedding_bag(row_ids, rows, offsets, mode="sum", per_sample_weights=slot_weights)
+    slot_weights = rearrange(weights, "b k -> (b k)")[order]
+    if sparse_backend(rows.device) == "triton":
+        return (
+            triton_kernels().segment_accumulate(latents, row_ids, slot_weights, rows, plan.n).to(rows.dtype)
+        )
+    _, offsets = plan.sorted()
+    return F.embedding_bag(row_ids, rows, offsets, mode="sum", per_sample_weights=slot_weights.to(rows.dtype))
 
 
-def gather_dot(indices: Tensor, table: Tensor, rows: Tensor, offsets: Tensor | None = None) -> Tensor:
-    """out[b, j] = <table[indices[b, j]], rows[bag of slot (b, j)]> -> [B, K].
+def gather_dot(indices: Tensor, table: Tensor, rows: Tensor, sizes: tuple[int, ...] | None = None) -> Tensor:
+    """out[b, j] = <table[indices[b, j]], rows[bag of slot (b, j)]> -> [B, K] in table's dtype.
 
-    indices [B, K] into table [n, d]; without offsets each row is one bag and rows is [B, d]; with offsets
-    (bag starts in the flattened slots, see `group_bags`) rows holds one [d] vector per bag. Computed as the
+    indices [B, K] into table [n, d]; without sizes each row is one bag and rows is [B, d]; with column-group
+    sizes (see `group_bags`) rows holds one [d] vector per bag, [B * G, d]. On the torch path this is the
     per-sample-weight gradient of an embedding bag, whose kernel never materialises the gathered rows.
     """
+    if sparse_backend(table.device) == "triton":
+        return triton_kernels().gather_dot(indices, table, rows, sizes or (indices.shape[1],)).to(table.dtype)
+    offsets = None if sizes is None else group_bags(indices.shape[0], sizes, indices.device)[0]
     with torch.enable_grad():
         probe = torch.ones(indices.shape, dtype=table.dtype, device=table.device, requires_grad=True)
         flat_probe = rearrange(probe, "b k -> (b k)") if offsets is not None else probe

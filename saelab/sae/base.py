@@ -71,12 +71,15 @@ class TrainContext:
     dead_mask: [n] bool, latents that have not fired within the dead window.
     any_dead: host-side flag refreshed periodically, so a step with no dead latents skips auxiliary work
     without a device sync.
+    dead_latents: optional [C] int64, the latents dead at that refresh padded with n (`kernels.auxk.
+    dead_latent_list`), so that AuxK can gather the dead sub-dictionary without a device sync.
     """
 
     step: int
     total_steps: int
     dead_mask: Tensor
     any_dead: bool
+    dead_latents: Tensor | None = None
 
 
 @dataclass

@@ -5,7 +5,8 @@ where AuxK fits the detached residual e = x - x_hat with the top `aux_k` pre-act
 latents (decoded without b_dec), normalised by the residual's variance. Decoder rows are unit norm.
 
 Training selects on detached pre-activations and attaches gradients through the kept codes only
-(`saelab.kernels`), so everything after the encoder matmul costs O(B * (k + aux_k) * d_in). Init:
+(`saelab.kernels`), so everything after the encoder matmul costs O(B * k * d_in), plus AuxK's products over
+the gathered dead latents (`saelab.kernels.auxk`). Init:
 tied weights, b_dec = geometric median of the first batch, encoder scaled to the least-squares fit of it.
 """
 
@@ -25,6 +26,7 @@ from saelab.kernels import (
     sparse_encoder_values,
     topk_select,
 )
+from saelab.kernels.auxk import AuxSelection, gathered_auxk_decode, select_auxk
 from saelab.sae import global_batch
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
 from saelab.sae.registry import register
@@ -150,24 +152,27 @@ class TopKSAE(SAE):
         return self.decode_sparse(*self.encode_sparse(flat)).reshape(x.shape)
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
-        k, use_aux = self.cfg.k, self.cfg.aux_k_coef > 0 and ctx.any_dead
+        k, aux = self.cfg.k, None
         with torch.no_grad():
             pre = self.selection_pre_activations(x)
             values, indices = self.select(pre, k)
-            if use_aux:  # one sparse encoder backward serves the TopK and the AuxK codes
-                aux_values, aux_indices = dead_topk(pre, ctx.dead_mask, self.aux_k)
-                values = torch.cat([values, aux_values.relu().to(values.dtype)], dim=1)
-                indices = torch.cat([indices, aux_indices], dim=1)
+            if self.cfg.aux_k_coef > 0 and ctx.any_dead:
+                aux = select_auxk(pre, ctx.dead_mask, ctx.dead_latents, self.aux_k)
             del pre
+        sizes = (k,)
+        if aux is not None and not aux.dense:  # one sparse encoder backward serves the TopK and AuxK codes
+            values = torch.cat([values, aux.values.to(values.dtype)], dim=1)
+            indices = torch.cat([indices, aux.indices], dim=1)
+            sizes = (k, aux.values.shape[1])
         plan = SlotPlan(indices, self.d_sae)  # one sort of the slots serves every sparse backward below
         codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec, plan)
-        decoded = sparse_decode_groups(codes, indices, self.W_dec, (k, self.aux_k) if use_aux else (k,), plan)
+        decoded = sparse_decode_groups(codes, indices, self.W_dec, sizes, plan)
         x_hat = decoded[:, 0] + self.b_dec
         fvu = fraction_of_variance_unexplained(x, x_hat)
         loss = fvu
         metrics = {"fvu": fvu.detach()}
-        if use_aux:
-            auxk = self.auxk_error(decoded[:, 1], x - x_hat.detach(), ctx.dead_mask)
+        if aux is not None:
+            auxk = self.auxk_error(self.auxk_decode(aux, x, decoded), x - x_hat.detach(), aux.n_dead)
             loss = loss + self.cfg.aux_k_coef * auxk
             metrics["auxk"] = auxk.detach()
         with torch.no_grad():
@@ -178,15 +183,24 @@ class TopKSAE(SAE):
             l0 = active.sum(dim=-1).float().mean()
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
 
+    def auxk_decode(self, aux: AuxSelection, x: Tensor, decoded: Tensor) -> Tensor:
+        """AuxK's residual reconstruction [B, d]: the dense product over the gathered dead latents, or the
+        AuxK column group of `decoded` [B, 2, d] (sparse AuxK codes decoded with the TopK codes)."""
+        if aux.dense:
+            return gathered_auxk_decode(
+                aux.codes, aux.latents, x, self.W_enc, self.b_enc, self.b_dec, self.W_dec
+            )
+        return decoded[:, 1]
+
     def auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
         """AuxK from differentiable pre-activations [B, n] (the top aux_k dead latents per row)."""
         values, indices = dead_topk(pre.clone(), dead_mask, self.aux_k)
         residual_hat = self.decode_sparse(values.relu(), indices, with_bias=False)
-        return self.auxk_error(residual_hat, residual, dead_mask)
+        return self.auxk_error(residual_hat, residual, dead_mask.sum())
 
-    def auxk_error(self, residual_hat: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
+    def auxk_error(self, residual_hat: Tensor, residual: Tensor, n_dead: Tensor) -> Tensor:
         """min(n_dead / aux_k, 1) * FVU of the residual [B, d] rebuilt as residual_hat [B, d] from the top
-        aux_k dead latents (slots past the number of dead latents hold value 0); NaN -> 0."""
-        scale = (dead_mask.sum() / self.aux_k).clamp(max=1.0)
+        aux_k dead latents (n_dead: scalar count of dead latents); NaN -> 0."""
+        scale = (n_dead / self.aux_k).clamp(max=1.0)
         loss = fraction_of_variance_unexplained(residual, residual_hat)
         return (scale * loss).nan_to_num(0.0)

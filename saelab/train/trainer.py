@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from saelab.eval.heldout import heldout_metrics
+from saelab.kernels.auxk import dead_latent_list
 from saelab.sae.base import SAE, TrainContext, TrainOutput
 from saelab.train import distributed
 from saelab.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -144,8 +145,10 @@ class Trainer:
         self.step = 0
         self.input_scale = 1.0
         self.history: list[dict[str, float]] = []
-        #: Host-side "some latent is dead" flag and on-device "all inputs finite" flag, refreshed by `fit`.
-        self.any_dead = bool(self.tracker.dead_mask.any())
+        #: Host-side "some latent is dead" flag, the padded list of dead latents (for AuxK) and the on-device
+        #: "all inputs finite" flag, refreshed by `fit`.
+        self.any_dead, self.dead_latents = False, None
+        self.refresh_dead()
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.heldout_offset = cfg.eval_batches if cfg.eval_every else 0
         self.heldout: list[Tensor] = []
@@ -246,7 +249,7 @@ class Trainer:
         self.input_scale = self.dist.broadcast_start(sae, self.input_scale)
         logger = RunLogger(self.logging, total, self.run_config, self.output_dir)
         logger.start_at(self.step)
-        self.any_dead = bool(self.tracker.dead_mask.any())
+        self.refresh_dead()
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
         window_start, window_tokens, last_check = time.perf_counter(), 0, self.step
         sae.train()
@@ -262,7 +265,8 @@ class Trainer:
                             f"an activation batch between steps {last_check} and {self.step} contains NaN or Inf; "
                             "check the activation source (no checkpoint was written for these steps)."
                         )
-                    self.any_dead, last_check = bool(self.tracker.dead_mask.any()), self.step
+                    self.refresh_dead()
+                    last_check = self.step
                 if self.step % cfg.log_every == 0 or self.step == total:
                     elapsed = time.perf_counter() - window_start
                     row = self._metrics_row(out, window_tokens / max(elapsed, 1e-9))
@@ -281,6 +285,14 @@ class Trainer:
             logger.close()
         return result
 
+    def refresh_dead(self) -> None:
+        """Read the dead-latent state for the next steps (one device sync): `any_dead` and the padded list of
+        dead latents that AuxK gathers (`kernels.auxk.dead_latent_list`). `fit` calls it every
+        dead_check_every steps; a loop driving `train_step` itself should do the same."""
+        latents = dead_latent_list(self.tracker.dead_mask)
+        self.any_dead = latents.numel() > 0
+        self.dead_latents = latents if self.any_dead else None
+
     def train_step(self, x: Tensor) -> TrainOutput:
         """One optimisation step on a raw batch x [B, d_in] (this rank's slice of the global batch under
         torchrun); no host sync (NaN/Inf inputs are flagged in `self.finite`, checked by `fit` every
@@ -289,7 +301,9 @@ class Trainer:
         x = x.to(self.device, dtype=sae.W_enc.dtype, non_blocking=True)
         check_batch(x, sae.d_in, self.step)
         self.finite &= torch.isfinite(x).all()
-        ctx = TrainContext(self.step, cfg.total_steps, self.tracker.dead_mask, self.any_dead)
+        ctx = TrainContext(
+            self.step, cfg.total_steps, self.tracker.dead_mask, self.any_dead, self.dead_latents
+        )
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):

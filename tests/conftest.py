@@ -1,0 +1,12 @@
+"""Session setup: without CUDA, Triton kernels run under Triton's interpreter, which reads TRITON_INTERPRET
+when Triton is imported, so it is set here, before any test module imports saelab or Triton. sparsify
+decodes with its own Triton kernel whenever Triton imports (it reads SPARSIFY_DISABLE_TRITON at import):
+without CUDA it gets its eager decoder, as on a machine without Triton."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")

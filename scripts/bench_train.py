@@ -33,6 +33,7 @@ from saelab.kernels import default_group_size, topk_select
 from saelab.kernels.reference import plain_topk_training_forward
 from saelab.sae.relu import ReLUConfig, ReLUSAE
 from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.seeds import generator
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 
@@ -42,11 +43,11 @@ RUNS = ("topk", "topk-plain", "relu")
 def build(
     name: str, args: argparse.Namespace, device: torch.device, autocast: bool, first: torch.Tensor
 ) -> Trainer:
-    torch.manual_seed(0)
+    init = generator(0, "sae.init")
     if name == "relu":
-        sae = ReLUSAE(ReLUConfig(d_in=args.d_in, d_sae=args.n))
+        sae = ReLUSAE(ReLUConfig(d_in=args.d_in, d_sae=args.n), init)
     else:
-        sae = TopKSAE(TopKConfig(d_in=args.d_in, d_sae=args.n, k=args.k))
+        sae = TopKSAE(TopKConfig(d_in=args.d_in, d_sae=args.n, k=args.k), init)
     cfg = TrainerConfig(
         total_tokens=args.steps * args.batch,
         batch_size=args.batch,

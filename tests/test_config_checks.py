@@ -68,7 +68,10 @@ def test_a_gpu_device_without_a_gpu_is_refused_naming_the_field():
         (lambda: ReLUConfig(d_in=8, d_sae=16, init_decoder_norm=INF), "sae.init_decoder_norm=inf"),
         (lambda: GBAConfig(d_in=8, d_sae=16, bias_lr=NAN), "sae.bias_lr=nan"),
         (lambda: GBAConfig(d_in=8, d_sae=16, target_freq_max=NAN), "sae.target_freq_max=nan"),
-        (lambda: TopKConfig(d_in=8, d_sae=16, k=2, expansion_factor=0), "sae.expansion_factor=0 must be >= 1"),
+        (
+            lambda: TopKConfig(d_in=8, d_sae=16, k=2, expansion_factor=0),
+            "sae.expansion_factor=0 must be >= 1",
+        ),
     ],
 )
 def test_sae_settings_are_refused_naming_the_field(config, message):

@@ -126,6 +126,7 @@ def test_a_stale_lock_file_from_a_dead_process_does_not_block(tmp_path):
     (tmp_path / lock.LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "gone"}))
     make_trainer(tmp_path).fit(SyntheticSource(SOURCE))
     assert (tmp_path / "sae").is_dir()
+    assert not (tmp_path / lock.LOCK_FILE).exists()  # a finished run removes its lock file
 
 
 # ------------------------------------------------------------------ resume with changed settings

@@ -1,7 +1,8 @@
 """One live run per run directory: an exclusive `flock` on `<run dir>/.lock`.
 
-The lock file names its holder (pid, host, start time). The kernel drops the lock when the holding process
-exits, however it exits, so a lock left by a crashed or killed run never blocks the next one. Re-entrant
+The lock file names its holder (pid, host, start time) and is removed when the run ends. The kernel drops
+the lock when the holding process exits, however it exits, so a lock file left by a crashed or killed run
+never blocks the next one. Re-entrant
 within a process (the `saelab train` entry point and `Trainer.fit` both take it). POSIX `flock` only: on a
 network file system without flock support the lock is advisory at best.
 """
@@ -35,21 +36,35 @@ def acquire(run_dir: str | Path) -> None:
         _held[root] = (fd, count + 1)
         return
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-        os.close(fd)
-        raise RunDirInUse(
-            f"the run directory {root} is in use by another live run ({holder}); two runs there would "
-            "overwrite each other's checkpoints and SAE. Wait for it to finish, or give this run its own "
-            "directory (hydra.run.dir=... or a different output_dir)."
-        ) from None
+    fd = _lock_file(root / LOCK_FILE)
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
     _held[root] = (fd, 1)
+
+
+def _lock_file(path: Path) -> int:
+    """Open and flock `path`; retry if the file was removed by its previous holder meanwhile (so the lock we
+    hold is on the file now at `path`). Raises RunDirInUse naming the holder if it is locked."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise RunDirInUse(
+                f"the run directory {path.parent} is in use by another live run ({holder}); two runs there "
+                "would overwrite each other's checkpoints and SAE. Wait for it to finish, or give this run its "
+                "own directory (hydra.run.dir=... or a different output_dir)."
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 def release(run_dir: str | Path) -> None:
@@ -61,7 +76,7 @@ def release(run_dir: str | Path) -> None:
     if count > 1:
         _held[root] = (fd, count - 1)
         return
-    os.ftruncate(fd, 0)
+    (root / LOCK_FILE).unlink(missing_ok=True)  # before unlocking: a waiting run then retries on a new file
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
 

@@ -12,9 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 from saelab.atomic import atomic_file
 from saelab.config import sae_config, to_dataclass
 from saelab.sae.registry import build_sae
+from saelab.seeds import derive_seed, generator
 from saelab.sources import build_source
 from saelab.sweep import sweep_logging
 from saelab.synth import recovery_metrics
+from saelab.train.lock import run_dir_lock
 from saelab.train.trainer import Trainer, TrainResult, resolve_device
 
 
@@ -35,19 +37,23 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
     logging_cfg.validate()
     out = Path(output_dir) if output_dir is not None else hydra_output_dir()
     device = resolve_device(trainer_cfg.device)
-    torch.manual_seed(trainer_cfg.seed)
+    torch.manual_seed(derive_seed(trainer_cfg.seed, "torch.global"))  # anything drawing from the global RNG
     source = build_source(source_cfg, device)
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    sae_cfg = sae_cfg.resolved(source.d_in)
     if trainer_cfg.resume_from:
-        trainer = Trainer.from_checkpoint(trainer_cfg.resume_from, trainer_cfg, logging_cfg, out, run_config)
+        trainer = Trainer.from_checkpoint(
+            trainer_cfg.resume_from, trainer_cfg, logging_cfg, out, run_config, sae_config=sae_cfg
+        )
     else:
-        sae_cfg = sae_cfg.resolved(source.d_in)
         sae_cfg.metadata = {**source.metadata(), **sae_cfg.metadata}
-        trainer = Trainer(build_sae(sae_cfg), trainer_cfg, logging_cfg, out, run_config)
-    result = trainer.fit(source)
-    if out is not None and trainer.dist.is_main:
-        summary = write_summary(out / "summary.json", result, source, run_config)
-        print(summary_line(summary, out))
+        sae = build_sae(sae_cfg, generator(trainer_cfg.seed, "sae.init"))
+        trainer = Trainer(sae, trainer_cfg, logging_cfg, out, run_config)
+    with run_dir_lock(trainer.output_dir):  # None on ranks other than 0
+        result = trainer.fit(source)
+        if trainer.output_dir is not None:
+            summary = write_summary(out / "summary.json", result, source, run_config)
+            print(summary_line(summary, out))
     return result
 
 

@@ -15,7 +15,8 @@ with the same mean, a heavy tail that gives every feature some strong, clean occ
   without it.
 
 Batches are a pure function of (seed, batch index), so a resumed run sees exactly the batches the
-uninterrupted run would have.
+uninterrupted run would have. Features and batches come from separate streams derived from `seed`
+(`saelab.seeds`), unrelated to the SAE initialisation's stream.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 from torch import Tensor
+
+from saelab.checks import check_number
+from saelab.seeds import generator
 
 STRUCTURES = ("uniform", "mixed_sparsity", "hierarchical")
 MAGNITUDES = ("uniform", "exponential")
@@ -62,37 +66,50 @@ class SyntheticConfig:
         return self.n_features // (1 + self.n_children)
 
     def validate(self) -> None:
+        """Raise ValueError naming the offending source field."""
         for name in ("d_in", "n_features"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"source.{name}={getattr(self, name)} must be a positive integer.")
+            check_number(f"source.{name}", getattr(self, name), low=1, integer=True)
+        check_number("source.seed", self.seed, integer=True)
+        for name in (
+            "mean_active",
+            "frequency_decay",
+            "min_magnitude",
+            "max_magnitude",
+            "noise_std",
+            "child_prob",
+        ):
+            check_number(f"source.{name}", getattr(self, name), low=0)
         if self.magnitudes not in MAGNITUDES:
             raise ValueError(f"source.magnitudes={self.magnitudes!r} must be one of {list(MAGNITUDES)}.")
         if self.structure not in STRUCTURES:
             raise ValueError(f"source.structure={self.structure!r} must be one of {list(STRUCTURES)}.")
         if self.structure == "mixed_sparsity":
-            if not self.sparsity_levels or not all(0 < s <= self.n_features for s in self.sparsity_levels):
-                raise ValueError(
-                    f"source.sparsity_levels={list(self.sparsity_levels)} must be a non-empty list of counts "
-                    f"in [1, n_features={self.n_features}]."
-                )
+            if not self.sparsity_levels:
+                raise ValueError("source.sparsity_levels must be a non-empty list of active-feature counts.")
+            for level in self.sparsity_levels:
+                check_number("source.sparsity_levels[]", level, low=1, high=self.n_features, integer=True)
         elif self.structure == "hierarchical":
-            if self.n_children < 1 or self.n_features % (1 + self.n_children):
+            check_number("source.n_children", self.n_children, low=1, integer=True)
+            if self.n_features % (1 + self.n_children):
                 raise ValueError(
                     f"source.n_features={self.n_features} must be a multiple of 1 + source.n_children "
-                    f"(n_children={self.n_children} >= 1): each parent brings its children."
+                    f"(n_children={self.n_children}): each parent brings its children."
                 )
-            if not 0 <= self.child_prob <= 1:
-                raise ValueError(f"source.child_prob={self.child_prob} must be in [0, 1].")
+            check_number("source.child_prob", self.child_prob, low=0, high=1)
         n_independent = self.n_parents if self.structure == "hierarchical" else self.n_features
-        if self.structure != "mixed_sparsity" and not 0 < self.mean_active <= n_independent:
-            raise ValueError(
-                f"source.mean_active={self.mean_active} must be in (0, {n_independent}] (the number of "
-                f"independently firing features)."
+        if self.structure != "mixed_sparsity":
+            check_number(
+                "source.mean_active",
+                self.mean_active,
+                low=0,
+                high=n_independent,
+                low_open=True,
+                hint="It cannot exceed the number of independently firing features.",
             )
-        if not 0 <= self.min_magnitude <= self.max_magnitude:
-            raise ValueError("source.min_magnitude must be >= 0 and <= source.max_magnitude.")
-        if self.noise_std < 0:
-            raise ValueError(f"source.noise_std={self.noise_std} must be >= 0.")
+        if self.min_magnitude > self.max_magnitude:
+            raise ValueError(
+                f"source.min_magnitude={self.min_magnitude} must be <= source.max_magnitude={self.max_magnitude}."
+            )
 
 
 def gba_toy_config(seed: int = 0, noise_std: float = 0.01) -> SyntheticConfig:
@@ -129,8 +146,7 @@ class SyntheticSource:
         cfg.validate()
         self.cfg = cfg
         self.d_in = cfg.d_in
-        gen = torch.Generator().manual_seed(cfg.seed)
-        dirs = torch.randn(cfg.n_features, cfg.d_in, generator=gen)
+        dirs = torch.randn(cfg.n_features, cfg.d_in, generator=generator(cfg.seed, "synthetic.features"))
         self.features = dirs / dirs.norm(dim=1, keepdim=True)
         if cfg.structure == "hierarchical":
             parents = power_law_frequencies(cfg.n_parents, cfg.mean_active, cfg.frequency_decay)
@@ -185,7 +201,7 @@ class SyntheticSource:
 
     def batch(self, index: int, batch_size: int) -> Tensor:
         """Batch number `index`: x [batch_size, d_in], deterministic in (seed, index, batch_size)."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index + 1)
+        gen = generator(self.cfg.seed, "synthetic.batch", index)
         codes = self.sample_codes(batch_size, gen)
         x = codes @ self.features
         if self.cfg.noise_std > 0:

@@ -33,14 +33,12 @@ from rich.table import Table
 from saelab.atomic import atomic_file
 from saelab.sae.mp import MatchingPursuitSAE, MPConfig
 from saelab.sae.registry import get_sae_class
+from saelab.seeds import generator
 from saelab.synth import SyntheticConfig, SyntheticSource, gba_toy_config, recovery_metrics
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 
 HELD_OUT = 10**7  # batch indices from here on are never trained on
-#: Global seed offset for SAE initialisation. It must differ from the data sets' seed (0): a random [n, d]
-#: init drawn from torch.manual_seed(0) would start with the very rows `SyntheticSource` drew as features.
-INIT_SEED = 1000
 
 #: name -> (data set, SAE width, k for the k-sparse variants)
 DATASETS: dict[str, tuple[SyntheticConfig, int, int]] = {
@@ -94,8 +92,7 @@ def run_one(
     source = SyntheticSource(data_cfg)
     cls = get_sae_class(arch)
     fields = {name: (k if value == "{k}" else value) for name, value in overrides.items()}
-    torch.manual_seed(INIT_SEED + seed)  # the SAE's random initialisation
-    sae = cls(cls.config_class(d_in=data_cfg.d_in, d_sae=width, **fields))
+    sae = cls(cls.config_class(d_in=data_cfg.d_in, d_sae=width, **fields), generator(seed, "sae.init"))
     trainer = Trainer(
         sae,
         TrainerConfig(

@@ -37,6 +37,7 @@ from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saelab.sae.mp import MatchingPursuitSAE, MPConfig
 from saelab.sae.relu import ReLUConfig, ReLUSAE
 from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.seeds import generator
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 
@@ -46,15 +47,15 @@ RUNS = ("topk", "topk-plain", "batchtopk", "relu", "mp")
 def build(
     name: str, args: argparse.Namespace, device: torch.device, autocast: bool, first: torch.Tensor
 ) -> Trainer:
-    torch.manual_seed(0)
+    init = generator(0, "sae.init")
     if name == "relu":
-        sae = ReLUSAE(ReLUConfig(d_in=args.d_in, d_sae=args.n))
+        sae = ReLUSAE(ReLUConfig(d_in=args.d_in, d_sae=args.n), init)
     elif name == "mp":
-        sae = MatchingPursuitSAE(MPConfig(d_in=args.d_in, d_sae=args.n, k=args.k))
+        sae = MatchingPursuitSAE(MPConfig(d_in=args.d_in, d_sae=args.n, k=args.k), init)
     elif name == "batchtopk":
-        sae = BatchTopKSAE(BatchTopKConfig(d_in=args.d_in, d_sae=args.n, k=args.k))
+        sae = BatchTopKSAE(BatchTopKConfig(d_in=args.d_in, d_sae=args.n, k=args.k), init)
     else:
-        sae = TopKSAE(TopKConfig(d_in=args.d_in, d_sae=args.n, k=args.k))
+        sae = TopKSAE(TopKConfig(d_in=args.d_in, d_sae=args.n, k=args.k), init)
     cfg = TrainerConfig(
         total_tokens=args.steps * args.batch,
         batch_size=args.batch,

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from saelab.atomic import atomic_file
+from saelab.seeds import generator
 from saelab.synth import SyntheticConfig, SyntheticSource
 
 #: Prefix of the single stdout line a memory probe prints.
@@ -45,7 +46,7 @@ class Activations:
 
     def batch(self, index: int) -> torch.Tensor:
         cfg, device = self.cfg, self.device
-        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + index + 1)
+        gen = generator(cfg.seed, "synthetic.batch", index, device=device)
         shape = (self.batch_size, cfg.n_features)
         active = torch.rand(shape, generator=gen, device=device) < self.frequencies
         magnitudes = cfg.min_magnitude + (cfg.max_magnitude - cfg.min_magnitude) * torch.rand(

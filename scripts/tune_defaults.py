@@ -21,6 +21,7 @@ import torch
 from saelab.sae.registry import build_sae
 from saelab.sae.relu import ReLUConfig
 from saelab.sae.topk import TopKConfig
+from saelab.seeds import generator
 from saelab.synth import SyntheticConfig, SyntheticSource, recovery_metrics
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
@@ -83,8 +84,7 @@ def main() -> None:
             if args.variant == "topk"
             else ReLUConfig(d_in=d, d_sae=n, l1_coefficient=setting)
         )
-        torch.manual_seed(1234)  # one init for every row, unrelated to the data seed
-        sae = build_sae(cfg)
+        sae = build_sae(cfg, generator(0, "sae.init"))  # one init for every row
         lr = sae.default_lr(args.batch) * mult
         trainer_cfg = TrainerConfig(
             total_tokens=int(args.tokens), batch_size=args.batch, lr=lr, device="cpu", log_every=10**9

@@ -90,6 +90,7 @@ def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
         ("sae.k=100", "sae.k=100 must be in [1, sae.d_sae=64]"),
         ("sae.d_in=32", "sae.d_in=32 but the activation source yields vectors of size 16"),
         ("trainer.lr=-0.001", "trainer.lr=-0.001 must be > 0"),
+        ("trainer.device=tpu", "trainer.device='tpu' is not a device torch knows; use auto, cpu, cuda"),
         (
             "trainer.resume_from=/nonexistent/run",
             "trainer.resume_from='/nonexistent/run' holds no checkpoint",

@@ -72,19 +72,21 @@ def test_bad_synthetic_config_names_the_field(fields, field):
 
 
 def train(make_sae, source, steps=2000, batch_size=512):
-    torch.manual_seed(1234)  # the SAE initialisation; not the data seed, or TopK would start at the features
+    torch.manual_seed(1234)  # the SAE initialisation (independent of the data streams, saelab.seeds)
     cfg = TrainerConfig(total_tokens=steps * batch_size, batch_size=batch_size, device="cpu")
     return Trainer(make_sae(), cfg).fit(source).sae
 
 
 def test_gba_recovers_the_toy_features_and_beats_topk_k30():
     """The GBA paper's toy (128 features in d=42, half the rows 3-sparse, half 20-sparse): with default settings
-    and the same budget, GBA recovers >= 95% of the features at cosine >= 0.9; TopK with k=30 does not."""
+    and the same budget, GBA recovers >= 93% of the features at cosine >= 0.9; TopK with k=30 does not.
+    Across initialisations GBA recovers 94.5-98.4% here (five inits, 2026-11-30; BENCHMARKS.md): the former
+    >= 95% bound held for one draw of the data and init, not for the method."""
     source = SyntheticSource(gba_toy_config())
     gba = train(lambda: GroupBiasAdaptationSAE(GBAConfig(d_in=42, d_sae=512)), source)
     topk = train(lambda: TopKSAE(TopKConfig(d_in=42, d_sae=512, k=30)), source)
     gba_rec = recovery_metrics(source.features, gba.W_dec.detach())
     topk_rec = recovery_metrics(source.features, topk.W_dec.detach())
-    assert gba_rec["frac_recovered"] >= 0.95, gba_rec
+    assert gba_rec["frac_recovered"] >= 0.93, gba_rec
     assert gba_rec["frac_recovered"] > topk_rec["frac_recovered"] + 0.3, (gba_rec, topk_rec)
     assert gba_rec["mmcs"] > topk_rec["mmcs"]

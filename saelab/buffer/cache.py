@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from saelab.atomic import atomic_file, make_temporary_directory, remove_stale_temporaries, replace_directory
+from saelab.seeds import derive_seed
 
 FORMAT = "saelab-activation-cache"
 VERSION = 2
@@ -397,7 +398,9 @@ class ActivationCache:
     # ----------------------------------------------------------- reading
     def _groups(self, epoch: int, seed: int, group_rows: int) -> list[list[int]]:
         """Shards of one epoch in shuffled order, packed into groups of at least group_rows rows."""
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.shard_rows))
+        order = np.random.default_rng(derive_seed(seed, "cache.order", epoch)).permutation(
+            len(self.shard_rows)
+        )
         groups: list[list[int]] = [[]]
         size = 0
         for i in order.tolist():
@@ -419,7 +422,7 @@ class ActivationCache:
                     skip -= n
                     continue
                 rows = torch.cat([self.shard(hook, i) for i in group])
-                perm = np.random.default_rng([seed, epoch, g]).permutation(n)
+                perm = np.random.default_rng(derive_seed(seed, "cache.rows", epoch, g)).permutation(n)
                 yield rows[torch.from_numpy(perm[skip:])]
                 skip = 0
             epoch += 1

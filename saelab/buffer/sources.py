@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from saelab.harvest.config import ModelSourceConfig
+from saelab.seeds import derive_seed
 from saelab.sources import register_source
 
 
@@ -50,7 +51,8 @@ class ModelSource:
         rows = harvest_rows(self.pipeline, cfg.model_batch_size, skip=skip, repeat=True)
         nbytes = cfg.buffer_tokens * self.d_in * 4
         device = buffer_device(cfg.buffer_device, self.train_device, nbytes)
-        buffer = MixingBuffer(cfg.buffer_tokens, self.d_in, batch_size, device, seed=cfg.seed + start_batch)
+        seed = derive_seed(cfg.seed, "mixing.shuffle", start_batch)
+        buffer = MixingBuffer(cfg.buffer_tokens, self.d_in, batch_size, device, seed=seed)
         return buffer.batches(acts[cfg.hook_name] for acts, _, _ in rows)
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from saelab.eval.clustering import adjusted_mutual_information, spectral_clustering, spherical_kmeans
 from saelab.eval.codes import Codes
+from saelab.seeds import derive_seed, generator
 
 
 class CooccurrenceStats:
@@ -33,7 +34,7 @@ class CooccurrenceStats:
     @classmethod
     def random_subset(cls, d_sae: int, size: int, seed: int = 0, device: torch.device | str = "cpu"):
         """Track min(size, d_sae) latents drawn uniformly without replacement."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = generator(seed, "eval.cooccurrence_latents")
         chosen = torch.randperm(d_sae, generator=gen)[: min(size, d_sae)].sort().values
         return cls(chosen.to(device), d_sae)
 
@@ -81,9 +82,10 @@ def cooccurrence_vs_geometry(
         return {"n_latents": kept, "n_clusters": 0}
     affinity = stats.phi()[keep][:, keep].clamp_min(0.0).cpu()
     affinity.fill_diagonal_(0.0)
-    cooc_labels = spectral_clustering(affinity, k, seed=seed)
-    dec_labels = spherical_kmeans(W_dec.detach()[stats.latents[keep]].cpu(), k, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
+    cooc_labels = spectral_clustering(affinity, k, seed=derive_seed(seed, "eval.cooccurrence_clusters"))
+    directions = W_dec.detach()[stats.latents[keep]].cpu()
+    dec_labels = spherical_kmeans(directions, k, seed=derive_seed(seed, "eval.decoder_clusters"))
+    gen = generator(seed, "eval.shuffles")
     shuffled = torch.tensor(
         [
             adjusted_mutual_information(cooc_labels, dec_labels[torch.randperm(kept, generator=gen)])

@@ -44,7 +44,7 @@ def evaluate_from_config(cfg: DictConfig, output_dir: str | Path | None = None) 
     logging_cfg.validate()
     base = output_dir or cfg.output_dir
     out = Path(base) if base is not None else (hydra_output_dir() or Path("outputs")) / "eval"
-    device = resolve_device(eval_cfg.device)
+    device = resolve_device(eval_cfg.device, "eval.device")
     sae = load_sae(cfg.sae_path, device=device)
     source = build_source(to_dataclass(cfg.source, "source"), device)
     result = evaluate(sae, source, eval_cfg, progress=logging_cfg.progress)

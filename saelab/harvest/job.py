@@ -57,7 +57,7 @@ def run_harvest(cfg: HarvestRunConfig, pipeline: HarvestPipeline | None = None) 
     src.validate()
     hooks = list(cfg.hook_names) or [src.hook_name]
     if pipeline is None:
-        pipeline = build_pipeline(src, hooks, resolve_device(src.device))
+        pipeline = build_pipeline(src, hooks, resolve_device(src.device, "source.device"))
     widths = hook_widths(pipeline.harvester)
     writer = CacheWriter(
         cfg.output_dir, widths, cfg.dtype, cfg.shard_tokens, fingerprint(cfg, hooks), cfg.overwrite

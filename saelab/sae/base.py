@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saelab.atomic import atomic_directory
+from saelab.checks import check_number
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -48,10 +49,8 @@ class SAEConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field for any inconsistent value."""
-        if self.d_in <= 0:
-            raise ValueError(f"sae.d_in must be a positive integer, got {self.d_in}.")
-        if self.d_sae <= 0:
-            raise ValueError(f"sae.d_sae must be a positive integer, got {self.d_sae}.")
+        for name in ("d_in", "d_sae", "expansion_factor"):
+            check_number(f"sae.{name}", getattr(self, name), low=1, integer=True)
         if self.dtype not in DTYPES:
             raise ValueError(f"sae.dtype={self.dtype!r} is not one of {sorted(DTYPES)}.")
 
@@ -98,7 +97,8 @@ class TrainOutput:
 
 
 class SAE(nn.Module):
-    """Base sparse autoencoder. Subclasses set `config_class` and implement `encode` and `training_forward`."""
+    """Base sparse autoencoder. Subclasses set `config_class` and implement `encode_rows` and `training_forward`;
+    `encode` and `forward` accept [..., d_in] inputs of any float dtype for all of them."""
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     #: Variants whose decoder rows are kept at unit norm during training.
@@ -111,12 +111,13 @@ class SAE(nn.Module):
     #: Saved tensors that hold NaN while "not estimated yet" (e.g. BatchTopK's threshold before training).
     unset_when_nan: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
+        """generator: draws the random initialisation (None: torch's global generator)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.create_parameters(DTYPES[cfg.dtype])
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
     def create_parameters(self, dtype: torch.dtype) -> None:
         """Register the weights (values are set by reset_parameters). Tied variants register fewer."""
@@ -134,11 +135,16 @@ class SAE(nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights; inputs are cast to it."""
+        return self.b_dec.dtype
+
     # ----------------------------------------------------------------- init
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Decoder rows random unit directions, encoder tied to the decoder transpose, biases zero."""
         with torch.no_grad():
-            w = torch.randn(self.d_sae, self.d_in, dtype=torch.float32)
+            w = torch.randn(self.d_sae, self.d_in, dtype=torch.float32, generator=generator)
             w /= w.norm(dim=1, keepdim=True)
             self.W_dec.copy_(w)
             self.W_enc.copy_(w.T)
@@ -155,26 +161,39 @@ class SAE(nn.Module):
         """x [B, d_in] -> pre-activations [B, n]."""
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
-    def encode(self, x: Tensor) -> Tensor:
-        """x [B, d_in] -> dense codes z [B, n]."""
+    def encode(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """x [..., d_in] (cast to the SAE's dtype) -> dense codes z [..., n]; kwargs go to `encode_rows`."""
+        return self.encode_rows(self.flat_input(x), **kwargs).reshape(*x.shape[:-1], self.d_sae)
+
+    def encode_rows(self, x: Tensor) -> Tensor:
+        """x [B, d_in] in the SAE's dtype -> dense codes z [B, n]. Each variant implements this."""
         raise NotImplementedError
 
     def decode(self, z: Tensor) -> Tensor:
-        """z [B, n] -> x_hat [B, d_in]."""
-        return z @ self.W_dec + self.b_dec
+        """z [..., n] (cast to the SAE's dtype) -> x_hat [..., d_in]."""
+        return z.to(self.dtype) @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x [..., d_in] -> reconstruction [..., d_in]; leading dims are flattened and restored."""
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """x [..., d_in] (cast to the SAE's dtype) -> reconstruction [..., d_in]."""
+        return self.reconstruct_rows(self.flat_input(x), **kwargs).reshape(x.shape)
+
+    def reconstruct_rows(self, x: Tensor) -> Tensor:
+        """x [B, d_in] in the SAE's dtype -> x_hat [B, d_in]; variants with a faster path override it."""
+        return self.decode(self.encode_rows(x))
+
+    def flat_input(self, x: Tensor) -> Tensor:
+        """x [..., d_in] -> [B, d_in] in the SAE's dtype (B = product of the leading dims)."""
         self.check_input(x)
-        flat = x.reshape(-1, self.d_in)
-        return self.decode(self.encode(flat)).reshape(x.shape)
+        return x.reshape(-1, self.d_in).to(self.dtype)
 
     def check_input(self, x: Tensor) -> None:
-        if x.shape[-1] != self.d_in:
+        if x.ndim == 0 or x.shape[-1] != self.d_in:
             raise ValueError(
-                f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}; "
+                f"input has shape {tuple(x.shape)} but this SAE takes [..., d_in={self.d_in}]; "
                 "pass activations from the hook the SAE was trained on."
             )
+        if not x.is_floating_point():
+            raise TypeError(f"input has dtype {x.dtype}; pass floating-point activations.")
 
     # ------------------------------------------------------------ training
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
@@ -266,6 +285,24 @@ class SAE(nn.Module):
         """Build an untrained SAE of this class from a config dict (unknown keys are ignored)."""
         names = {f.name for f in dataclasses.fields(cls.config_class)}
         return cls(cls.config_class(**{k: v for k, v in data.items() if k in names}))
+
+
+class SparseCodes:
+    """Mixin of variants with k-sparse codes: `encode_sparse` on [..., d_in] inputs and a sparse `forward`.
+
+    The variant implements `encode_sparse_rows(x [B, d_in], k) -> (values [B, w], indices [B, w])` and
+    `decode_sparse(values [B, w], indices [B, w]) -> x_hat [B, d_in]`.
+    """
+
+    def encode_sparse(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """x [..., d_in] (cast to the SAE's dtype) -> (values [..., w], indices [..., w])."""
+        values, indices = self.encode_sparse_rows(self.flat_input(x), k)
+        lead = x.shape[:-1]
+        return values.reshape(*lead, values.shape[-1]), indices.reshape(*lead, indices.shape[-1])
+
+    def reconstruct_rows(self, x: Tensor) -> Tensor:
+        """x [B, d_in] -> x_hat [B, d_in] through the sparse codes (O(B * w * d_in) decode)."""
+        return self.decode_sparse(*self.encode_sparse_rows(x))
 
 
 def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:

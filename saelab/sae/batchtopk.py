@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saelab.checks import check_number
 from saelab.kernels import SlotPlan, sparse_decode_groups, sparse_encoder_values, topk_select
 from saelab.kernels.auxk import select_auxk
 from saelab.sae import global_batch
@@ -33,8 +34,7 @@ class BatchTopKConfig(TopKConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0 <= self.threshold_decay < 1:
-            raise ValueError(f"sae.threshold_decay={self.threshold_decay} must be in [0, 1).")
+        check_number("sae.threshold_decay", self.threshold_decay, low=0, high=1, high_open=True)
 
 
 @register("batchtopk")
@@ -46,8 +46,8 @@ class BatchTopKSAE(TopKSAE):
     saelens_architecture = "jumprelu"
     unset_when_nan = frozenset({"threshold"})
 
-    def __init__(self, cfg: BatchTopKConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: BatchTopKConfig, generator: torch.Generator | None = None):
+        super().__init__(cfg, generator)
         # NaN until the first training batch; saved with the weights.
         self.register_buffer("threshold", torch.full((), float("nan"), dtype=self.W_dec.dtype))
 
@@ -105,7 +105,7 @@ class BatchTopKSAE(TopKSAE):
         return {**tensors, "threshold": first.reshape(())}
 
     # ----------------------------------------------------------- inference
-    def encode(self, x: Tensor) -> Tensor:
+    def encode_rows(self, x: Tensor) -> Tensor:
         """x [B, d_in] -> z [B, n] = pre * (pre > threshold)."""
         if bool(self.threshold.isnan()):
             raise RuntimeError(
@@ -115,18 +115,13 @@ class BatchTopKSAE(TopKSAE):
         pre = self.pre_activations(x)
         return pre * (pre > self.threshold)
 
-    def encode_sparse(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+    def encode_sparse_rows(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
         """x [B, d_in] -> threshold codes as (values [B, w], indices [B, w]), w = the batch's largest row L0
         (k, if given, caps w); slots past a row's own L0 hold value 0."""
-        z = self.encode(x)
+        z = self.encode_rows(x)
         width = max(int((z > 0).sum(dim=1).max()), 1)
         values, indices = z.topk(min(width, k or width), dim=1, sorted=False)
         return values, indices
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        flat = x.reshape(-1, self.d_in)
-        return self.decode_sparse(*self.encode_sparse(flat)).reshape(x.shape)
 
     # ------------------------------------------------------------ training
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:

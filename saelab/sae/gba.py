@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from saelab.checks import check_number
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput, geometric_median
 from saelab.sae.registry import register
 from saelab.sae.topk import fraction_of_variance_unexplained
@@ -76,8 +77,9 @@ class GBAConfig(SAEConfig):
         super().validate()
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"sae.activation={self.activation!r} must be one of {list(ACTIVATIONS)}.")
-        if not 1 <= self.n_groups <= self.d_sae:
-            raise ValueError(f"sae.n_groups={self.n_groups} must be in [1, sae.d_sae={self.d_sae}].")
+        check_number("sae.n_groups", self.n_groups, low=1, high=self.d_sae, integer=True)
+        for name in ("target_freq_min", "target_freq_max", "dead_freq", "bias_lr", "bias_floor"):
+            check_number(f"sae.{name}", getattr(self, name), low=0)
         if not 0 < self.target_freq_min <= self.target_freq_max <= 1:
             raise ValueError(
                 f"need 0 < sae.target_freq_min ({self.target_freq_min}) <= sae.target_freq_max "
@@ -87,14 +89,11 @@ class GBAConfig(SAEConfig):
             raise ValueError(
                 f"sae.dead_freq={self.dead_freq} must be in [0, sae.target_freq_min={self.target_freq_min})."
             )
-        if self.update_every < 1:
-            raise ValueError(
-                f"sae.update_every={self.update_every} must be >= 1 (steps between bias updates)."
-            )
-        if self.bias_lr <= 0:
-            raise ValueError(f"sae.bias_lr={self.bias_lr} must be > 0.")
-        if self.bias_floor <= 0:
-            raise ValueError(f"sae.bias_floor={self.bias_floor} must be > 0.")
+        check_number(
+            "sae.update_every", self.update_every, low=1, integer=True, hint="Steps between bias updates."
+        )
+        check_number("sae.bias_lr", self.bias_lr, low=0, low_open=True)
+        check_number("sae.bias_floor", self.bias_floor, low=0, low_open=True)
 
 
 @register("gba")
@@ -137,10 +136,10 @@ class GroupBiasAdaptationSAE(SAE):
         return -self.cfg.bias_floor * self.input_norm
 
     # ----------------------------------------------------------------- init
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """w_m random unit directions, a_m = 1, biases zero."""
         with torch.no_grad():
-            w = torch.randn(self.d_in, self.d_sae, dtype=torch.float32)
+            w = torch.randn(self.d_in, self.d_sae, dtype=torch.float32, generator=generator)
             self.W_enc.copy_(w / w.norm(dim=0, keepdim=True))
             self.b_enc.zero_()
             self.out_scale.fill_(1.0)
@@ -160,7 +159,7 @@ class GroupBiasAdaptationSAE(SAE):
             quantile = proj[:, cols].topk(rank, dim=0).values[-1]
             self.b_enc[cols] = (-quantile).clamp(min=float(self.bias_min), max=0.0)
         self.out_scale.fill_(1.0)
-        shape = self.decode(self.encode(x)) - self.b_dec
+        shape = self.decode(self.encode_rows(x)) - self.b_dec
         fit = (shape * centered).sum() / shape.pow(2).sum().clamp_min(1e-12)
         self.out_scale.fill_(float(fit) if fit > 0 else 1.0)
 
@@ -175,11 +174,12 @@ class GroupBiasAdaptationSAE(SAE):
             return (pre - self.b_enc) * (pre > 0)
         return pre.relu()
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode_rows(self, x: Tensor) -> Tensor:
         return self.activate(self.pre_activations(x))
 
     def decode(self, z: Tensor) -> Tensor:
-        return (z * self.out_scale) @ self.W_enc.T + self.b_dec
+        """z [..., n] -> x_hat [..., d_in] = (z * a) @ W_enc^T + b_pre."""
+        return (z.to(self.dtype) * self.out_scale) @ self.W_enc.T + self.b_dec
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -32,7 +32,7 @@ class JumpReLUSAE(SAE):
         super().create_parameters(dtype)
         self.threshold = nn.Parameter(torch.zeros(self.d_sae, dtype=dtype))
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode_rows(self, x: Tensor) -> Tensor:
         """x [B, d_in] -> z [B, n] = ReLU(pre) * (pre > threshold)."""
         pre = self.pre_activations(x)
         return pre.relu() * (pre > self.threshold)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
+from saelab.checks import check_number
+from saelab.sae.base import SAE, SAEConfig, SparseCodes, TrainContext, TrainOutput
 from saelab.sae.registry import register
 from saelab.sae.topk import fraction_of_variance_unexplained
 
@@ -56,18 +57,15 @@ class MPConfig(SAEConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.k < 1:
-            raise ValueError(f"sae.k={self.k} must be >= 1 (the number of pursuit steps).")
-        if self.aux_k < 0:
-            raise ValueError(f"sae.aux_k={self.aux_k} must be >= 0 (0 means d_in // 2).")
-        if self.aux_k_coef < 0:
-            raise ValueError(f"sae.aux_k_coef={self.aux_k_coef} must be >= 0 (0 disables the revival term).")
+        check_number("sae.k", self.k, low=1, integer=True, hint="It is the number of pursuit steps.")
+        check_number("sae.aux_k", self.aux_k, low=0, integer=True, hint="0 means d_in // 2.")
+        check_number("sae.aux_k_coef", self.aux_k_coef, low=0, hint="0 disables the revival term.")
         if self.gram not in GRAM_MODES:
             raise ValueError(f"sae.gram={self.gram!r} must be one of {list(GRAM_MODES)}.")
 
 
 @register("mp")
-class MatchingPursuitSAE(SAE):
+class MatchingPursuitSAE(SparseCodes, SAE):
     config_class = MPConfig
     required_fields = ("d_in", "d_sae", "k")
     unit_norm_decoder = True
@@ -82,10 +80,10 @@ class MatchingPursuitSAE(SAE):
         """[d_in, n]: the encoder is the dictionary transpose (tied weights)."""
         return self.W_dec.T
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Dictionary rows random unit directions, b_dec zero."""
         with torch.no_grad():
-            w = torch.randn(self.d_sae, self.d_in, dtype=torch.float32)
+            w = torch.randn(self.d_sae, self.d_in, dtype=torch.float32, generator=generator)
             self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
             self.b_dec.zero_()
 
@@ -132,7 +130,7 @@ class MatchingPursuitSAE(SAE):
         return torch.stack(values, dim=1), torch.stack(indices, dim=1), residual
 
     # ----------------------------------------------------------- inference
-    def encode_sparse(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+    def encode_sparse_rows(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
         """x [B, d_in] -> (values [B, k], indices [B, k]); an atom picked twice has its total in its first slot
         and 0 in the later ones, so every nonzero slot is a distinct active latent."""
         values, indices, _ = self.pursuit(x, k)
@@ -146,18 +144,16 @@ class MatchingPursuitSAE(SAE):
         out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
         return out + self.b_dec if with_bias else out
 
-    def encode(self, x: Tensor, k: int | None = None) -> Tensor:
-        """x [B, d_in] -> dense codes z [B, n]; k overrides the number of pursuit steps."""
+    def encode_rows(self, x: Tensor, k: int | None = None) -> Tensor:
+        """x [B, d_in] -> dense codes z [B, n]; k overrides the number of pursuit steps (`encode(x, k=...)`)."""
         values, indices, _ = self.pursuit(x, k)
         z = torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=x.device)
         return z.scatter_add(1, indices, values)
 
-    def forward(self, x: Tensor, k: int | None = None) -> Tensor:
-        """x [..., d_in] -> reconstruction x - r_k [..., d_in]; k overrides the number of pursuit steps."""
-        self.check_input(x)
-        flat = x.reshape(-1, self.d_in)
-        _, _, residual = self.pursuit(flat, k)
-        return (flat - residual).reshape(x.shape)
+    def reconstruct_rows(self, x: Tensor, k: int | None = None) -> Tensor:
+        """x [B, d_in] -> x - r_k [B, d_in]; k overrides the number of pursuit steps (`sae(x, k=...)`)."""
+        _, _, residual = self.pursuit(x, k)
+        return x - residual
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

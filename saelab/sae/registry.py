@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from saelab.sae.base import SAE, SAEConfig
 
 _REGISTRY: dict[str, type[SAE]] = {}
@@ -36,9 +38,10 @@ def available_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_sae(cfg: SAEConfig) -> SAE:
-    """Instantiate the variant named by cfg.architecture (cfg must be that variant's config class)."""
+def build_sae(cfg: SAEConfig, generator: torch.Generator | None = None) -> SAE:
+    """Instantiate the variant named by cfg.architecture (cfg must be that variant's config class).
+    generator draws the random initialisation (None: torch's global generator)."""
     cls = get_sae_class(cfg.architecture)
     if not isinstance(cfg, cls.config_class):
         raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(cfg).__name__}")
-    return cls(cfg)
+    return cls(cfg, generator)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saelab.checks import check_number
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
 from saelab.sae.registry import register
 from saelab.sae.topk import fraction_of_variance_unexplained
@@ -29,12 +30,9 @@ class ReLUConfig(SAEConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.l1_coefficient < 0:
-            raise ValueError(f"sae.l1_coefficient={self.l1_coefficient} must be >= 0.")
-        if not 0 <= self.l1_warmup_frac <= 1:
-            raise ValueError(f"sae.l1_warmup_frac={self.l1_warmup_frac} must be in [0, 1].")
-        if self.init_decoder_norm <= 0:
-            raise ValueError(f"sae.init_decoder_norm={self.init_decoder_norm} must be > 0.")
+        check_number("sae.l1_coefficient", self.l1_coefficient, low=0)
+        check_number("sae.l1_warmup_frac", self.l1_warmup_frac, low=0, high=1)
+        check_number("sae.init_decoder_norm", self.init_decoder_norm, low=0, low_open=True)
 
 
 @register("relu", "standard")
@@ -43,13 +41,13 @@ class ReLUSAE(SAE):
     saelens_architecture = "standard"
     cfg: ReLUConfig
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        super().reset_parameters(generator)
         with torch.no_grad():
             self.W_dec.mul_(self.cfg.init_decoder_norm)
             self.W_enc.copy_(self.W_dec.T)
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode_rows(self, x: Tensor) -> Tensor:
         return self.pre_activations(x).relu()
 
     def l1_coefficient_at(self, step: int, total_steps: int) -> float:
@@ -63,7 +61,7 @@ class ReLUSAE(SAE):
         return 2.5 * super().default_lr(batch_size)
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
-        z = self.encode(x)
+        z = self.encode_rows(x)
         x_hat = self.decode(z)
         mse = (x - x_hat).pow(2).sum(dim=-1).mean()
         l1 = (z * self.W_dec.norm(dim=1)).sum(dim=-1).mean()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saelab.checks import check_number
 from saelab.kernels import (
     SlotPlan,
     dead_topk,
@@ -28,7 +29,7 @@ from saelab.kernels import (
 )
 from saelab.kernels.auxk import AuxSelection, gathered_auxk_decode, select_auxk
 from saelab.sae import global_batch
-from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
+from saelab.sae.base import SAE, SAEConfig, SparseCodes, TrainContext, TrainOutput
 from saelab.sae.registry import register
 
 
@@ -43,14 +44,13 @@ class TopKConfig(SAEConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0 < self.k <= self.d_sae:
+        check_number("sae.k", self.k, low=1, integer=True)
+        if self.k > self.d_sae:
             raise ValueError(
                 f"sae.k={self.k} must be in [1, sae.d_sae={self.d_sae}]; lower k or widen the SAE."
             )
-        if self.aux_k < 0:
-            raise ValueError(f"sae.aux_k={self.aux_k} must be >= 0 (0 means d_in // 2).")
-        if self.aux_k_coef < 0:
-            raise ValueError(f"sae.aux_k_coef={self.aux_k_coef} must be >= 0 (0 disables AuxK).")
+        check_number("sae.aux_k", self.aux_k, low=0, integer=True, hint="0 means d_in // 2.")
+        check_number("sae.aux_k_coef", self.aux_k_coef, low=0, hint="0 disables AuxK.")
 
 
 def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -65,7 +65,7 @@ def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 @register("topk")
-class TopKSAE(SAE):
+class TopKSAE(SparseCodes, SAE):
     config_class = TopKConfig
     saelens_architecture = "topk"
     required_fields = ("d_in", "d_sae", "k")
@@ -132,7 +132,7 @@ class TopKSAE(SAE):
         values, indices = topk_select(pre, k)
         return values.relu(), indices
 
-    def encode_sparse(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+    def encode_sparse_rows(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
         """x [B, d_in] -> (values [B, k], indices [B, k])."""
         return self.select(self.pre_activations(x), k or self.cfg.k)
 
@@ -140,16 +140,11 @@ class TopKSAE(SAE):
         """(values [B, k], indices [B, k]) -> x_hat [B, d_in], via an embedding bag with a sparse backward."""
         return sparse_decode(values, indices, self.W_dec, self.b_dec if with_bias else None)
 
-    def encode(self, x: Tensor) -> Tensor:
-        values, indices = self.encode_sparse(x)
+    def encode_rows(self, x: Tensor) -> Tensor:
+        values, indices = self.encode_sparse_rows(x)
         return torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=x.device).scatter_(
             1, indices, values
         )
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        flat = x.reshape(-1, self.d_in)
-        return self.decode_sparse(*self.encode_sparse(flat)).reshape(x.shape)
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         k, aux = self.cfg.k, None

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from saelab.checks import check_number
+
 #: trainer.autocast_dtype values -> the autocast dtype (None: no autocast); "auto" is resolved by the trainer.
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bfloat16": torch.bfloat16}
 AUTOCAST_CHOICES = ("auto", *AUTOCAST_DTYPES)
@@ -58,31 +60,54 @@ class TrainerConfig:
         return self.dead_window_tokens or min(10_000_000, max(self.total_tokens // 20, 10 * self.batch_size))
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending trainer field."""
-        positive = ("total_tokens", "batch_size", "log_every", "dead_check_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"trainer.{name}={getattr(self, name)} must be > 0.")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"trainer.lr={self.lr} must be > 0 (or null for the automatic default).")
+        """Raise ValueError naming the offending trainer field and the fix."""
+        for name in ("total_tokens", "batch_size", "log_every", "dead_check_every", "keep_checkpoints"):
+            check_number(f"trainer.{name}", getattr(self, name), low=1, integer=True)
+        for name in ("dead_window_tokens", "checkpoint_every", "eval_every", "eval_batches"):
+            check_number(f"trainer.{name}", getattr(self, name), low=0, integer=True, hint="0 disables it.")
+        check_number("trainer.seed", self.seed, integer=True)
+        if self.total_tokens < self.batch_size:
+            raise ValueError(
+                f"trainer.total_tokens={self.total_tokens} is smaller than one batch "
+                f"(trainer.batch_size={self.batch_size}); raise total_tokens or lower batch_size."
+            )
+        if self.lr is not None:
+            check_number(
+                "trainer.lr", self.lr, low=0, low_open=True, hint="Use null for the automatic default."
+            )
         for name in ("lr_warmup_frac", "lr_decay_frac"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"trainer.{name}={getattr(self, name)} must be in [0, 1].")
+            check_number(f"trainer.{name}", getattr(self, name), low=0, high=1)
         if self.lr_warmup_frac + self.lr_decay_frac > 1:
             raise ValueError("trainer.lr_warmup_frac + trainer.lr_decay_frac must be <= 1.")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ValueError("trainer.adam_beta1 and trainer.adam_beta2 must be in [0, 1).")
-        for name in ("grad_clip_norm", "dead_window_tokens", "checkpoint_every", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 disables it).")
+        for name in ("adam_beta1", "adam_beta2"):
+            check_number(f"trainer.{name}", getattr(self, name), low=0, high=1, high_open=True)
+        check_number(
+            "trainer.adam_eps",
+            self.adam_eps,
+            low=0,
+            low_open=True,
+            hint="Adam divides by sqrt(v) + eps; 1e-8 is usual.",
+        )
+        check_number("trainer.grad_clip_norm", self.grad_clip_norm, low=0, hint="0 disables clipping.")
         if self.autocast_dtype not in AUTOCAST_CHOICES:
             raise ValueError(
                 f"trainer.autocast_dtype={self.autocast_dtype!r} must be one of {sorted(AUTOCAST_CHOICES)}."
             )
         if self.eval_every and self.eval_batches < 1:
             raise ValueError(f"trainer.eval_batches={self.eval_batches} must be >= 1 when eval_every > 0.")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1.")
+        check_device_name("trainer.device", self.device)
+
+
+def check_device_name(field: str, name: str) -> None:
+    """Raise ValueError unless `name` is "auto" or a device string torch understands (cpu, cuda, cuda:1, mps...)."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"{field}={name!r} is not a device torch knows; use auto, cpu, cuda, cuda:<index> or mps."
+        ) from None
 
 
 @dataclass

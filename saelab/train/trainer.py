@@ -8,6 +8,7 @@ each rank trains on its slice of every global batch and rank 0 alone writes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -20,12 +21,14 @@ from torch import Tensor
 
 from saelab.eval.heldout import heldout_metrics
 from saelab.kernels.auxk import dead_latent_list
-from saelab.sae.base import SAE, TrainContext, TrainOutput
+from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
 from saelab.train import distributed
-from saelab.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from saelab.train.config import AUTOCAST_DTYPES, LoggingConfig, TrainerConfig
+from saelab.train.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from saelab.train.config import AUTOCAST_DTYPES, LoggingConfig, TrainerConfig, check_device_name
 from saelab.train.dead import DeadLatentTracker
+from saelab.train.lock import run_dir_lock
 from saelab.train.logger import RunLogger
+from saelab.train.resume import check_resume_settings
 from saelab.train.schedule import lr_multiplier
 
 #: Device types whose Adam has a fused (single-kernel) implementation; others use the foreach one.
@@ -60,11 +63,18 @@ class TrainResult:
     eval_history: list[dict[str, float]] = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda or cpu; under torchrun a bare `cuda` is this process's GPU (cuda:LOCAL_RANK)."""
+def resolve_device(name: str, field: str = "trainer.device") -> torch.device:
+    """`auto` -> cuda or cpu; under torchrun a bare `cuda` is this process's GPU (cuda:LOCAL_RANK).
+    Raises ValueError naming `field` for an unknown device or a GPU torch cannot see."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return distributed.local_device(torch.device(name))
+    check_device_name(field, name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{field}={name!r} but torch sees no CUDA GPU here; use {field}=cpu (or auto).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{field}={name!r} but the MPS backend is not available; use {field}=cpu (or auto).")
+    return distributed.local_device(device)
 
 
 def norm_scale(x: Tensor) -> float:
@@ -150,6 +160,8 @@ class Trainer:
         self.any_dead, self.dead_latents = False, None
         self.refresh_dead()
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+        #: Last steps at which the inputs, the weights (and optimizer state) and the logged loss were seen finite.
+        self.inputs_checked_at = self.weights_checked_at = self.loss_checked_at = 0
         self.heldout_offset = cfg.eval_batches if cfg.eval_every else 0
         self.heldout: list[Tensor] = []
         self.eval_history: list[dict[str, float]] = []
@@ -167,6 +179,9 @@ class Trainer:
             "heldout_offset": self.heldout_offset,
             # every buffer, the non-persistent ones too (e.g. GBA's bias-update window), so a resume is exact
             "sae_buffers": {name: buf.detach().cpu() for name, buf in self.sae.named_buffers()},
+            # what `from_checkpoint` compares a resumed run's settings with
+            "trainer_config": dataclasses.asdict(self.cfg),
+            "run_config": self.run_config,
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -200,10 +215,17 @@ class Trainer:
         logging: LoggingConfig | None = None,
         output_dir: str | Path | None = None,
         run_config: dict[str, Any] | None = None,
+        sae_config: SAEConfig | None = None,
     ) -> Trainer:
-        """Rebuild a trainer (SAE, optimizer, schedule, tracker, RNG) from a checkpoint to continue the run."""
+        """Rebuild a trainer (SAE, optimizer, schedule, tracker, RNG) from a checkpoint to continue the run.
+
+        Refuses (ValueError naming each field, old -> new) trainer settings, `run_config`'s source section and
+        `sae_config` (the SAE the caller asked for, resolved) that differ from the checkpointed run's, except
+        those that are safe to change (`saelab.train.resume.SAFE_TRAINER_FIELDS`, logging)."""
+        cfg.validate()
         ckpt = resolve_checkpoint(path)
         sae, state = load_checkpoint(ckpt, resolve_device(cfg.device))
+        check_resume_settings(ckpt, state, sae.cfg, cfg, run_config, sae_config)
         sae.train()
         trainer = cls(sae, cfg, logging, output_dir, run_config)
         trainer.load_state_dict(state)
@@ -240,7 +262,12 @@ class Trainer:
         return first
 
     def fit(self, source: BatchSource | Iterator[Tensor]) -> TrainResult:
-        """Train until trainer.total_tokens; returns the SAE with the input scale folded in."""
+        """Train until trainer.total_tokens; returns the SAE with the input scale folded in. Holds the run
+        directory's lock (`saelab.train.lock`) throughout, so a second live run there is refused."""
+        with run_dir_lock(self.output_dir):
+            return self._fit(source)
+
+    def _fit(self, source: BatchSource | Iterator[Tensor]) -> TrainResult:
         cfg, sae = self.cfg, self.sae
         total = cfg.total_steps
         stream = self._stream(source)
@@ -251,7 +278,8 @@ class Trainer:
         logger.start_at(self.step)
         self.refresh_dead()
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
-        window_start, window_tokens, last_check = time.perf_counter(), 0, self.step
+        self.inputs_checked_at = self.weights_checked_at = self.loss_checked_at = self.step
+        window_start, window_tokens = time.perf_counter(), 0
         sae.train()
         try:
             while self.step < total:
@@ -260,13 +288,8 @@ class Trainer:
                 window_tokens += x.shape[0]
                 logger.advance()
                 if self.step % cfg.dead_check_every == 0 or self.step == total:
-                    if not self.dist.all_true(self.finite):
-                        raise ValueError(
-                            f"an activation batch between steps {last_check} and {self.step} contains NaN or Inf; "
-                            "check the activation source (no checkpoint was written for these steps)."
-                        )
+                    self.check_inputs_finite()
                     self.refresh_dead()
-                    last_check = self.step
                 if self.step % cfg.log_every == 0 or self.step == total:
                     elapsed = time.perf_counter() - window_start
                     row = self._metrics_row(out, window_tokens / max(elapsed, 1e-9))
@@ -279,7 +302,9 @@ class Trainer:
                     self.eval_history.append(row)
                     logger.log(self.step, row)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
+                    self.check_finite()
                     self.save_checkpoint()
+            self.check_finite()
             result = self._finish(logger)
         finally:
             logger.close()
@@ -296,7 +321,7 @@ class Trainer:
     def train_step(self, x: Tensor) -> TrainOutput:
         """One optimisation step on a raw batch x [B, d_in] (this rank's slice of the global batch under
         torchrun); no host sync (NaN/Inf inputs are flagged in `self.finite`, checked by `fit` every
-        dead_check_every steps)."""
+        dead_check_every steps and, with the weights, before every save)."""
         cfg, sae = self.cfg, self.sae
         x = x.to(self.device, dtype=sae.W_enc.dtype, non_blocking=True)
         check_batch(x, sae.d_in, self.step)
@@ -337,10 +362,53 @@ class Trainer:
             **means,
         }
         if not math.isfinite(row["loss"]):
+            self.check_inputs_finite()
             raise FloatingPointError(
-                f"loss became {row['loss']} at step {self.step}; lower trainer.lr or check the activations."
+                f"training diverged: the loss became {row['loss']} at step {self.step} although every activation "
+                f"batch was finite (the loss was last logged finite at step {self.loss_checked_at}). The learning "
+                f"rate is likely too high (trainer.lr={self.cfg.lr}, in use {self.lr:.3g}); lower trainer.lr or "
+                f"keep trainer.grad_clip_norm on. {self.checkpoint_note()}"
             )
+        self.loss_checked_at = self.step
         return row
+
+    # ------------------------------------------------------------ finiteness
+    def check_inputs_finite(self) -> None:
+        """Raise ValueError if a batch since the last check held NaN/Inf (one host sync, all ranks)."""
+        if not self.dist.all_true(self.finite):
+            raise ValueError(
+                f"an activation batch between steps {self.inputs_checked_at} and {self.step} contains NaN or Inf; "
+                f"check the activation source. {self.checkpoint_note()}"
+            )
+        self.inputs_checked_at = self.step
+
+    def check_finite(self) -> None:
+        """Before a save: raise unless every input since the last check and every weight and optimizer moment
+        is finite (one host sync; a second one only to word the error)."""
+        tensors = [p.detach() for p in self.sae.parameters()]
+        for param_state in self.optimizer.state.values():
+            tensors += [v for k, v in param_state.items() if k != "step" and torch.is_tensor(v)]
+        weights_ok = torch.stack([t.isfinite().all() for t in tensors]).all()
+        if self.dist.all_true(weights_ok & self.finite):
+            self.inputs_checked_at = self.weights_checked_at = self.step
+            return
+        self.check_inputs_finite()
+        raise FloatingPointError(
+            f"training diverged: the SAE's weights or optimizer state became NaN or Inf between steps "
+            f"{self.weights_checked_at} and {self.step} although every activation batch was finite. The learning "
+            f"rate is likely too high (trainer.lr={self.cfg.lr}, in use {self.lr:.3g}); lower trainer.lr or keep "
+            f"trainer.grad_clip_norm on. {self.checkpoint_note()}"
+        )
+
+    def checkpoint_note(self) -> str:
+        """Which checkpoint a failed run leaves to resume from (each was checked finite before it was written)."""
+        found = list_checkpoints(self.output_dir / "checkpoints") if self.output_dir is not None else []
+        if not found:
+            return "No checkpoint was written."
+        return (
+            f"No checkpoint was written after step {self.weights_checked_at}; the newest one, {found[-1]}, "
+            "holds finite weights (resume from it with trainer.resume_from after fixing the cause)."
+        )
 
     def save_checkpoint(self) -> Path | None:
         if self.output_dir is None:
@@ -351,7 +419,7 @@ class Trainer:
 
     def inference_sae(self) -> SAE:
         """A copy of the SAE that takes raw inputs (input scale folded into its weights)."""
-        folded = type(self.sae)(self.sae.cfg).to(self.device)
+        folded = type(self.sae)(self.sae.cfg, torch.Generator()).to(self.device)  # weights copied below
         folded.load_state_dict(self.sae.state_dict())
         folded.fold_input_scale(self.input_scale)
         folded.cfg.metadata = {**folded.cfg.metadata, "input_scale_folded": self.input_scale}

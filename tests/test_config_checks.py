@@ -1,0 +1,146 @@
+"""Bad numbers are refused naming the field and the fix; SAEs take inputs of any leading shape and dtype."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import saelab
+from saelab.sae.batchtopk import BatchTopKConfig
+from saelab.sae.gba import GBAConfig
+from saelab.sae.jumprelu import JumpReLUConfig
+from saelab.sae.mp import MPConfig
+from saelab.sae.relu import ReLUConfig
+from saelab.sae.topk import TopKConfig
+from saelab.seeds import generator
+from saelab.synth import SyntheticConfig
+from saelab.train.config import TrainerConfig
+from saelab.train.trainer import resolve_device
+
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"device": "tpu"}, "trainer.device='tpu' is not a device torch knows; use auto, cpu, cuda"),
+        ({"adam_eps": -1.0}, "trainer.adam_eps=-1.0 must be > 0"),
+        ({"adam_eps": 0.0}, "trainer.adam_eps=0.0 must be > 0"),
+        ({"lr": INF}, "trainer.lr=inf must be > 0 (a finite number)"),
+        ({"lr": NAN}, "trainer.lr=nan must be > 0 (a finite number)"),
+        ({"grad_clip_norm": NAN}, "trainer.grad_clip_norm=nan must be >= 0 (a finite number). 0 disables"),
+        ({"grad_clip_norm": INF}, "trainer.grad_clip_norm=inf must be >= 0 (a finite number)"),
+        ({"lr_warmup_frac": NAN}, "trainer.lr_warmup_frac=nan must be in [0, 1]"),
+        ({"adam_beta2": NAN}, "trainer.adam_beta2=nan must be in [0, 1)"),
+        ({"batch_size": 2.5}, "trainer.batch_size=2.5 must be >= 1 (an integer)"),
+        (
+            {"total_tokens": 100, "batch_size": 4096},
+            "trainer.total_tokens=100 is smaller than one batch (trainer.batch_size=4096)",
+        ),
+    ],
+)
+def test_trainer_settings_are_refused_naming_the_field(overrides, message):
+    with pytest.raises(ValueError) as err:
+        TrainerConfig(**overrides).validate()
+    assert message in str(err.value)
+
+
+def test_a_gpu_device_without_a_gpu_is_refused_naming_the_field():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(
+        ValueError, match=r"trainer\.device='cuda' but torch sees no CUDA GPU.*trainer\.device=cpu"
+    ):
+        resolve_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (lambda: TopKConfig(d_in=8, d_sae=16, k=2, aux_k_coef=NAN), "sae.aux_k_coef=nan must be >= 0"),
+        (lambda: TopKConfig(d_in=8, d_sae=16, k=2.5), "sae.k=2.5 must be >= 1 (an integer)"),
+        (lambda: BatchTopKConfig(d_in=8, d_sae=16, k=2, aux_k_coef=INF), "sae.aux_k_coef=inf must be >= 0"),
+        (lambda: BatchTopKConfig(d_in=8, d_sae=16, k=2, threshold_decay=NAN), "sae.threshold_decay=nan"),
+        (lambda: MPConfig(d_in=8, d_sae=16, k=2, aux_k_coef=NAN), "sae.aux_k_coef=nan must be >= 0"),
+        (lambda: ReLUConfig(d_in=8, d_sae=16, l1_coefficient=NAN), "sae.l1_coefficient=nan must be >= 0"),
+        (lambda: ReLUConfig(d_in=8, d_sae=16, init_decoder_norm=INF), "sae.init_decoder_norm=inf"),
+        (lambda: GBAConfig(d_in=8, d_sae=16, bias_lr=NAN), "sae.bias_lr=nan"),
+        (lambda: GBAConfig(d_in=8, d_sae=16, target_freq_max=NAN), "sae.target_freq_max=nan"),
+        (
+            lambda: TopKConfig(d_in=8, d_sae=16, k=2, expansion_factor=0),
+            "sae.expansion_factor=0 must be >= 1",
+        ),
+    ],
+)
+def test_sae_settings_are_refused_naming_the_field(config, message):
+    with pytest.raises(ValueError) as err:
+        config().validate()
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"noise_std": NAN}, "source.noise_std=nan must be >= 0"),
+        ({"mean_active": NAN}, "source.mean_active=nan must be >= 0"),
+        ({"max_magnitude": INF}, "source.max_magnitude=inf must be >= 0"),
+        ({"frequency_decay": NAN}, "source.frequency_decay=nan"),
+        ({"seed": 1.5}, "source.seed=1.5 must be an integer"),
+        ({"mean_active": 600.0}, "source.mean_active=600.0 must be in (0, 512]"),
+    ],
+)
+def test_synthetic_settings_are_refused_naming_the_field(overrides, message):
+    with pytest.raises(ValueError) as err:
+        SyntheticConfig(**overrides).validate()
+    assert message in str(err.value)
+
+
+# ----------------------------------------------------------------- inputs of any leading shape and dtype
+def trained_like(config) -> saelab.SAE:
+    """An SAE with random weights and, for BatchTopK, an inference threshold (otherwise set by training)."""
+    sae = saelab.build_sae(config, generator(0, "sae.init")).eval()
+    if hasattr(sae, "threshold") and isinstance(config, BatchTopKConfig):
+        sae.threshold.fill_(0.05)
+    return sae
+
+
+VARIANTS = {
+    "topk": lambda dtype: TopKConfig(d_in=8, d_sae=32, k=3, dtype=dtype),
+    "batchtopk": lambda dtype: BatchTopKConfig(d_in=8, d_sae=32, k=3, dtype=dtype),
+    "mp": lambda dtype: MPConfig(d_in=8, d_sae=32, k=3, dtype=dtype),
+    "gba": lambda dtype: GBAConfig(d_in=8, d_sae=32, dtype=dtype),
+    "relu": lambda dtype: ReLUConfig(d_in=8, d_sae=32, dtype=dtype),
+    "jumprelu": lambda dtype: JumpReLUConfig(d_in=8, d_sae=32, dtype=dtype),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_encode_and_forward_accept_leading_dimensions_like_flat_rows(variant):
+    sae = trained_like(VARIANTS[variant]("float32"))
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    flat = x.reshape(10, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), sae.encode(flat).reshape(2, 5, 32))
+        torch.testing.assert_close(sae(x), sae(flat).reshape(2, 5, 8))
+        if hasattr(sae, "encode_sparse"):
+            values, indices = sae.encode_sparse(x)
+            flat_values, flat_indices = sae.encode_sparse(flat)
+            assert values.shape[:2] == (2, 5)
+            torch.testing.assert_close(values.reshape(10, -1), flat_values)
+            assert torch.equal(indices.reshape(10, -1), flat_indices)
+    with pytest.raises(ValueError, match=r"shape \(2, 5, 7\) but this SAE takes \[\.\.\., d_in=8\]"):
+        sae.encode(torch.randn(2, 5, 7))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_inputs_are_cast_to_the_sae_dtype(variant):
+    sae = trained_like(VARIANTS[variant]("bfloat16"))
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))  # float32 into a bf16 SAE
+    with torch.no_grad():
+        z = sae.encode(x)
+        assert z.dtype == torch.bfloat16
+        torch.testing.assert_close(z, sae.encode(x.bfloat16()))
+        torch.testing.assert_close(sae(x), sae(x.bfloat16()))
+        torch.testing.assert_close(sae.decode(z.float()), sae.decode(z))

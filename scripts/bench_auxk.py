@@ -18,9 +18,7 @@ sees the same dead latents. Prints ms/step and the ratio to idle; --json writes 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import sys
 
 import benchutil
 import torch
@@ -110,17 +108,12 @@ def main() -> None:
         ["run", "ms/step", "vs idle"],
         [[name, f"{step_ms[name]:.1f}", f"{ratio[name]:.2f}x"] for name in runs],
     )
-    benchutil.write_json(
+    benchutil.write_report(
         args.json,
-        {
-            "benchmark": "bench_auxk",
-            "device": benchutil.device_name(device),
-            "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv),
-            "step_ms": step_ms,
-            "vs_idle": ratio,
-        },
+        "bench_auxk",
+        device,
+        step_ms=step_ms,
+        vs_idle=ratio,
     )
 
 

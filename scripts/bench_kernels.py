@@ -13,10 +13,8 @@ configurations are interleaved round by round and the median round is reported (
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import itertools
-import sys
 
 import benchutil
 import torch
@@ -98,16 +96,11 @@ def main() -> None:
         ["configuration", "ms"],
         [[name, f"{value:.2f}"] for name, value in ms.items()],
     )
-    benchutil.write_json(
+    benchutil.write_report(
         args.json,
-        {
-            "benchmark": "bench_kernels",
-            "device": benchutil.device_name(device),
-            "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv),
-            "ms": ms,
-        },
+        "bench_kernels",
+        device,
+        ms=ms,
     )
 
 

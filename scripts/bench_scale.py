@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
 import os
 import sys
@@ -398,17 +397,12 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for row in rows:
             print("| " + " | ".join(row) + " |", flush=True)
-    benchutil.write_json(
+    benchutil.write_report(
         args.json,
-        {
-            "benchmark": "bench_scale",
-            "device": benchutil.device_name(device),
-            "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv),
-            "variants": {name: spec for name, spec in runs.items()},
-            "results": results,
-        },
+        "bench_scale",
+        device,
+        variants={name: spec for name, spec in runs.items()},
+        results=results,
     )
 
 

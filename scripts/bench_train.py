@@ -22,7 +22,6 @@ allocated tensor memory; CPU: growth of the peak resident set) over a few steps.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import gc
 import os
@@ -206,21 +205,16 @@ def main() -> None:
         ["selection", "ms"],
         [[name, f"{ms:.2f}"] for name, ms in select_ms.items()],
     )
-    benchutil.write_json(
+    benchutil.write_report(
         args.json,
-        {
-            "benchmark": "bench_train",
-            "device": benchutil.device_name(device),
-            "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv),
-            "shape": {"d_in": args.d_in, "n": args.n, "k": args.k, "batch": args.batch},
-            "compute_dtype": str(dtype).removeprefix("torch."),
-            "matmul_ms": 1e3 * floor_s,
-            "matmul_tflops": 2 * args.batch * args.d_in * args.n / floor_s / 1e12,
-            "results": results,
-            "selection_ms": select_ms,
-        },
+        "bench_train",
+        device,
+        shape={"d_in": args.d_in, "n": args.n, "k": args.k, "batch": args.batch},
+        compute_dtype=str(dtype).removeprefix("torch."),
+        matmul_ms=1e3 * floor_s,
+        matmul_tflops=2 * args.batch * args.d_in * args.n / floor_s / 1e12,
+        results=results,
+        selection_ms=select_ms,
     )
 
 

@@ -30,7 +30,6 @@ The peers are installed with `pip install -e '.[dev,bench]'` (sae-lens comes wit
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib.metadata
 import os
@@ -462,16 +461,11 @@ def main() -> None:
             columns,
             rows,
         )
-    benchutil.write_json(
+    benchutil.write_report(
         args.json,
-        {
-            "benchmark": "bench_vs_peers",
-            "device": benchutil.device_name(device),
-            "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv),
-            "results": results,
-        },
+        "bench_vs_peers",
+        device,
+        results=results,
     )
 
 

@@ -3,6 +3,7 @@ the encoder-matmul floor, peak-memory probes in fresh processes, and table + JSO
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import platform
@@ -178,6 +179,18 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for row in rows:
         table.add_row(*[str(v) for v in row])
     Console().print(table)
+
+
+def write_report(path: str | None, benchmark: str, device: torch.device, **results: Any) -> None:
+    """`write_json` of the results under a header naming the benchmark, device, torch version, date and command."""
+    header = {
+        "benchmark": benchmark,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+    }
+    write_json(path, {**header, **results})
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:

@@ -292,6 +292,9 @@ def test_bad_settings_are_refused_with_the_field_name(planted):
         collect_features(model, sae, tokens, hook_name=HOOK, cfg=InspectConfig(n_top=0))
     with pytest.raises(ValueError, match="inspect.hist_min"):
         InspectConfig(hist_min=10, hist_max=1).validate()
+    for field, value in (("hist_max", float("inf")), ("hist_min", float("nan")), ("batch_size", 2.5)):
+        with pytest.raises(ValueError, match=f"inspect.{field}"):
+            InspectConfig(**{field: value}).validate()
     with pytest.raises(ValueError, match="no non-special tokens"):
         collect_features(model, sae, torch.zeros(2, T, dtype=torch.long), hook_name=HOOK)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from saelab.checks import check_number
 from saelab.train.config import LoggingConfig
 
 
@@ -44,10 +45,9 @@ class InspectConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending inspect field."""
+        """Raise ValueError naming the offending inspect field and the fix."""
         for name in ("total_tokens", "batch_size", "n_top", "hist_bins", "latents_per_file", "cofiring_cap"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"inspect.{name}={getattr(self, name)} must be > 0.")
+            check_number(f"inspect.{name}", getattr(self, name), low=1, integer=True)
         for name in (
             "n_samples",
             "n_cofiring",
@@ -56,13 +56,16 @@ class InspectConfig:
             "window_before",
             "window_after",
         ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"inspect.{name}={getattr(self, name)} must be >= 0.")
-        if not 0 < self.hist_min < self.hist_max:
-            raise ValueError(
-                f"inspect.hist_min={self.hist_min} and inspect.hist_max={self.hist_max} must satisfy "
-                "0 < hist_min < hist_max."
-            )
+            check_number(f"inspect.{name}", getattr(self, name), low=0, integer=True)
+        check_number("inspect.seed", self.seed, integer=True)
+        check_number("inspect.hist_min", self.hist_min, low=0, low_open=True)
+        check_number(
+            "inspect.hist_max",
+            self.hist_max,
+            low=self.hist_min,
+            low_open=True,
+            hint="It must exceed inspect.hist_min.",
+        )
 
 
 @dataclass

@@ -17,12 +17,11 @@ import torch
 from torch import Tensor
 
 from saelab.checks import check_number
-from saelab.kernels import SlotPlan, sparse_decode_groups, sparse_encoder_values, topk_select
-from saelab.kernels.auxk import select_auxk
+from saelab.kernels import topk_select
 from saelab.sae import global_batch
 from saelab.sae.base import TrainContext, TrainOutput
 from saelab.sae.registry import register
-from saelab.sae.topk import TopKConfig, TopKSAE, fraction_of_variance_unexplained
+from saelab.sae.topk import TopKConfig, TopKSAE
 
 
 @dataclass
@@ -125,34 +124,12 @@ class BatchTopKSAE(TopKSAE):
 
     # ------------------------------------------------------------ training
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
-        aux = None
         with torch.no_grad():
             pre = self.pre_activations(x)
             values, indices = self.select(pre, self.cfg.k)
-            width = values.shape[1]
             self.update_threshold(values)
-            if self.cfg.aux_k_coef > 0 and ctx.any_dead:
-                aux = select_auxk(pre, ctx.dead_mask, ctx.dead_latents, self.aux_k)
+            aux = self.select_aux(pre, ctx)
             del pre
-        sizes = (width,)
-        if aux is not None and not aux.dense:  # one sparse encoder backward serves both sets of codes
-            values = torch.cat([values, aux.values.to(values.dtype)], dim=1)
-            indices = torch.cat([indices, aux.indices], dim=1)
-            sizes = (width, aux.values.shape[1])
-        plan = SlotPlan(indices, self.d_sae)
-        codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec, plan)
-        decoded = sparse_decode_groups(codes, indices, self.W_dec, sizes, plan)
-        x_hat = decoded[:, 0] + self.b_dec
-        fvu = fraction_of_variance_unexplained(x, x_hat)
-        loss = fvu
-        metrics = {"fvu": fvu.detach(), "threshold": self.threshold.clone()}
-        if aux is not None:
-            auxk = self.auxk_error(self.auxk_decode(aux, x, decoded), x - x_hat.detach(), aux.n_dead)
-            loss = loss + self.cfg.aux_k_coef * auxk
-            metrics["auxk"] = auxk.detach()
-        with torch.no_grad():
-            active = codes[:, :width] > 0
-            counts = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
-            fired = counts.index_add_(0, indices[:, :width].reshape(-1), active.reshape(-1).int()) > 0
-            l0 = active.sum(dim=-1).float().mean()
-        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
+        out = self.train_on_codes(x, values, indices, aux)
+        out.metrics["threshold"] = self.threshold.clone()
+        return out

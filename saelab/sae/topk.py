@@ -147,18 +147,30 @@ class TopKSAE(SparseCodes, SAE):
         )
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
-        k, aux = self.cfg.k, None
         with torch.no_grad():
             pre = self.selection_pre_activations(x)
-            values, indices = self.select(pre, k)
-            if self.cfg.aux_k_coef > 0 and ctx.any_dead:
-                aux = select_auxk(pre, ctx.dead_mask, ctx.dead_latents, self.aux_k)
+            values, indices = self.select(pre, self.cfg.k)
+            aux = self.select_aux(pre, ctx)
             del pre
-        sizes = (k,)
+        return self.train_on_codes(x, values, indices, aux)
+
+    def select_aux(self, pre: Tensor, ctx: TrainContext) -> AuxSelection | None:
+        """AuxK's codes from the detached pre-activations [B, n], or None when AuxK is off or nothing is dead."""
+        if self.cfg.aux_k_coef > 0 and ctx.any_dead:
+            return select_auxk(pre, ctx.dead_mask, ctx.dead_latents, self.aux_k)
+        return None
+
+    def train_on_codes(
+        self, x: Tensor, values: Tensor, indices: Tensor, aux: AuxSelection | None
+    ) -> TrainOutput:
+        """FVU (+ AuxK) of x [B, d_in] from no-grad selected codes (values, indices [B, w]), with gradients
+        attached through the sparse kernels: the training pass shared by TopK and BatchTopK."""
+        width = values.shape[1]
+        sizes = (width,)
         if aux is not None and not aux.dense:  # one sparse encoder backward serves the TopK and AuxK codes
             values = torch.cat([values, aux.values.to(values.dtype)], dim=1)
             indices = torch.cat([indices, aux.indices], dim=1)
-            sizes = (k, aux.values.shape[1])
+            sizes = (width, aux.values.shape[1])
         plan = SlotPlan(indices, self.d_sae)  # one sort of the slots serves every sparse backward below
         codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec, plan)
         decoded = sparse_decode_groups(codes, indices, self.W_dec, sizes, plan)
@@ -171,10 +183,9 @@ class TopKSAE(SparseCodes, SAE):
             loss = loss + self.cfg.aux_k_coef * auxk
             metrics["auxk"] = auxk.detach()
         with torch.no_grad():
-            values, indices = codes[:, :k], indices[:, :k]
-            active = values > 0
+            active = codes[:, :width] > 0
             counts = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
-            fired = counts.index_add_(0, indices.reshape(-1), active.reshape(-1).int()) > 0
+            fired = counts.index_add_(0, indices[:, :width].reshape(-1), active.reshape(-1).int()) > 0
             l0 = active.sum(dim=-1).float().mean()
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from saelab.atomic import atomic_file, make_temporary_directory, remove_stale_temporaries, replace_directory
+from saelab.config_diff import changed_settings
 from saelab.seeds import derive_seed
 
 FORMAT = "saelab-activation-cache"
@@ -163,9 +164,9 @@ class CacheWriter:
 
     def _resume(self, progress: dict[str, Any]) -> None:
         old = progress.get("config", {})
-        changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+        changed = changed_settings(old, self.fingerprint)
         if changed:
-            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {self.fingerprint.get(k)!r}" for k in changed)
+            diffs = ", ".join(changed)
             raise ValueError(
                 f"output_dir={self.root} holds an interrupted harvest with different settings ({diffs}); "
                 "rerun with the same settings to resume it, or pass overwrite=true to start over."

@@ -16,7 +16,7 @@ import torch
 from saelab import load_sae
 from saelab.sae.jumprelu import JumpReLUConfig, JumpReLUSAE, JumpReLUWithGate
 from saelab.sae.registry import build_sae
-from saelab.synth import SyntheticConfig, SyntheticSource, recovery_metrics
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource, recovery_metrics
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 

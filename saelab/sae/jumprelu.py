@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from saelab.checks import check_number
+from saelab.core.checks import check_number
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
+from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained
 from saelab.sae.registry import register
-from saelab.sae.topk import fraction_of_variance_unexplained
 
 SPARSITY_LOSSES = ("l0", "tanh")
 
@@ -115,12 +115,11 @@ class JumpReLUSAE(SAE):
     cfg: JumpReLUConfig
     unit_norm_decoder = True
     #: A step on a W-rank split of the batch equals the step on the whole batch (FVU on global statistics).
-    data_parallel: ClassVar[bool] = True
+    data_parallel = True
     saelens_architecture = "jumprelu"
-    saelens_reads: ClassVar[tuple[str, ...]] = ("jumprelu",)
-    dictionary_learning_class: ClassVar[str] = "JumpReluAutoEncoder"
-    dictionary_learning_trainer: ClassVar[str] = "JumpReluTrainer"
-    dictionary_learning_reads: ClassVar[tuple[str, ...]] = ("JumpReluAutoEncoder",)
+    saelens_reads = ("jumprelu",)
+    dictionary_learning_class = "JumpReluAutoEncoder"
+    dictionary_learning_trainer = "JumpReluTrainer"
 
     def create_parameters(self, dtype: torch.dtype) -> None:
         super().create_parameters(dtype)
@@ -187,19 +186,25 @@ class JumpReLUSAE(SAE):
         sparsity = self.sparsity_penalty(z, gate)
         loss = fvu + self.sparsity_coefficient_at(ctx.step, ctx.total_steps) * sparsity
         with torch.no_grad():
-            active = z > 0
+            fired, l0 = dense_activity(z > 0)
             metrics = {
                 "fvu": fvu.detach(),
                 "sparsity": sparsity.detach(),
                 "threshold": self.threshold.mean().detach(),
             }
-            return TrainOutput(
-                loss=loss,
-                x_hat=x_hat,
-                fired=active.any(dim=0),
-                l0=active.sum(dim=-1).float().mean(),
-                metrics=metrics,
-            )
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
+
+    # ------------------------------------------------------------ interop
+    def dictionary_learning_extras(self) -> dict[str, Tensor]:
+        """The per-latent threshold [n]."""
+        return {"threshold": self.threshold.detach().cpu().contiguous()}
+
+    @classmethod
+    def config_from_dictionary_learning(
+        cls, extras: dict[str, Tensor], trainer: dict[str, Any], where: str
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The threshold [n] (checked against d_sae when loaded)."""
+        return {}, {"threshold": extras["threshold"]}
 
     def after_optimizer_step(self) -> None:
         """Unit-norm decoder rows, then thresholds projected to >= 0 (a negative one would pass nothing more

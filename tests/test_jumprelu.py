@@ -53,13 +53,16 @@ def planted_pre(gen: torch.Generator, eps: float) -> tuple[torch.Tensor, torch.T
     return pre, threshold
 
 
-def test_ste_gradients_match_the_papers_pseudo_derivatives(gen):
+@pytest.mark.parametrize("to_input", [False, True])
+def test_ste_gradients_match_the_papers_pseudo_derivatives(gen, to_input):
+    """to_input=False: the paper's estimator (threshold only); True: Anthropic's, where pre also receives the
+    kernel term with the opposite sign (both outputs depend on pre - threshold)."""
     eps = 0.1
     pre, threshold = planted_pre(gen, eps)
     g_z = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     g_gate = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     p, t = pre.clone().requires_grad_(), threshold.clone().requires_grad_()
-    z, gate = JumpReLUWithGate.apply(p, t, eps)
+    z, gate = JumpReLUWithGate.apply(p, t, eps, to_input)
     ((z * g_z).sum() + (gate * g_gate).sum()).backward()
 
     want_z = torch.zeros_like(pre)
@@ -74,7 +77,10 @@ def test_ste_gradients_match_the_papers_pseudo_derivatives(gen):
             want_gate[b, i] = 1.0 if on else 0.0
             want_dpre[b, i] = g_z[b, i] if (on and u > 0) else 0.0  # the Heaviside passes nothing to pre
             k = rect((u - th) / eps)
-            want_dt[i] += g_z[b, i] * (-(th / eps) * k) + g_gate[b, i] * (-(1 / eps) * k)
+            d_threshold = g_z[b, i] * (-(th / eps) * k) + g_gate[b, i] * (-(1 / eps) * k)
+            want_dt[i] += d_threshold
+            if to_input:
+                want_dpre[b, i] -= d_threshold
     assert want_dt.abs().min() > 0  # every latent has entries inside the window
     torch.testing.assert_close(z, want_z, rtol=0, atol=0)
     torch.testing.assert_close(gate, want_gate, rtol=0, atol=0)
@@ -83,8 +89,9 @@ def test_ste_gradients_match_the_papers_pseudo_derivatives(gen):
 
 
 @needs_saelens
-def test_ste_gradients_equal_saelens_deepmind_estimator(gen):
-    """SAELens's JumpReLU / Step autograd functions (ste_to_input=False: DeepMind's estimator) agree."""
+@pytest.mark.parametrize("to_input", [False, True])
+def test_ste_gradients_equal_saelens_estimators(gen, to_input):
+    """SAELens's JumpReLU / Step autograd functions agree (ste_to_input False: DeepMind's, True: Anthropic's)."""
     from sae_lens.saes.jumprelu_sae import JumpReLU, Step
 
     eps = 0.1
@@ -94,9 +101,9 @@ def test_ste_gradients_equal_saelens_deepmind_estimator(gen):
     for fn in ("ours", "theirs"):
         p, t = pre.clone().requires_grad_(), threshold.clone().requires_grad_()
         if fn == "ours":
-            z, gate = JumpReLUWithGate.apply(p, t, eps)
+            z, gate = JumpReLUWithGate.apply(p, t, eps, to_input)
         else:
-            z, gate = JumpReLU.apply(p, t, eps, False), Step.apply(p, t, eps, False)
+            z, gate = JumpReLU.apply(p, t, eps, to_input), Step.apply(p, t, eps, to_input)
         ((z * g_z).sum() + (gate * g_gate).sum()).backward()
         grads.append((p.grad, t.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
@@ -169,6 +176,19 @@ def test_threshold_starts_at_init_threshold_in_the_papers_units():
     torch.testing.assert_close(sae.threshold.detach(), torch.full((8,), 0.008))
 
 
+def test_init_scales_the_encoder_to_the_least_squares_fit(gen):
+    """After the data-dependent init, the reconstruction (without b_dec) of the centred sample needs no further
+    positive rescaling: d/ds ||c - s x_hat||^2 = 0 at s = 1 (threshold 0, so the scale cannot move a gate)."""
+    sae = JumpReLUSAE(JumpReLUConfig(d_in=D_IN, d_sae=D_SAE, dtype="float64", init_threshold=0.0))
+    x = torch.randn(256, D_IN, generator=gen, dtype=torch.float64) + 2.0
+    before = sae.W_enc.detach().clone()
+    sae.initialize_from_sample(x)
+    centred = x - sae.b_dec
+    x_hat = sae.encode(x) @ sae.W_dec
+    assert not torch.allclose(sae.W_enc, before)
+    torch.testing.assert_close((centred * x_hat).sum(), x_hat.pow(2).sum(), rtol=1e-10, atol=0)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -201,14 +221,17 @@ SOURCE = SyntheticConfig(d_in=32, n_features=64, mean_active=3.0, seed=3)
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[JumpReLUSAE, SyntheticSource]:
-    """The defaults (coefficient, warm-up, lr) on planted features: a short CPU run."""
-    torch.manual_seed(0)
-    source = SyntheticSource(SOURCE)
-    sae = build_sae(JumpReLUConfig(d_in=SOURCE.d_in, d_sae=256), torch.Generator().manual_seed(11))
-    trainer = Trainer(
-        sae, TrainerConfig(total_tokens=1500 * 256, batch_size=256, device="cpu", log_every=500)
-    )
-    return trainer.fit(source).sae, source
+    """The defaults (coefficient, warm-up, lr) on planted features: a short CPU run (one thread, as the
+    benchmarks: on a loaded 2-core machine more threads only contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        source = SyntheticSource(SOURCE)
+        sae = build_sae(JumpReLUConfig(d_in=SOURCE.d_in, d_sae=256), torch.Generator().manual_seed(11))
+        cfg = TrainerConfig(total_tokens=1500 * 256, batch_size=256, device="cpu", log_every=500)
+        return Trainer(sae, cfg).fit(source).sae, source
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_training_recovers_planted_features(trained):

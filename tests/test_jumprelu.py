@@ -228,7 +228,7 @@ def trained() -> tuple[JumpReLUSAE, SyntheticSource]:
     try:
         source = SyntheticSource(SOURCE)
         sae = build_sae(JumpReLUConfig(d_in=SOURCE.d_in, d_sae=256), torch.Generator().manual_seed(11))
-        cfg = TrainerConfig(total_tokens=1500 * 256, batch_size=256, device="cpu", log_every=500)
+        cfg = TrainerConfig(total_tokens=2500 * 256, batch_size=256, device="cpu", log_every=500)
         return Trainer(sae, cfg).fit(source).sae, source
     finally:
         torch.set_num_threads(threads)
@@ -241,9 +241,9 @@ def test_training_recovers_planted_features(trained):
     z = sae.encode(x).detach()
     fvu = ((x - sae.decode(z)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     l0 = (z > 0).sum(1).double().mean().item()
-    assert metrics["frac_recovered"] >= 0.9, metrics
-    assert 1.5 <= l0 <= 8, l0
-    assert fvu < 0.2, fvu
+    assert metrics["frac_recovered"] >= 0.95, metrics  # 100% with this seed
+    assert 2 <= l0 <= 6, l0  # 3 features active per row on average
+    assert fvu < 0.15, fvu
     assert (sae.threshold > 0).all() and sae.threshold.std() > 0  # thresholds learned per latent
 
 

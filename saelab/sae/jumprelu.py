@@ -25,7 +25,7 @@ log-threshold turns into a factor, far too slow from a 1e-3 start), projected to
 The reconstruction term is TopK's FVU: the squared error of the paper over the global batch's centred
 variance, so a 2-process data-parallel step equals the 1-process step (the L0 term is a per-row mean).
 Init: tied weights, b_dec = geometric median of the first batch, encoder scaled to the least-squares fit of it
-(as TopK). Defaults (lambda 0.1, warm-up 10%, 2.5x the base learning rate) were measured on planted features
+(as TopK). Defaults (lambda 0.03, warm-up 10%, 2.5x the base learning rate) were measured on planted features
 (BENCHMARKS.md, "JumpReLU defaults").
 """
 
@@ -56,7 +56,7 @@ class JumpReLUConfig(SAEConfig):
 
     architecture: str = "jumprelu"
     sparsity_loss: str = "l0"
-    sparsity_coefficient: float = 0.1
+    sparsity_coefficient: float = 0.03
     sparsity_warmup_frac: float = 0.1
     tanh_scale: float = 4.0
     bandwidth: float = 0.001
@@ -153,7 +153,7 @@ class JumpReLUSAE(SAE):
 
         With thresholds near 0 about half the latents fire on every row at init and their unit-norm rows
         overshoot x about n / (2 d_in) times; unscaled, the first steps go to undoing that (planted features,
-        1500 steps, lambda 0.1: MMCS 0.60 unscaled, 0.76 scaled; BENCHMARKS.md).
+        1500 steps, lambda 0.1, bandwidth 0.01: MMCS 0.60 unscaled, 0.76 scaled; BENCHMARKS.md).
         """
         super().initialize_from_sample(x)
         centred = (x - self.b_dec).double()

@@ -262,3 +262,20 @@ def test_saved_trained_sae_loads_in_saelens_with_the_same_codes(trained, tmp_pat
         torch.testing.assert_close(theirs.encode(x), z, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(back.encode(x), z, rtol=0, atol=0)
         torch.testing.assert_close(theirs.decode(z), sae.decode(z), rtol=1e-6, atol=1e-6)
+
+
+def test_yaml_holds_the_config_defaults():
+    """`sae=jumprelu` on the command line trains with the measured defaults of the dataclass."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import saelab
+
+    yaml = OmegaConf.to_container(
+        OmegaConf.load(Path(saelab.__file__).parent / "configs" / "sae" / "jumprelu.yaml")
+    )
+    yaml.pop("defaults")
+    defaults = JumpReLUConfig()
+    assert yaml == {name: getattr(defaults, name) for name in yaml}
+    assert set(yaml) >= {"sparsity_loss", "sparsity_coefficient", "sparsity_warmup_frac", "bandwidth"}

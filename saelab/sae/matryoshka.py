@@ -10,10 +10,11 @@ pre-activations), giving codes z [B, n]. Every prefix must reconstruct x on its 
 FVU is batch-normalised with the global batch's statistics (as `fraction_of_variance_unexplained`), so a
 data-parallel step equals the one-process step. The prefixes are fixed, as in Bussmann et al. and
 dictionary_learning's MatryoshkaBatchTopKTrainer (Nabeshima samples random prefixes instead). Bussmann et al.
-write the sum over prefixes of squared errors; dictionary_learning takes the mean over groups of
-group_weight_g * MSE_g (default weights 1/G, so sum / G^2). saelab takes the mean of the FVUs: a constant
-factor from the sum (which Adam does not see), keeping the loss on the FVU scale so that aux_k_coef weighs
-AuxK against it as in BatchTopK. AuxK fits the residual of the full dictionary (x - x_hat_G), as there.
+and SAELens (MatryoshkaBatchTopKTrainingSAE) sum the prefixes' squared errors; dictionary_learning takes the
+mean over groups of group_weight_g * MSE_g (default weights 1/G, so sum / G^2). saelab takes the mean of the
+FVUs: a constant factor from the sum (which Adam does not see), keeping the loss on the FVU scale so that
+aux_k_coef weighs AuxK against it as in BatchTopK. AuxK fits the residual of the full dictionary
+(x - x_hat_G), as in both (SAELens's per-level AuxK option is not offered).
 
 Inference is BatchTopK's threshold over the whole dictionary (SAELens reads it as jumprelu). Training decodes
 each group's codes separately with the sparse kernels: the selected codes are laid out group by group

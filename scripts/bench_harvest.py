@@ -26,13 +26,14 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from saelab.app.config import HarvestRunConfig
+from saelab.app.harvest_job import run_harvest
 from saelab.buffer.cache import ActivationCache
-from saelab.buffer.sources import CacheSource, CacheSourceConfig, ModelSource
 from saelab.data.assets import SHAKESPEARE_GLOB, fetch_assets
-from saelab.harvest.config import HarvestRunConfig, ModelSourceConfig
-from saelab.harvest.job import run_harvest
+from saelab.harvest.config import ModelSourceConfig
 from saelab.harvest.pipeline import build_pipeline, harvest_rows
 from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.sources.harvested import CacheSource, CacheSourceConfig, ModelSource
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 

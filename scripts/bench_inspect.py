@@ -36,12 +36,12 @@ from benchutil import (  # noqa: E402
 
 from saelab.data.assets import SHAKESPEARE_GLOB, fetch_assets  # noqa: E402
 from saelab.data.tokens import keep_mask  # noqa: E402
-from saelab.eval.codes import encode_codes  # noqa: E402
 from saelab.harvest.config import ModelSourceConfig  # noqa: E402
 from saelab.harvest.pipeline import build_pipeline  # noqa: E402
 from saelab.inspect import InspectConfig, collect_features, write_site  # noqa: E402
 from saelab.inspect.collect import LatentCollector  # noqa: E402
-from saelab.sae.loading import load_sae  # noqa: E402
+from saelab.io.loading import load_sae  # noqa: E402
+from saelab.metrics.codes import encode_codes  # noqa: E402
 from saelab.sae.topk import TopKConfig, TopKSAE  # noqa: E402
 
 

@@ -1,9 +1,9 @@
 """Feature recovery of every SAE variant on the same planted-feature data sets, with default settings.
 
-Data sets (`saelab.synth`):
+Data sets (`saelab.sources.synthetic`):
   uniform       d_in 64, 512 features, power-law frequencies, 5 active per row, uniform magnitudes
   gba_toy       the GBA paper's toy: d_in 42, 128 features, half the rows 3-sparse and half 20-sparse,
-                exponential magnitudes (`saelab.synth.gba_toy_config`)
+                exponential magnitudes (`saelab.sources.synthetic.gba_toy_config`)
   hierarchical  d_in 64, 100 parents with 4 mutually exclusive children each (500 features), 4 parents
                 per row, an active parent switches on one child with probability 0.75
 
@@ -21,6 +21,7 @@ one MP pursuit (forward + backward) with Gram-matrix selection against recompute
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import time
@@ -30,11 +31,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from saelab.atomic import atomic_file
+from saelab.core.atomic import atomic_file
+from saelab.core.seeds import generator
 from saelab.sae.mp import MatchingPursuitSAE, MPConfig
-from saelab.sae.registry import get_sae_class
-from saelab.seeds import generator
-from saelab.synth import SyntheticConfig, SyntheticSource, gba_toy_config, recovery_metrics
+from saelab.sae.registry import get_sae_class, variant_classes
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource, gba_toy_config, recovery_metrics
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 
@@ -47,14 +48,21 @@ DATASETS: dict[str, tuple[SyntheticConfig, int, int]] = {
     "hierarchical": (SyntheticConfig(structure="hierarchical", n_features=500, mean_active=4.0), 1024, 7),
 }
 
+
+def default_rows() -> dict[str, tuple[str, dict[str, Any]]]:
+    """One row per trainable registered variant at its defaults, k from the data set where the config has a k."""
+    rows = {}
+    for cls in variant_classes():
+        if cls.trainable:
+            has_k = "k" in {f.name for f in dataclasses.fields(cls.config_class)}
+            rows[cls.architecture] = (cls.architecture, {"k": "{k}"} if has_k else {})
+    return rows
+
+
 #: name -> (architecture, config overrides); "{k}" is replaced by the data set's k.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "relu": ("relu", {}),
-    "topk": ("topk", {"k": "{k}"}),
+    **default_rows(),
     "topk-k30": ("topk", {"k": 30}),
-    "batchtopk": ("batchtopk", {"k": "{k}"}),
-    "mp": ("mp", {"k": "{k}"}),
-    "gba": ("gba", {}),
     "gba-jumprelu": ("gba", {"activation": "jumprelu"}),
 }
 ONLY_ON = {"topk-k30": ("gba_toy",)}

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saelab.sae.topk import TopKConfig, TopKSAE
-from saelab.synth import power_law_frequencies
+from saelab.sources.synthetic import power_law_frequencies
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 

@@ -4,7 +4,7 @@ Runs, interleaved round by round in one process on the same fresh synthetic batc
 
 - topk: the TopK SAE as trained by default (sparse kernels: embedding-bag decoder and encoder gradient
   through the selected codes only, grouped top-k, fused Adam, bf16 autocast on CUDA).
-- topk-plain: the same trainer with the plain dense-autograd TopK pass (`saelab.kernels.reference`), the
+- topk-plain: the same trainer with the plain dense-autograd TopK pass (`saelab.sae.reference`), the
   baseline of the speedup column.
 - batchtopk: the BatchTopK SAE (top B * k of the whole batch; same sparse kernels as topk).
 - relu: the ReLU + L1 SAE (dense by nature).
@@ -30,13 +30,13 @@ import sys
 import benchutil
 import torch
 
+from saelab.core.seeds import generator
 from saelab.kernels import default_group_size, topk_select
-from saelab.kernels.reference import plain_topk_training_forward
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saelab.sae.mp import MatchingPursuitSAE, MPConfig
+from saelab.sae.reference import plain_topk_training_forward
 from saelab.sae.relu import ReLUConfig, ReLUSAE
 from saelab.sae.topk import TopKConfig, TopKSAE
-from saelab.seeds import generator
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 

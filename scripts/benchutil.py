@@ -20,16 +20,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from saelab.atomic import atomic_file
-from saelab.seeds import generator
-from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.core.atomic import atomic_file
+from saelab.core.seeds import generator
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 
 #: Prefix of the single stdout line a memory probe prints.
 PROBE_TAG = "PEAK_MEMORY_JSON "
 
 
 class Activations:
-    """Fresh synthetic batches [batch, d_in] drawn on the device: planted features as in `saelab.synth`
+    """Fresh synthetic batches [batch, d_in] drawn on the device: planted features as in `saelab.sources.synthetic`
     (uniform structure), scaled so that E||x|| = sqrt(d_in). Batch i is the same on every call."""
 
     HELD_OUT = 10**6  # batch indices from here on are never trained on

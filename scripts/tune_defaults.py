@@ -18,11 +18,11 @@ import time
 
 import torch
 
+from saelab.core.seeds import generator
 from saelab.sae.registry import build_sae
 from saelab.sae.relu import ReLUConfig
 from saelab.sae.topk import TopKConfig
-from saelab.seeds import generator
-from saelab.synth import SyntheticConfig, SyntheticSource, recovery_metrics
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource, recovery_metrics
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 

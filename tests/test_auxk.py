@@ -1,5 +1,5 @@
 """AuxK on the gathered dead sub-dictionary (saelab.kernels.auxk) against the plain dense-autograd TopK pass
-(saelab.kernels.reference), and the bf16 / no-sync properties of the training step."""
+(saelab.sae.reference), and the bf16 / no-sync properties of the training step."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from saelab.kernels.auxk import dead_latent_list, dead_list_capacity
 from saelab.kernels.backend import override
-from saelab.kernels.reference import plain_topk_training_forward
 from saelab.sae.base import TrainContext
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saelab.sae.reference import plain_topk_training_forward
 from saelab.sae.topk import TopKConfig, TopKSAE
 
 f64 = torch.float64

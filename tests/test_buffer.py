@@ -88,11 +88,11 @@ def test_live_model_source_serves_harvested_rows_and_trains(tmp_path):
     """The "model" source: tokens -> small TransformerLens model -> buffer -> trainer, end to end."""
     from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
 
-    from saelab.buffer.sources import ModelSource
     from saelab.harvest.config import ModelSourceConfig
     from saelab.harvest.pipeline import HarvestPipeline, harvest_rows
     from saelab.harvest.tlens import TransformerLensHarvester
     from saelab.sae.topk import TopKConfig, TopKSAE
+    from saelab.sources.harvested import ModelSource
     from saelab.train.config import TrainerConfig
     from saelab.train.trainer import Trainer
 

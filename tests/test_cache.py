@@ -10,11 +10,12 @@ import pytest
 import torch
 from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
 
+from saelab.app.cli import main
+from saelab.app.config import HarvestRunConfig
+from saelab.app.harvest_job import run_harvest
 from saelab.buffer.cache import PROGRESS, ActivationCache, CacheWriter
-from saelab.cli import main
 from saelab.data.tokens import excluded_token_ids, keep_mask
-from saelab.harvest.config import HarvestRunConfig, ModelSourceConfig
-from saelab.harvest.job import run_harvest
+from saelab.harvest.config import ModelSourceConfig
 from saelab.harvest.pipeline import HarvestPipeline
 from saelab.harvest.tlens import TransformerLensHarvester
 
@@ -274,7 +275,7 @@ def dead_pid() -> int:
 def test_failed_overwrite_keeps_the_old_cache_and_crash_leftovers_are_removed(tiny, tiny_cache, tmp_path):
     import shutil
 
-    from saelab.atomic import host_tag, temporary_name
+    from saelab.core.atomic import host_tag, temporary_name
 
     out = tmp_path / "cache"
     shutil.copytree(tiny_cache[0], out)

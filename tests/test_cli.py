@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import saelab
-from saelab.cli import main
-from saelab.synth import SyntheticConfig, SyntheticSource, recovery_metrics
+from saelab.app.cli import main
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource, recovery_metrics
 
 SMALL = [
     "source.d_in=16",
@@ -30,7 +30,7 @@ SMALL = [
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     """`saelab ...` in a fresh interpreter (so Hydra's error handling and exit codes are the real ones)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
-    code = "import sys; from saelab.cli import main; main(sys.argv[1:])"
+    code = "import sys; from saelab.app.cli import main; main(sys.argv[1:])"
     return subprocess.run(
         [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 import saelab
+from saelab.core.device import resolve_device
+from saelab.core.seeds import generator
 from saelab.sae.batchtopk import BatchTopKConfig
 from saelab.sae.gba import GBAConfig
 from saelab.sae.jumprelu import JumpReLUConfig
 from saelab.sae.mp import MPConfig
 from saelab.sae.relu import ReLUConfig
 from saelab.sae.topk import TopKConfig
-from saelab.seeds import generator
-from saelab.synth import SyntheticConfig
+from saelab.sources.synthetic import SyntheticConfig
 from saelab.train.config import TrainerConfig
-from saelab.train.trainer import resolve_device
 
 NAN, INF = math.nan, math.inf
 

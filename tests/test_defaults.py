@@ -37,8 +37,8 @@ def test_autocast_choices_are_validated() -> None:
 
 def test_dead_report_names_its_window_and_carries_the_heldout_figure(tmp_path) -> None:  # noqa: ANN001
     """The trainer's dead fraction is over its dead window; the summary says so and adds the held-out one."""
-    from saelab.run import summary_line, write_summary
-    from saelab.synth import SyntheticConfig, SyntheticSource
+    from saelab.app.train_job import summary_line, write_summary
+    from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 
     source = SyntheticSource(SyntheticConfig(d_in=16, n_features=32, mean_active=2, seed=3))
     torch.manual_seed(11)

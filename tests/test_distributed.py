@@ -19,31 +19,33 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from variants import small_configs
 
-from saelab.cli import main
-from saelab.hydra_callbacks import SharedRunDir
-from saelab.sae import build_sae, global_batch, load_sae
+from saelab import load_sae
+from saelab.app.cli import main
+from saelab.app.hydra_callbacks import SharedRunDir
+from saelab.parallel import global_batch
+from saelab.parallel.distributed import Distributed, env_world_size, setup
+from saelab.sae import build_sae
 from saelab.sae.batchtopk import BatchTopKConfig
-from saelab.sae.gba import GBAConfig
-from saelab.sae.mp import MPConfig
-from saelab.sae.relu import ReLUConfig
-from saelab.sae.topk import TopKConfig, TopKSAE, fraction_of_variance_unexplained
-from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.sae.losses import fraction_of_variance_unexplained
+from saelab.sae.topk import TopKSAE
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 from saelab.train.config import TrainerConfig
-from saelab.train.distributed import Distributed, env_world_size, setup
 from saelab.train.trainer import Trainer
 
 WORLD = 2
 BATCH = 128  # global rows per step
 STEPS = 24
 SOURCE = SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=1)
-CASES = {
-    "relu": ReLUConfig(d_in=16, d_sae=64, l1_coefficient=1.0),
-    "topk": TopKConfig(d_in=16, d_sae=128, k=4),
-    "batchtopk": BatchTopKConfig(d_in=16, d_sae=128, k=4),
-    "mp": MPConfig(d_in=16, d_sae=128, k=4),
-    "gba": GBAConfig(d_in=16, d_sae=64, n_groups=4, update_every=5),
-}
+#: Every trainable variant (one with a yaml under configs/sae/) that declares data-parallel support, in a small
+#: configuration; a new variant file is covered without editing this test.
+CASES = small_configs(
+    {"d_in": 16, "d_sae": 128},
+    relu={"d_sae": 64, "l1_coefficient": 1.0},
+    gba={"d_sae": 64, "n_groups": 4, "update_every": 5},
+    data_parallel_only=True,
+)
 #: History columns that must match (tokens_per_s is timing).
 COMPARED = (
     "step",
@@ -218,6 +220,7 @@ def test_settings_data_parallel_training_cannot_honour_are_refused():
 
     class Unregistered(TopKSAE):
         architecture = "my_variant"
+        data_parallel = False
 
     with pytest.raises(ValueError, match=r"sae.architecture='my_variant' does not support data-parallel"):
         four.check(Unregistered(CASES["topk"]), 128)
@@ -241,11 +244,11 @@ CLI_ARGS = [
 
 
 def test_torchrun_cli_run_writes_one_output_dir_with_the_single_process_sae(tmp_path):
-    """`torchrun --nproc_per_node=2 -m saelab.cli train`: ${now:...} with microseconds differs per process,
+    """`torchrun --nproc_per_node=2 -m saelab.app.cli train`: ${now:...} with microseconds differs per process,
     yet both ranks share rank 0's run directory, and only rank 0 writes there."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
-    cmd += ["-m", "saelab.cli", "train", *CLI_ARGS, "hydra.run.dir=runs/${now:%H-%M-%S-%f}"]
+    cmd += ["-m", "saelab.app.cli", "train", *CLI_ARGS, "hydra.run.dir=runs/${now:%H-%M-%S-%f}"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (run,) = (tmp_path / "runs").iterdir()
@@ -276,5 +279,7 @@ def test_a_slurm_job_with_several_tasks_exports_the_torchrun_environment(monkeyp
         "SLURM_NODEID": "1", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[03-04]",
     }  # fmt: skip
     monkeypatch.setattr(os, "environ", dict(slurm))  # restored afterwards, exported variables included
+    assert env_world_size() == 1
+    SharedRunDir().on_job_start(config=None)  # what each task of a submitit job runs before the task function
     assert env_world_size() == 8
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == ("5", "1", "gpu03")

@@ -6,11 +6,11 @@ from itertools import islice
 import pytest
 import torch
 
-from saelab.cli import main
+from saelab.app.cli import main
 from saelab.eval import EvalConfig, evaluate
 from saelab.sae import available_architectures, get_sae_class
 from saelab.sae.topk import TopKConfig, TopKSAE
-from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 
@@ -42,7 +42,7 @@ class FakeRunLogger:
 
 
 def test_saelab_eval_writes_report_and_plots_and_logs_to_wandb(tmp_path, monkeypatch):
-    monkeypatch.setattr("saelab.eval.run.RunLogger", FakeRunLogger)
+    monkeypatch.setattr("saelab.app.eval_job.RunLogger", FakeRunLogger)
     torch.manual_seed(123)  # not the source's seed: random rows must not equal its features
     source = SyntheticSource(SyntheticConfig())
     sae = TopKSAE(TopKConfig(d_in=64, d_sae=128, k=8))
@@ -144,10 +144,10 @@ def test_lm_eval_evaluates_exactly_total_tokens_and_the_dead_window_is_them(tmp_
     (reconstruction, codes, CE predictions), and the default dead window is those tokens."""
     from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
 
-    from saelab.buffer.sources import ModelSource
     from saelab.harvest.config import ModelSourceConfig
     from saelab.harvest.pipeline import HarvestPipeline
     from saelab.harvest.tlens import TransformerLensHarvester
+    from saelab.sources.harvested import ModelSource
 
     hook = "blocks.0.hook_resid_post"
     cfg = ModelSourceConfig(

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from saelab.eval.clustering import adjusted_mutual_information, kmeans, spectral_clustering, spherical_kmeans
-from saelab.eval.codes import to_dense
 from saelab.eval.cooccurrence import CooccurrenceStats, cooccurrence_vs_geometry
+from saelab.metrics.codes import to_dense
 
 
 def mutual_info(a: list[int], b: list[int]) -> float:

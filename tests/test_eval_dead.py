@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.eval.codes import fire_counts, to_dense
-from saelab.eval.dead import DeadLatentTracker, dead_latent_report, log10_density_histogram
+from saelab.metrics.codes import fire_counts, to_dense
+from saelab.metrics.dead import DeadLatentTracker, dead_latent_report, log10_density_histogram
 
 
 def random_sparse_codes(

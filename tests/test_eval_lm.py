@@ -8,7 +8,7 @@ from torch import nn
 from saelab.eval.lm import LMEvaluator
 from saelab.sae.relu import ReLUConfig, ReLUSAE
 from saelab.sae.topk import TopKConfig, TopKSAE
-from saelab.splice import feature_activations, spliced
+from saelab.splice.hooks import feature_activations, spliced
 
 BOS, PAD = 0, 1
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.eval.reconstruction import ReconstructionStats, reconstruction_metrics
+from saelab.metrics.reconstruction import ReconstructionStats, reconstruction_metrics
 
 
 def reference(x: np.ndarray, x_hat: np.ndarray, z: np.ndarray) -> dict[str, float]:

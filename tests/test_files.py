@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from saelab.atomic import host_tag, is_stale_temporary, temporary_name
 from saelab.buffer.cache import CacheWriter
+from saelab.core.atomic import host_tag, is_stale_temporary, temporary_name
 from saelab.sae.topk import TopKConfig, TopKSAE
-from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from saelab import load_sae
-from saelab.cli import main
+from saelab.app.cli import main
 from saelab.sae.base import TrainContext
 from saelab.sae.gba import GBAConfig, GroupBiasAdaptationSAE
-from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 

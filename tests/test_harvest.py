@@ -11,12 +11,13 @@ import torch
 from harvest_helpers import WORDS, fetch_or_skip, tiny_tl, word_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from saelab.cli import main
+from saelab.app.cli import main
+from saelab.app.config import HarvestRunConfig
+from saelab.app.harvest_job import run_harvest
 from saelab.data.assets import SHAKESPEARE_GLOB
 from saelab.data.tokens import excluded_token_ids, keep_mask
-from saelab.harvest.config import HarvestRunConfig, ModelSourceConfig
+from saelab.harvest.config import ModelSourceConfig
 from saelab.harvest.hooked import llama_config
-from saelab.harvest.job import run_harvest
 from saelab.harvest.models import load_model, make_harvester
 from saelab.harvest.module import ModuleHarvester
 from saelab.harvest.names import UnknownHookError

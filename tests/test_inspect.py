@@ -28,7 +28,7 @@ from inspect_helpers import (
     topk_codes,
 )
 
-from saelab.cli import main
+from saelab.app.cli import main
 from saelab.inspect import InspectConfig, collect_features, write_site
 from saelab.inspect.collect import LatentCollector
 from saelab.inspect.tables import CofiringTable

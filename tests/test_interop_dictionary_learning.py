@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from saelab import load_sae
-from saelab.interop import export_dictionary_learning
+from saelab.io import export_dictionary_learning
+from saelab.io.dictionary_learning import variant_for
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saelab.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saelab.sae.mp import MatchingPursuitSAE, MPConfig
@@ -133,7 +134,8 @@ CLASSES = {
     "AutoEncoderNew": ReLUSAE,
     "AutoEncoderTopK": TopKSAE,
     "BatchTopKSAE": BatchTopKSAE,
-    "MatryoshkaBatchTopKSAE": BatchTopKSAE,
+    # the Matryoshka variant where one exports this class, else BatchTopK (the same inference rule)
+    "MatryoshkaBatchTopKSAE": variant_for("MatryoshkaBatchTopKSAE"),
     "JumpReluAutoEncoder": JumpReLUSAE,
 }
 #: saelab architecture -> the dict_class export writes.
@@ -194,7 +196,7 @@ def test_unsupported_and_inconsistent_folders_are_named(tmp_path, gen):
     state = random_state("AutoEncoderTopK", gen)
     with pytest.raises(ValueError, match=r"trainer\.dict_class='GatedAutoEncoder' is not supported"):
         load_sae(write_folder(tmp_path / "gated", "GatedAutoEncoder", state))
-    with pytest.raises(ValueError, match=r"trainer\.k=7 but ae\.pt has k=5"):
+    with pytest.raises(ValueError, match=r"trainer\.k=7 in the config but .*ae\.pt has k=5"):
         load_sae(write_folder(tmp_path / "k", "AutoEncoderTopK", state, k=7))
     with pytest.raises(ValueError, match=r"trainer\.dict_size=41 but ae\.pt has 40"):
         load_sae(write_folder(tmp_path / "n", "AutoEncoderTopK", state, dict_size=N + 1))

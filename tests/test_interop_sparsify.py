@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from test_loading import COMMIT, put_in_hf_cache
 
 from saelab import load_sae
-from saelab.interop import export_sparsify
+from saelab.io import export_sparsify
 from saelab.sae.relu import ReLUConfig, ReLUSAE
 from saelab.sae.topk import TopKConfig, TopKSAE
 

@@ -18,6 +18,7 @@ from saelab.kernels import (
     topk_select,
 )
 from saelab.sae.base import TrainContext
+from saelab.sae.losses import dead_residual_loss
 from saelab.sae.topk import TopKConfig, TopKSAE
 
 f64 = torch.float64
@@ -255,21 +256,22 @@ def test_topk_training_forward_matches_dense_reference(dead_fraction: float) -> 
     assert out.l0.item() == pytest.approx(positive.sum().item() / x.shape[0])
 
 
-def test_auxk_loss_from_differentiable_pre_matches_reference() -> None:
-    """Subclasses (BatchTopK) call auxk_loss on pre-activations that carry a graph."""
-    sae = random_topk_sae(seed=7)
+@pytest.mark.parametrize("n_dead", [3, 40])
+def test_dead_residual_loss_is_gaos_scaled_residual_fvu(n_dead: int) -> None:
+    """AuxK / MP revival: min(n_dead / aux_k, 1) * FVU of the residual, with its gradient, in float64."""
     gen = torch.Generator().manual_seed(8)
-    pre = torch.randn(10, sae.d_sae, generator=gen, dtype=f64, requires_grad=True)
-    residual = torch.randn(10, sae.d_in, generator=gen, dtype=f64)
-    dead = torch.rand(sae.d_sae, generator=gen) < 0.3
-    sae.auxk_loss(pre, residual, dead).backward()
-    fast = pre.grad.clone()
-    pre.grad = None
-    values, indices = pre.masked_fill(~dead, -torch.inf).topk(sae.aux_k, dim=-1)
-    rebuilt = dense_codes(values.relu(), indices, sae.d_sae) @ sae.W_dec
-    scale = min(float(dead.sum()) / sae.aux_k, 1.0)
-    (scale * (residual - rebuilt).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()).backward()
-    torch.testing.assert_close(fast, pre.grad)
+    residual = torch.randn(10, 6, generator=gen, dtype=f64)
+    rebuilt = torch.randn(10, 6, generator=gen, dtype=f64, requires_grad=True)
+    dead_residual_loss(residual, rebuilt, torch.tensor(float(n_dead), dtype=f64), 8).backward()
+    fast = rebuilt.grad.clone()
+    rebuilt.grad = None
+    scale = min(n_dead / 8, 1.0)
+    rows = [((residual[b] - rebuilt[b]) ** 2).sum() for b in range(10)]
+    mean = residual.sum(dim=0) / 10
+    denominator = sum(((residual[b] - mean) ** 2).sum() for b in range(10))
+    expected = scale * sum(rows) / denominator
+    expected.backward()
+    torch.testing.assert_close(fast, rebuilt.grad)
 
 
 def test_bf16_autocast_training_forward_is_close_to_float32() -> None:

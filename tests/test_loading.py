@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from saelab import load_sae
-from saelab.features import read_features
 from saelab.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saelab.sae.registry import available_architectures, get_sae_class
 from saelab.sae.relu import ReLUConfig, ReLUSAE
 from saelab.sae.topk import TopKConfig, TopKSAE
-from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
+from saelab.splice.features import read_features
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 

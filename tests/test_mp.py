@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from saelab import load_sae
-from saelab.cli import main
+from saelab.app.cli import main
 from saelab.sae.base import TrainContext
 from saelab.sae.mp import MatchingPursuitSAE, MPConfig
 

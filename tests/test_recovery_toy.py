@@ -5,7 +5,7 @@ import torch
 
 from saelab.sae.gba import GBAConfig, GroupBiasAdaptationSAE
 from saelab.sae.topk import TopKConfig, TopKSAE
-from saelab.synth import SyntheticConfig, SyntheticSource, gba_toy_config, recovery_metrics
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource, gba_toy_config, recovery_metrics
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 
@@ -72,7 +72,7 @@ def test_bad_synthetic_config_names_the_field(fields, field):
 
 
 def train(make_sae, source, steps=2000, batch_size=512):
-    torch.manual_seed(1234)  # the SAE initialisation (independent of the data streams, saelab.seeds)
+    torch.manual_seed(1234)  # the SAE initialisation (independent of the data streams, saelab.core.seeds)
     cfg = TrainerConfig(total_tokens=steps * batch_size, batch_size=batch_size, device="cpu")
     return Trainer(make_sae(), cfg).fit(source).sae
 

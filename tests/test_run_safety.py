@@ -12,16 +12,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from saelab.cli import CONFIG_DIR
-from saelab.config import register_configs
-from saelab.run import train_from_config
+from saelab.app.cli import CONFIG_DIR
+from saelab.app.config import register_configs
+from saelab.app.train_job import train_from_config
+from saelab.core.seeds import generator
+from saelab.io.checkpoint import STATE_FILE, list_checkpoints
 from saelab.sae.base import WEIGHTS_FILE, load_weights
 from saelab.sae.registry import build_sae
 from saelab.sae.topk import TopKConfig
-from saelab.seeds import generator
-from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 from saelab.train import lock
-from saelab.train.checkpoint import STATE_FILE, list_checkpoints
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 

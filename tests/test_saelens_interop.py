@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saelab import load_sae
-from saelab.interop import export_saelens
+from saelab.io import export_saelens
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saelab.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saelab.sae.mp import MatchingPursuitSAE, MPConfig
@@ -452,7 +452,7 @@ def test_saelens_batchtopk_training_save_names_the_fix(tmp_path, gen):
 
 def train_run(tmp_path: Path, sae) -> Path:
     """A short run on planted features with checkpoints at steps 3 and 6 (input scale far from 1)."""
-    from saelab.synth import SyntheticConfig, SyntheticSource
+    from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
     from saelab.train.config import TrainerConfig
     from saelab.train.trainer import Trainer
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import saelab
-from saelab.cli import main
+from saelab.app.cli import main
+from saelab.core.seeds import derive_seed, generator
 from saelab.sae.topk import TopKConfig
-from saelab.seeds import derive_seed, generator
-from saelab.synth import SyntheticConfig, SyntheticSource, max_cosine_to, recovery_metrics
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource, max_cosine_to, recovery_metrics
 
 #: Random unit rows [1024, 64] score MMCS ~0.4 against 512 unrelated unit features; the features themselves 1.0.
 CHANCE_BOUND = 0.55

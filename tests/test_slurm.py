@@ -21,8 +21,8 @@ from slurm_cluster import missing_binaries, single_node_cluster
 from test_sweep import write_cache
 
 import saelab
+from saelab.app.cli import main
 from saelab.buffer.cache import ActivationCache
-from saelab.cli import main
 
 MISSING = missing_binaries()
 pytestmark = [
@@ -89,7 +89,7 @@ def test_sweep_on_slurm_with_a_pending_and_a_cancelled_job(cluster, tmp_path, ca
     write_cache(cache)
     env = {**cluster.env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     command = [
-        sys.executable, "-m", "saelab.cli", "train", "-m", "hydra/launcher=slurm_cpu",
+        sys.executable, "-m", "saelab.app.cli", "train", "-m", "hydra/launcher=slurm_cpu",
         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10",
         "hydra.launcher.array_parallelism=1", "source=cache", f"source.path={cache}", "sae.d_sae=64", "sae.k=4",
         f"trainer.total_tokens=4096,{SLOW_TOKENS}", "trainer.batch_size=256", "logging.progress=false",

@@ -16,10 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from saelab.app.cli import CONFIG_DIR, main
+from saelab.app.config import register_configs
 from saelab.buffer.cache import CacheWriter
-from saelab.cli import CONFIG_DIR, main
-from saelab.config import register_configs
-from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_a_sweep_with_a_failed_run_still_writes_its_summary(tmp_path):
         [
             sys.executable,
             "-m",
-            "saelab.cli",
+            "saelab.app.cli",
             "train",
             "-m",
             "sae.d_sae=64",
@@ -273,14 +273,14 @@ def _rows(sweep) -> list[dict]:
 
 def test_job_states_come_from_squeue_after_one_line_about_sacct(tmp_path, monkeypatch, caplog):
     pytest.importorskip("submitit", reason="needs hydra-submitit-launcher: pip install 'saelab[slurm]'")
-    from saelab.slurm_watcher import QueueInfoWatcher
+    from saelab.app.slurm_watcher import QueueInfoWatcher
 
     fake_command(tmp_path / "bin", "sacct", "echo 'Slurm accounting storage is disabled' >&2; exit 1")
     fake_command(tmp_path / "bin", "squeue", f"cat {tmp_path / 'queue'}")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     watcher = QueueInfoWatcher(delay_s=600)
     (tmp_path / "queue").write_text("9_0|RUNNING\n9_1|CONFIGURING\n9_2|PENDING\n")
-    with caplog.at_level(logging.INFO, logger="saelab.slurm_watcher"):
+    with caplog.at_level(logging.INFO, logger="saelab.app.slurm_watcher"):
         states = [watcher.get_state(f"9_{i}", mode="force") for i in range(3)]
         assert states == ["RUNNING", "RUNNING", "PENDING"]  # submitit's words for "not ended yet"
         assert not any(watcher.is_done(f"9_{i}", mode="cache") for i in range(3))

@@ -8,9 +8,9 @@ import functools
 import pytest
 import torch
 
-from saelab.kernels.reference import plain_topk_training_forward
+from saelab.sae.reference import plain_topk_training_forward
 from saelab.sae.topk import TopKConfig, TopKSAE
-from saelab.synth import SyntheticConfig, SyntheticSource
+from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 

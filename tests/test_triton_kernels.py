@@ -11,9 +11,9 @@ import torch
 from saelab.kernels import SlotPlan, sparse_decode_groups, sparse_encoder_values
 from saelab.kernels.auxk import dead_latent_list
 from saelab.kernels.backend import override, sparse_backend
-from saelab.kernels.reference import plain_topk_training_forward
 from saelab.sae.base import TrainContext
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saelab.sae.reference import plain_topk_training_forward
 from saelab.sae.topk import TopKConfig, TopKSAE
 
 triton = pytest.importorskip("triton")

@@ -31,9 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saelab.atomic import atomic_file, make_temporary_directory, remove_stale_temporaries, replace_directory
-from saelab.config_diff import changed_settings
-from saelab.seeds import derive_seed
+from saelab.core.atomic import (
+    atomic_file,
+    make_temporary_directory,
+    remove_stale_temporaries,
+    replace_directory,
+)
+from saelab.core.config_diff import changed_settings
+from saelab.core.seeds import derive_seed
 
 FORMAT = "saelab-activation-cache"
 VERSION = 2

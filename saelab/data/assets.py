@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from saelab.atomic import atomic_directory
+from saelab.core.atomic import atomic_directory
 
 DEFAULT_DEST = "assets"
 

@@ -4,11 +4,11 @@
 """
 
 from saelab.eval.config import EvalConfig
-from saelab.eval.dead import DeadLatentTracker, dead_latent_report, log10_density_histogram
 from saelab.eval.evaluate import EvalResult, evaluate, write_report
 from saelab.eval.geometry import decoder_cosines, decoder_spectrum, power_law_slope
 from saelab.eval.lm import LMEvaluator
-from saelab.eval.reconstruction import ReconstructionStats, reconstruction_metrics
+from saelab.metrics.dead import DeadLatentTracker, dead_latent_report, log10_density_histogram
+from saelab.metrics.reconstruction import ReconstructionStats, reconstruction_metrics
 
 __all__ = [
     "DeadLatentTracker",

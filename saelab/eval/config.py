@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
-from omegaconf import MISSING
-
-from saelab.train.config import LoggingConfig
+from dataclasses import dataclass
 
 
 @dataclass
@@ -58,15 +53,3 @@ class EvalConfig:
             raise ValueError(f"eval.n_clusters={self.n_clusters} must be >= 2.")
         if not 0 < self.recovery_threshold <= 1:
             raise ValueError(f"eval.recovery_threshold={self.recovery_threshold} must be in (0, 1].")
-
-
-@dataclass
-class EvalRunConfig:
-    """Everything `saelab eval` needs. sae_path (`sae=PATH` on the command line): an SAE directory, a run
-    directory holding `sae/`, or a training checkpoint. output_dir: null -> `<hydra run dir>/eval`."""
-
-    sae_path: str = MISSING
-    source: Any = MISSING
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    output_dir: str | None = None

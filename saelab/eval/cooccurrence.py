@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saelab.core.seeds import derive_seed, generator
 from saelab.eval.clustering import adjusted_mutual_information, spectral_clustering, spherical_kmeans
-from saelab.eval.codes import Codes
-from saelab.seeds import derive_seed, generator
+from saelab.metrics.codes import Codes
 
 
 class CooccurrenceStats:

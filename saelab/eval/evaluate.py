@@ -5,7 +5,7 @@ latent co-occurrence; with a language model also CE clean / spliced / zero-ablat
 From the weights: nearest-neighbour decoder cosines and duplicates, spectrum of cov(W_dec), and recovery of
 planted features when the source has them (`source.features`).
 
-A live "model" source (`saelab.buffer.sources.ModelSource`) also gets the language-model metrics: its
+A live "model" source (`saelab.sources.harvested.ModelSource`) also gets the language-model metrics: its
 harvest pipeline supplies the model, the hook, the token contexts and the special token ids.
 """
 
@@ -22,16 +22,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from saelab.atomic import atomic_directory
-from saelab.eval.codes import decode_codes, encode_codes
+from saelab.core.atomic import atomic_directory
 from saelab.eval.config import EvalConfig
 from saelab.eval.cooccurrence import CooccurrenceStats, cooccurrence_vs_geometry
-from saelab.eval.dead import DeadLatentTracker, dead_latent_report
 from saelab.eval.geometry import decoder_cosines, decoder_spectrum, power_law_slope
 from saelab.eval.lm import LMEvaluator
-from saelab.eval.reconstruction import ReconstructionStats
+from saelab.metrics.codes import decode_codes, encode_codes
+from saelab.metrics.dead import DeadLatentTracker, dead_latent_report
+from saelab.metrics.reconstruction import ReconstructionStats
 from saelab.sae.base import SAE
-from saelab.synth import recovery_metrics
+from saelab.sources.synthetic import recovery_metrics
 
 REPORT_FILE = "report.json"
 MAX_LISTED_PAIRS = 100

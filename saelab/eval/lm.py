@@ -1,6 +1,6 @@
 """Downstream loss with the SAE spliced into a language model.
 
-Per batch of tokens [B, T], three forward passes share one installed hook (`saelab.splice`):
+Per batch of tokens [B, T], three forward passes share one installed hook (`saelab.splice.hooks`):
 clean, with the activation at the hook replaced by the SAE reconstruction, and zero-ablated. Averaged
 over counted next-token predictions (float64 sums):
     ce_clean, ce_sae, ce_zero;  ce_loss_score = (ce_zero - ce_sae) / (ce_zero - ce_clean)
@@ -19,9 +19,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from saelab.eval.codes import Codes, select_rows
+from saelab.metrics.codes import Codes, select_rows
 from saelab.sae.base import SAE
-from saelab.splice import spliced
+from saelab.splice.hooks import spliced
 
 
 @dataclass

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from saelab.atomic import atomic_file  # noqa: E402
+from saelab.core.atomic import atomic_file  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

@@ -1,7 +1,6 @@
 """Activations from real transformers: TransformerLens hook points or forward hooks on any nn.Module."""
 
-from saelab.harvest.config import HarvestRunConfig, ModelSourceConfig
-from saelab.harvest.job import run_harvest
+from saelab.harvest.config import ModelSourceConfig
 from saelab.harvest.models import load_model, make_harvester
 from saelab.harvest.module import ModuleHarvester
 from saelab.harvest.names import UnknownHookError
@@ -10,7 +9,6 @@ from saelab.harvest.tlens import TransformerLensHarvester
 
 __all__ = [
     "HarvestPipeline",
-    "HarvestRunConfig",
     "ModelSourceConfig",
     "ModuleHarvester",
     "TransformerLensHarvester",
@@ -19,5 +17,4 @@ __all__ = [
     "harvest_rows",
     "load_model",
     "make_harvester",
-    "run_harvest",
 ]

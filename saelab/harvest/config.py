@@ -5,14 +5,20 @@ Plain dataclasses with no heavy imports, so registering the Hydra schemas stays 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-from omegaconf import MISSING
 
 from saelab.data.tokens import TextSpec
 
 MODEL_BACKENDS = ("transformer_lens", "hf")
+
+
+def check_backend(backend: str) -> None:
+    """Raise naming `source.backend` unless it is one of MODEL_BACKENDS."""
+    if backend not in MODEL_BACKENDS:
+        raise ValueError(f"source.backend={backend!r} must be one of {list(MODEL_BACKENDS)}.")
+
+
 SAMPLE_BY = ("document", "paragraph", "line")
 
 
@@ -54,8 +60,7 @@ class ModelSourceConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending source field."""
-        if self.backend not in MODEL_BACKENDS:
-            raise ValueError(f"source.backend={self.backend!r} must be one of {list(MODEL_BACKENDS)}.")
+        check_backend(self.backend)
         if self.sample_by not in SAMPLE_BY:
             raise ValueError(f"source.sample_by={self.sample_by!r} must be one of {list(SAMPLE_BY)}.")
         for name in ("model", "dataset", "text_column"):
@@ -85,32 +90,3 @@ class ModelSourceConfig:
             "dataset_split": self.split,
             "exclude_special_tokens": True,
         }
-
-
-@dataclass
-class HarvestRunConfig:
-    """`saelab harvest`: write activations at hook_names (default [source.hook_name]) to a cache folder.
-
-    total_tokens: rows to harvest per hook (0: one pass over the dataset). shard_tokens: rows per shard.
-    dtype: storage dtype (float32, float16, bfloat16). overwrite: replace a complete cache in output_dir
-    (the new one is built beside it and swapped in when complete). verify: instead of harvesting, check the
-    cache in output_dir against its manifest's checksums.
-    """
-
-    source: Any = MISSING
-    output_dir: str = MISSING
-    hook_names: list[str] = field(default_factory=list)
-    total_tokens: int = 1_000_000
-    shard_tokens: int = 65536
-    dtype: str = "float32"
-    overwrite: bool = False
-    verify: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.total_tokens < 0:
-            raise ValueError(f"total_tokens={self.total_tokens} must be >= 0 (0: the whole dataset).")
-        if self.shard_tokens <= 0:
-            raise ValueError(f"shard_tokens={self.shard_tokens} must be > 0.")
-        if not self.output_dir:
-            raise ValueError("output_dir must be set, e.g. output_dir=caches/smollm2-l6.")

@@ -17,17 +17,12 @@ import torch
 from saelab.data.assets import smollm2_checkpoint
 from saelab.harvest import hooked
 from saelab.harvest.base import Harvester
+from saelab.harvest.config import check_backend
 from saelab.harvest.module import ModuleHarvester
 from saelab.harvest.tlens import TransformerLensHarvester
 
 SMOLLM2 = "smollm2"
-BACKENDS = ("transformer_lens", "hf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"source.backend={backend!r} must be one of {list(BACKENDS)}.")
 
 
 def checkpoint(model: str, assets_dir: str) -> str:

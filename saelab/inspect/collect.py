@@ -23,15 +23,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saelab.data.tokens import excluded_token_ids, keep_mask
-from saelab.eval.codes import Codes, encode_codes
 from saelab.harvest.module import ModuleHarvester
 from saelab.harvest.tlens import TransformerLensHarvester
 from saelab.inspect.config import InspectConfig
 from saelab.inspect.data import FeatureData
 from saelab.inspect.tables import CofiringTable, TopTable, best_per_group
 from saelab.inspect.weights import logit_effects, nearest_by_decoder, unembedding
+from saelab.metrics.codes import Codes, encode_codes
 from saelab.sae.base import SAE
-from saelab.splice import is_transformer_lens
+from saelab.splice.hooks import is_transformer_lens
 
 #: Example windows looked up per chunk (bounds the [chunk, window, k] gather of sparse codes).
 LOOKUP_CHUNK = 4096

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from omegaconf import MISSING
-
-from saelab.checks import check_number
-from saelab.train.config import LoggingConfig
+from saelab.core.checks import check_number
 
 
 @dataclass
@@ -66,25 +62,3 @@ class InspectConfig:
             low_open=True,
             hint="It must exceed inspect.hist_min.",
         )
-
-
-@dataclass
-class InspectRunConfig:
-    """Everything `saelab inspect` needs. sae_path (`sae=PATH` on the command line): an SAE directory, a run
-    directory, a checkpoint or a hub repo id. output_dir: null -> `<sae_path>/inspect` for a local SAE, else
-    `<hydra run dir>/inspect`. serve: after writing, serve the site on http://127.0.0.1:<port>/."""
-
-    sae_path: str = MISSING
-    source: Any = MISSING
-    inspect: InspectConfig = field(default_factory=InspectConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    output_dir: str | None = None
-    serve: bool = False
-    port: int = 8000
-
-
-def register_inspect_config() -> None:
-    """Store the `inspect_schema` node in Hydra's ConfigStore (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="inspect_schema", node=InspectRunConfig)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from saelab.atomic import atomic_directory
+from saelab.core.atomic import atomic_directory
 from saelab.inspect.data import FeatureData
 
 STATIC_FILES = ("index.html", "app.js", "style.css")

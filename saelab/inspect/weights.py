@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelab.splice import is_transformer_lens
+from saelab.splice.hooks import is_transformer_lens
 
 #: Attribute names of the final normalisation under a Hugging Face model's `base_model`.
 HF_FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm")

@@ -1,9 +1,15 @@
-"""SAE variants. Importing this package registers every built-in variant."""
+"""SAE variants. Importing this package registers every variant: each module of the package that defines one
+registers it with `@register`, so a new variant is one new file here (plus its yaml under configs/sae/)."""
 
-from saelab.sae import batchtopk, gba, jumprelu, mp, relu, topk  # noqa: F401  (registration side effects)
+import importlib
+import pkgutil
+
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
-from saelab.sae.loading import load_sae
 from saelab.sae.registry import available_architectures, build_sae, get_sae_class, register
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+del _module
 
 __all__ = [
     "SAE",
@@ -13,6 +19,5 @@ __all__ = [
     "available_architectures",
     "build_sae",
     "get_sae_class",
-    "load_sae",
     "register",
 ]

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from saelab.atomic import atomic_directory
-from saelab.checks import check_number
+from saelab.core.atomic import atomic_directory
+from saelab.core.checks import check_number
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -103,9 +103,23 @@ class SAE(nn.Module):
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     #: Variants whose decoder rows are kept at unit norm during training.
     unit_norm_decoder: ClassVar[bool] = False
+    #: Whether `training_forward` is implemented (False: an inference-only class for loading SAEs trained elsewhere).
+    trainable: ClassVar[bool] = True
+    #: Data-parallel training: True when a DDP step over W ranks equals the one-process step on the global batch
+    #: (batch-normalised losses and batch-level selections use `global_batch`; other state goes in `sync_state`).
+    data_parallel: ClassVar[bool] = False
+
+    # Interop names (the formats' own layouts live in saelab.io; each variant says what it maps to).
     #: The SAELens architecture that computes the same inference function from the saved tensors (cfg.json's
     #: `architecture`), or None where SAELens has none.
     saelens_architecture: ClassVar[str | None] = None
+    #: SAELens architecture names loaded as this variant.
+    saelens_reads: ClassVar[tuple[str, ...]] = ()
+    #: dictionary_learning's `dict_class` and `trainer_class` written by export (None: no equivalent there).
+    dictionary_learning_class: ClassVar[str | None] = None
+    dictionary_learning_trainer: ClassVar[str | None] = None
+    #: Further dictionary_learning classes loaded as this variant (its own export class always is).
+    dictionary_learning_reads: ClassVar[tuple[str, ...]] = ()
     #: Config fields a saved cfg.json must hold (they change what encode/decode compute); others may default.
     required_fields: ClassVar[tuple[str, ...]] = ("d_in", "d_sae")
     #: Saved tensors that hold NaN while "not estimated yet" (e.g. BatchTopK's threshold before training).
@@ -205,16 +219,17 @@ class SAE(nn.Module):
         4e-3 * min(sqrt(d_in / 64), 32 / sqrt(d_in)) * sqrt(min(1, 4096 / d_sae)) * sqrt(batch / 4096).
 
         Input width: Adam moves every weight by about lr a step whatever the gradient's scale, while a unit-norm
-        decoder row has elements of about 1/sqrt(d_in), so a step turns a row by about lr * sqrt(d_in). Up to
-        d_in 256 the best rate on planted features grew with d_in (d_in 64: 2e-3 to 4e-3; 256: 4e-3 to 8e-3);
-        beyond it the rate keeps lr * sqrt(d_in) at its d_in-256 value: at d_in 768 the rising rule (3x this
-        one) killed half the latents and recovered 59% of the features where this one recovers 84%
-        (scripts/bench_scale.py). Width: flat up to 4096 latents, then Gao et al.'s 1/sqrt(width).
-        At d_in 768, 32k latents, batch 8192 this gives 2.3e-3; BENCHMARKS.md has the measurements.
+        decoder row has elements of about 1/sqrt(d_in), so a step turns a row by about lr * sqrt(d_in); the rate
+        rises with d_in up to 256 and then keeps lr * sqrt(d_in) constant. Width: flat up to 4096 latents, then
+        Gao et al.'s 1/sqrt(width). Measurements: BENCHMARKS.md ("Default learning rate", "Defaults across scale").
         """
         d_in_factor = min(math.sqrt(self.d_in / 64), 32 / math.sqrt(self.d_in))
         width = math.sqrt(min(1.0, 4096 / self.d_sae))
         return 4e-3 * d_in_factor * width * math.sqrt(batch_size / 4096)
+
+    def sync_state(self) -> None:
+        """Under data-parallel training only, after each optimizer step (before `after_optimizer_step`): reduce
+        state kept outside the gradients (which DDP averages) across ranks with torch.distributed. Default: none."""
 
     def resume_at(self, step: int) -> None:
         """Restore host-side training counters when a run resumes at `step` (buffers come from the checkpoint)."""
@@ -272,6 +287,18 @@ class SAE(nn.Module):
         """Inverse of `file_tensors`: the state dict for `load_state_dict` (`where` names the file in errors)."""
         return tensors
 
+    def dictionary_learning_extras(self) -> dict[str, Tensor]:
+        """Entries of dictionary_learning's state dict beyond the weights (e.g. k, threshold), for export."""
+        return {}
+
+    @classmethod
+    def config_from_dictionary_learning(
+        cls, extras: dict[str, Tensor], trainer: dict[str, Any], where: str
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Inverse of `dictionary_learning_extras`: (config fields, extra saelab tensors) from the non-weight
+        entries of a dictionary_learning state dict and its config's `trainer` section (`where` names the file)."""
+        return {}, {}
+
     def save(self, path: str | Path) -> Path:
         """Write `cfg.json` + `sae_weights.safetensors` into directory `path`, atomically."""
         tensors = self.file_tensors()
@@ -285,6 +312,12 @@ class SAE(nn.Module):
         """Build an untrained SAE of this class from a config dict (unknown keys are ignored)."""
         names = {f.name for f in dataclasses.fields(cls.config_class)}
         return cls(cls.config_class(**{k: v for k, v in data.items() if k in names}))
+
+
+def tenfold_gao_lr(d_sae: int, batch_size: int) -> float:
+    """Ten times Gao et al.'s width-scaled Adam rate, 2e-3 * sqrt(2^14 / d_sae) * sqrt(batch / 4096): the default
+    of variants whose tied weights move too slowly at the base rate (MP, GBA; BENCHMARKS.md "Feature recovery")."""
+    return 2e-3 / math.sqrt(d_sae / 2**14) * math.sqrt(batch_size / 4096)
 
 
 class SparseCodes:

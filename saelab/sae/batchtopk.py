@@ -12,16 +12,17 @@ selection is, row by row, a top-w selection padded with zeros (w = the largest r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from saelab.checks import check_number
+from saelab.core.checks import check_number
 from saelab.kernels import topk_select
-from saelab.sae import global_batch
+from saelab.parallel import global_batch
 from saelab.sae.base import TrainContext, TrainOutput
 from saelab.sae.registry import register
-from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.sae.topk import TopKConfig, TopKSAE, dictionary_learning_k
 
 
 @dataclass
@@ -43,6 +44,11 @@ class BatchTopKSAE(TopKSAE):
     #: Inference is z = pre * (pre > t): SAELens's JumpReLU with threshold t on every latent (as SAELens
     #: itself saves an inference BatchTopK SAE).
     saelens_architecture = "jumprelu"
+    saelens_reads = ()
+    dictionary_learning_class = "BatchTopKSAE"
+    dictionary_learning_trainer = "BatchTopKTrainer"
+    #: Its inference rule is BatchTopK's; loaded as batchtopk (group sizes as metadata) unless a variant exports it.
+    dictionary_learning_reads = ("MatryoshkaBatchTopKSAE",)
     unset_when_nan = frozenset({"threshold"})
 
     def __init__(self, cfg: BatchTopKConfig, generator: torch.Generator | None = None):
@@ -102,6 +108,33 @@ class BatchTopKSAE(TopKSAE):
                 "this file holds a JumpReLU SAE (set its saelab_architecture to 'jumprelu')."
             )
         return {**tensors, "threshold": first.reshape(())}
+
+    def dictionary_learning_extras(self) -> dict[str, Tensor]:
+        """k and the scalar inference threshold (refused while training has not estimated it)."""
+        threshold = float(self.threshold)
+        if not threshold >= 0:
+            raise ValueError(
+                f"this {self.cfg.architecture} SAE has no usable inference threshold ({threshold}); train it before "
+                "exporting."
+            )
+        return {"k": torch.tensor(self.cfg.k, dtype=torch.int32), "threshold": torch.tensor(threshold)}
+
+    @classmethod
+    def config_from_dictionary_learning(
+        cls, extras: dict[str, Tensor], trainer: dict[str, Any], where: str
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """k and the threshold (a negative one was never estimated: refused); Matryoshka group sizes as metadata."""
+        fields: dict[str, Any] = {"k": dictionary_learning_k(extras, trainer, where)}
+        threshold = extras["threshold"]
+        if not bool(threshold >= 0):
+            raise ValueError(
+                f"{where}: threshold={float(threshold)}: the {trainer.get('dict_class')} never estimated its "
+                "inference threshold (dictionary_learning starts it at -1 and sets it after threshold_start_step), "
+                "so it has no batch-independent encoder to load."
+            )
+        if "group_sizes" in extras:
+            fields["metadata"] = {"group_sizes": [int(s) for s in extras["group_sizes"]]}
+        return fields, {"threshold": threshold.reshape(())}
 
     # ----------------------------------------------------------- inference
     def encode_rows(self, x: Tensor) -> Tensor:

@@ -46,12 +46,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from saelab.checks import check_number
-from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput, geometric_median
+from saelab.core.checks import check_number
+from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput, geometric_median, tenfold_gao_lr
+from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained
 from saelab.sae.registry import register
-from saelab.sae.topk import fraction_of_variance_unexplained
 
 ACTIVATIONS = ("relu", "jumprelu")
 
@@ -100,6 +101,7 @@ class GBAConfig(SAEConfig):
 class GroupBiasAdaptationSAE(SAE):
     config_class = GBAConfig
     required_fields = ("d_in", "d_sae", "activation")
+    data_parallel = True
     cfg: GBAConfig
 
     def create_parameters(self, dtype: torch.dtype) -> None:
@@ -190,23 +192,16 @@ class GroupBiasAdaptationSAE(SAE):
 
     # ------------------------------------------------------------ training
     def default_lr(self, batch_size: int) -> float:
-        """Ten times Gao et al.'s width-scaled rate (times sqrt(batch / 4096)): the adaptation rule, not the optimizer, keeps
-        GBA sparse, and at the base rate the weights move too slowly to lock onto features (see README)."""
-        return 2e-3 / math.sqrt(self.d_sae / 2**14) * math.sqrt(batch_size / 4096)
+        """`tenfold_gao_lr`: the adaptation rule, not the optimizer, keeps GBA sparse."""
+        return tenfold_gao_lr(self.d_sae, batch_size)
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         pre = self.pre_activations(x)
         x_hat = self.decode(self.activate(pre))
         fvu = fraction_of_variance_unexplained(x, x_hat)
-        active = pre.detach() > 0
+        fired, l0 = dense_activity(pre.detach() > 0)
         self.record(pre.detach())
-        return TrainOutput(
-            loss=fvu,
-            x_hat=x_hat,
-            fired=active.any(dim=0),
-            l0=active.sum(dim=1).float().mean(),
-            metrics={"fvu": fvu.detach()},
-        )
+        return TrainOutput(loss=fvu, x_hat=x_hat, fired=fired, l0=l0, metrics={"fvu": fvu.detach()})
 
     def optimizer_param_groups(self) -> list[dict[str, object]]:
         """Everything but the biases b_m, which only the adaptation rule changes."""
@@ -226,6 +221,14 @@ class GroupBiasAdaptationSAE(SAE):
         if self.window_batches >= self.cfg.update_every:
             self.adapt_biases()
             self.reset_window()
+
+    def sync_state(self) -> None:
+        """Before a bias update (window full), turn each rank's window statistics into the global batches':
+        fires and rows summed, peaks max-reduced."""
+        if self.window_batches >= self.cfg.update_every:
+            dist.all_reduce(self.window_fires)
+            dist.all_reduce(self.window_rows)
+            dist.all_reduce(self.window_peak, op=dist.ReduceOp.MAX)
 
     def resume_at(self, step: int) -> None:
         """One window batch is recorded per step and windows restart every update_every steps."""

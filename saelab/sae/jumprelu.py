@@ -9,6 +9,7 @@ L0 penalty) is not implemented here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,11 @@ class JumpReLUConfig(SAEConfig):
 @register("jumprelu")
 class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
+    trainable = False
     saelens_architecture = "jumprelu"
+    saelens_reads = ("jumprelu",)
+    dictionary_learning_class = "JumpReluAutoEncoder"
+    dictionary_learning_trainer = "JumpReluTrainer"
     cfg: JumpReLUConfig
 
     def create_parameters(self, dtype: torch.dtype) -> None:
@@ -36,6 +41,17 @@ class JumpReLUSAE(SAE):
         """x [B, d_in] -> z [B, n] = ReLU(pre) * (pre > threshold)."""
         pre = self.pre_activations(x)
         return pre.relu() * (pre > self.threshold)
+
+    def dictionary_learning_extras(self) -> dict[str, Tensor]:
+        """The per-latent threshold [n]."""
+        return {"threshold": self.threshold.detach().cpu().contiguous()}
+
+    @classmethod
+    def config_from_dictionary_learning(
+        cls, extras: dict[str, Tensor], trainer: dict[str, Any], where: str
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The threshold [n] (checked against d_sae when loaded)."""
+        return {}, {"threshold": extras["threshold"]}
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         raise NotImplementedError(

@@ -21,17 +21,21 @@ gradient and stay dead.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelab.checks import check_number
-from saelab.sae.base import SAE, SAEConfig, SparseCodes, TrainContext, TrainOutput
+from saelab.core.checks import check_number
+from saelab.sae.base import SAE, SAEConfig, SparseCodes, TrainContext, TrainOutput, tenfold_gao_lr
+from saelab.sae.losses import (
+    auxiliary_k,
+    dead_residual_loss,
+    dense_activity,
+    fraction_of_variance_unexplained,
+)
 from saelab.sae.registry import register
-from saelab.sae.topk import fraction_of_variance_unexplained
 
 GRAM_MODES = ("auto", "always", "never")
 #: "auto" keeps the Gram matrix only up to this many entries (2^26 floats = 256 MiB in float32) ...
@@ -67,6 +71,7 @@ class MPConfig(SAEConfig):
 @register("mp")
 class MatchingPursuitSAE(SparseCodes, SAE):
     config_class = MPConfig
+    data_parallel = True
     required_fields = ("d_in", "d_sae", "k")
     unit_norm_decoder = True
     cfg: MPConfig
@@ -89,7 +94,7 @@ class MatchingPursuitSAE(SparseCodes, SAE):
 
     @property
     def aux_k(self) -> int:
-        return min(self.cfg.aux_k or max(self.d_in // 2, 1), self.d_sae)
+        return auxiliary_k(self.cfg.aux_k, self.d_in, self.d_sae)
 
     def use_gram(self, batch_size: int, k: int) -> bool:
         if self.cfg.gram != "auto":
@@ -162,9 +167,8 @@ class MatchingPursuitSAE(SparseCodes, SAE):
 
     # ------------------------------------------------------------ training
     def default_lr(self, batch_size: int) -> float:
-        """Ten times Gao et al.'s width-scaled rate (times sqrt(batch / 4096)): at the base rate a tied pursuit dictionary is far
-        from the planted features after 1000 steps, at this one it recovers them (scripts/bench_recovery.py)."""
-        return 2e-3 / math.sqrt(self.d_sae / 2**14) * math.sqrt(batch_size / 4096)
+        """`tenfold_gao_lr`: at the base rate a tied pursuit dictionary moves too slowly."""
+        return tenfold_gao_lr(self.d_sae, batch_size)
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         values, indices, residual = self.pursuit(x, self.cfg.k)
@@ -178,14 +182,8 @@ class MatchingPursuitSAE(SparseCodes, SAE):
             metrics["revival"] = revival.detach()
         with torch.no_grad():
             z = torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=x.device)
-            active = z.scatter_add_(1, indices, values) > 0
-        return TrainOutput(
-            loss=loss,
-            x_hat=x_hat,
-            fired=active.any(dim=0),
-            l0=active.sum(dim=1).float().mean(),
-            metrics=metrics,
-        )
+            fired, l0 = dense_activity(z.scatter_add_(1, indices, values) > 0)
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
 
     def revival_loss(self, residual: Tensor, dead_mask: Tensor) -> Tensor:
         """FVU of the residual [B, d] rebuilt from its top aux_k positive correlations with dead atoms."""
@@ -195,5 +193,4 @@ class MatchingPursuitSAE(SparseCodes, SAE):
         atoms = F.embedding(idx, self.W_dec)  # [B, aux_k, d]
         values = torch.einsum("bd,bkd->bk", residual, atoms).clamp_min(0.0) * dead_mask[idx]
         rebuilt = torch.einsum("bk,bkd->bd", values, atoms)
-        scale = (dead_mask.sum() / self.aux_k).clamp(max=1.0)
-        return (scale * fraction_of_variance_unexplained(residual, rebuilt)).nan_to_num(0.0)
+        return dead_residual_loss(residual, rebuilt, dead_mask.sum(), self.aux_k)

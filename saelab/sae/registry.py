@@ -38,6 +38,11 @@ def available_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def variant_classes() -> list[type[SAE]]:
+    """Every registered variant class once, in name order."""
+    return sorted(set(_REGISTRY.values()), key=lambda cls: cls.architecture)
+
+
 def build_sae(cfg: SAEConfig, generator: torch.Generator | None = None) -> SAE:
     """Instantiate the variant named by cfg.architecture (cfg must be that variant's config class).
     generator draws the random initialisation (None: torch's global generator)."""

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saelab.checks import check_number
+from saelab.core.checks import check_number
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
+from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained
 from saelab.sae.registry import register
-from saelab.sae.topk import fraction_of_variance_unexplained
 
 
 @dataclass
@@ -35,10 +35,15 @@ class ReLUConfig(SAEConfig):
         check_number("sae.init_decoder_norm", self.init_decoder_norm, low=0, low_open=True)
 
 
-@register("relu", "standard")
+@register("relu")
 class ReLUSAE(SAE):
     config_class = ReLUConfig
+    data_parallel = True
     saelens_architecture = "standard"
+    saelens_reads = ("standard",)
+    dictionary_learning_class = "AutoEncoder"
+    dictionary_learning_trainer = "StandardTrainer"
+    dictionary_learning_reads = ("AutoEncoderNew",)
     cfg: ReLUConfig
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -57,7 +62,7 @@ class ReLUSAE(SAE):
 
     def default_lr(self, batch_size: int) -> float:
         """2.5x the base rate: decoder rows start at norm 0.1 and are not renormalised, so at the TopK rate the
-        features sharpen slowly (planted data, lambda 0.6: MMCS 0.92 at 5e-3, 0.95 at 1e-2; BENCHMARKS.md)."""
+        features sharpen slowly (BENCHMARKS.md "Default learning rate")."""
         return 2.5 * super().default_lr(batch_size)
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
@@ -66,12 +71,10 @@ class ReLUSAE(SAE):
         mse = (x - x_hat).pow(2).sum(dim=-1).mean()
         l1 = (z * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
         loss = mse + self.l1_coefficient_at(ctx.step, ctx.total_steps) * l1
-        active = z > 0
+        fired, l0 = dense_activity(z > 0)
         metrics = {
             "mse": mse.detach(),
             "l1": l1.detach(),
             "fvu": fraction_of_variance_unexplained(x, x_hat.detach()),
         }
-        return TrainOutput(
-            loss=loss, x_hat=x_hat, fired=active.any(dim=0), l0=active.sum(-1).float().mean(), metrics=metrics
-        )
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)

@@ -14,22 +14,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from saelab.checks import check_number
+from saelab.core.checks import check_number
 from saelab.kernels import (
     SlotPlan,
-    dead_topk,
     sparse_decode,
     sparse_decode_groups,
     sparse_encoder_values,
     topk_select,
 )
 from saelab.kernels.auxk import AuxSelection, gathered_auxk_decode, select_auxk
-from saelab.sae import global_batch
 from saelab.sae.base import SAE, SAEConfig, SparseCodes, TrainContext, TrainOutput
+from saelab.sae.losses import (
+    auxiliary_k,
+    dead_residual_loss,
+    fraction_of_variance_unexplained,
+    sparse_activity,
+)
 from saelab.sae.registry import register
 
 
@@ -53,21 +58,22 @@ class TopKConfig(SAEConfig):
         check_number("sae.aux_k_coef", self.aux_k_coef, low=0, hint="0 disables AuxK.")
 
 
-def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
-    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over a batch [B, d]; scalar. x must carry no gradient.
-
-    In data-parallel training (`global_batch.sharded`) x, x_hat are this rank's rows of the global batch and the
-    value is W * (their squared error) / (the global batch's denominator): its mean over the W ranks, and the
-    mean of its gradients that DDP takes, are the global batch's FVU and gradient.
-    """
-    error = (x - x_hat).pow(2).sum()
-    return global_batch.ranks() * error / global_batch.centred_sumsq(x).clamp_min(1e-12)
+def dictionary_learning_k(extras: dict[str, Tensor], trainer: dict[str, Any], where: str) -> int:
+    """The `k` buffer of a dictionary_learning state dict, which its config's trainer.k (if any) must equal."""
+    k = int(extras["k"])
+    if trainer.get("k", k) != k:
+        raise ValueError(f"trainer.k={trainer['k']} in the config but {where} has k={k}; fix one of the two.")
+    return k
 
 
 @register("topk")
 class TopKSAE(SparseCodes, SAE):
     config_class = TopKConfig
+    data_parallel = True
     saelens_architecture = "topk"
+    saelens_reads = ("topk",)
+    dictionary_learning_class = "AutoEncoderTopK"
+    dictionary_learning_trainer = "TopKTrainer"
     required_fields = ("d_in", "d_sae", "k")
     unit_norm_decoder = True
     cfg: TopKConfig
@@ -76,7 +82,7 @@ class TopKSAE(SparseCodes, SAE):
 
     @property
     def aux_k(self) -> int:
-        return min(self.cfg.aux_k or max(self.d_in // 2, 1), self.d_sae)
+        return auxiliary_k(self.cfg.aux_k, self.d_in, self.d_sae)
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """x [B, d_in] -> pre-activations [B, n], as one fused addmm for 2-D input."""
@@ -146,6 +152,19 @@ class TopKSAE(SparseCodes, SAE):
             1, indices, values
         )
 
+    def dictionary_learning_extras(self) -> dict[str, Tensor]:
+        """k, and the inference threshold a loaded AutoEncoderTopK carried (-1: none; saelab never uses it)."""
+        threshold = float(self.cfg.metadata.get("inference_threshold", -1.0))
+        return {"k": torch.tensor(self.cfg.k, dtype=torch.int32), "threshold": torch.tensor(threshold)}
+
+    @classmethod
+    def config_from_dictionary_learning(
+        cls, extras: dict[str, Tensor], trainer: dict[str, Any], where: str
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """k (checked against the config's trainer.k); the threshold is kept as metadata `inference_threshold`."""
+        k = dictionary_learning_k(extras, trainer, where)
+        return {"k": k, "metadata": {"inference_threshold": float(extras["threshold"])}}, {}
+
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         with torch.no_grad():
             pre = self.selection_pre_activations(x)
@@ -179,14 +198,12 @@ class TopKSAE(SparseCodes, SAE):
         loss = fvu
         metrics = {"fvu": fvu.detach()}
         if aux is not None:
-            auxk = self.auxk_error(self.auxk_decode(aux, x, decoded), x - x_hat.detach(), aux.n_dead)
+            auxk = dead_residual_loss(
+                x - x_hat.detach(), self.auxk_decode(aux, x, decoded), aux.n_dead, self.aux_k
+            )
             loss = loss + self.cfg.aux_k_coef * auxk
             metrics["auxk"] = auxk.detach()
-        with torch.no_grad():
-            active = codes[:, :width] > 0
-            counts = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
-            fired = counts.index_add_(0, indices[:, :width].reshape(-1), active.reshape(-1).int()) > 0
-            l0 = active.sum(dim=-1).float().mean()
+        fired, l0 = sparse_activity(codes[:, :width] > 0, indices[:, :width], self.d_sae)
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
 
     def auxk_decode(self, aux: AuxSelection, x: Tensor, decoded: Tensor) -> Tensor:
@@ -197,16 +214,3 @@ class TopKSAE(SparseCodes, SAE):
                 aux.codes, aux.latents, x, self.W_enc, self.b_enc, self.b_dec, self.W_dec
             )
         return decoded[:, 1]
-
-    def auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
-        """AuxK from differentiable pre-activations [B, n] (the top aux_k dead latents per row)."""
-        values, indices = dead_topk(pre.clone(), dead_mask, self.aux_k)
-        residual_hat = self.decode_sparse(values.relu(), indices, with_bias=False)
-        return self.auxk_error(residual_hat, residual, dead_mask.sum())
-
-    def auxk_error(self, residual_hat: Tensor, residual: Tensor, n_dead: Tensor) -> Tensor:
-        """min(n_dead / aux_k, 1) * FVU of the residual [B, d] rebuilt as residual_hat [B, d] from the top
-        aux_k dead latents (n_dead: scalar count of dead latents); NaN -> 0."""
-        scale = (n_dead / self.aux_k).clamp(max=1.0)
-        loss = fraction_of_variance_unexplained(residual, residual_hat)
-        return (scale * loss).nan_to_num(0.0)

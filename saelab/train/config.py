@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from saelab.checks import check_number
+from saelab.core.checks import check_number
+from saelab.core.device import check_device_name
 
 #: trainer.autocast_dtype values -> the autocast dtype (None: no autocast); "auto" is resolved by the trainer.
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bfloat16": torch.bfloat16}
@@ -96,18 +97,6 @@ class TrainerConfig:
         if self.eval_every and self.eval_batches < 1:
             raise ValueError(f"trainer.eval_batches={self.eval_batches} must be >= 1 when eval_every > 0.")
         check_device_name("trainer.device", self.device)
-
-
-def check_device_name(field: str, name: str) -> None:
-    """Raise ValueError unless `name` is "auto" or a device string torch understands (cpu, cuda, cuda:1, mps...)."""
-    if name == "auto":
-        return
-    try:
-        torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(
-            f"{field}={name!r} is not a device torch knows; use auto, cpu, cuda, cuda:<index> or mps."
-        ) from None
 
 
 @dataclass

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from saelab.config_diff import changed_settings
+from saelab.core.config_diff import changed_settings
 from saelab.sae.base import SAEConfig
 from saelab.train.config import TrainerConfig
 

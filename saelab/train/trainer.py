@@ -2,7 +2,7 @@
 
 Per step: normalise, variant forward/loss, backward, decoder-gradient projection, gradient clipping,
 Adam step, decoder renormalisation, schedule, dead-latent bookkeeping. Host syncs happen only every
-`dead_check_every` / `log_every` steps. Under torchrun the same loop runs data-parallel (saelab.train.distributed):
+`dead_check_every` / `log_every` steps. Under torchrun the same loop runs data-parallel (saelab.parallel.distributed):
 each rank trains on its slice of every global batch and rank 0 alone writes.
 """
 
@@ -19,13 +19,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from saelab.eval.heldout import heldout_metrics
+from saelab.core.device import resolve_device
+from saelab.io.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from saelab.kernels.auxk import dead_latent_list
+from saelab.metrics.dead import DeadLatentTracker
+from saelab.metrics.heldout import heldout_metrics
+from saelab.parallel import distributed
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
-from saelab.train import distributed
-from saelab.train.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
-from saelab.train.config import AUTOCAST_DTYPES, LoggingConfig, TrainerConfig, check_device_name
-from saelab.train.dead import DeadLatentTracker
+from saelab.train.config import AUTOCAST_DTYPES, LoggingConfig, TrainerConfig
 from saelab.train.lock import run_dir_lock
 from saelab.train.logger import RunLogger
 from saelab.train.resume import check_resume_settings
@@ -61,20 +62,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     output_dir: Path | None = None
     eval_history: list[dict[str, float]] = field(default_factory=list)
-
-
-def resolve_device(name: str, field: str = "trainer.device") -> torch.device:
-    """`auto` -> cuda or cpu; under torchrun a bare `cuda` is this process's GPU (cuda:LOCAL_RANK).
-    Raises ValueError naming `field` for an unknown device or a GPU torch cannot see."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    check_device_name(field, name)
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{field}={name!r} but torch sees no CUDA GPU here; use {field}=cpu (or auto).")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{field}={name!r} but the MPS backend is not available; use {field}=cpu (or auto).")
-    return distributed.local_device(device)
 
 
 def norm_scale(x: Tensor) -> float:

@@ -1,0 +1,119 @@
+"""Hydra structured configs: the schema of each command (train, eval, harvest, inspect) and every SAE variant,
+source kind, trainer and logging schema, in the ConfigStore.
+
+YAML files under `configs/` name these schemas in their defaults lists (e.g. `sae/topk.yaml` starts with
+`defaults: [topk_schema, _self_]`), so overrides are type-checked against the dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from saelab.eval.config import EvalConfig
+from saelab.inspect.config import InspectConfig
+from saelab.sae.base import SAEConfig
+from saelab.sae.registry import variant_classes
+from saelab.sources import source_config_classes
+from saelab.train.config import LoggingConfig, TrainerConfig
+
+
+@dataclass
+class TrainRunConfig:
+    """Everything `saelab train` needs."""
+
+    sae: Any = MISSING
+    source: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class EvalRunConfig:
+    """Everything `saelab eval` needs. sae_path (`sae=PATH` on the command line): an SAE directory, a run
+    directory holding `sae/`, or a training checkpoint. output_dir: null -> `<hydra run dir>/eval`."""
+
+    sae_path: str = MISSING
+    source: Any = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str | None = None
+
+
+@dataclass
+class InspectRunConfig:
+    """Everything `saelab inspect` needs. sae_path (`sae=PATH` on the command line): an SAE directory, a run
+    directory, a checkpoint or a hub repo id. output_dir: null -> `<sae_path>/inspect` for a local SAE, else
+    `<hydra run dir>/inspect`. serve: after writing, serve the site on http://127.0.0.1:<port>/."""
+
+    sae_path: str = MISSING
+    source: Any = MISSING
+    inspect: InspectConfig = field(default_factory=InspectConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str | None = None
+    serve: bool = False
+    port: int = 8000
+
+
+@dataclass
+class HarvestRunConfig:
+    """`saelab harvest`: write activations at hook_names (default [source.hook_name]) to a cache folder.
+
+    total_tokens: rows to harvest per hook (0: one pass over the dataset). shard_tokens: rows per shard.
+    dtype: storage dtype (float32, float16, bfloat16). overwrite: replace a complete cache in output_dir
+    (the new one is built beside it and swapped in when complete). verify: instead of harvesting, check the
+    cache in output_dir against its manifest's checksums.
+    """
+
+    source: Any = MISSING
+    output_dir: str = MISSING
+    hook_names: list[str] = field(default_factory=list)
+    total_tokens: int = 1_000_000
+    shard_tokens: int = 65536
+    dtype: str = "float32"
+    overwrite: bool = False
+    verify: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.total_tokens < 0:
+            raise ValueError(f"total_tokens={self.total_tokens} must be >= 0 (0: the whole dataset).")
+        if self.shard_tokens <= 0:
+            raise ValueError(f"shard_tokens={self.shard_tokens} must be > 0.")
+        if not self.output_dir:
+            raise ValueError("output_dir must be set, e.g. output_dir=caches/smollm2-l6.")
+
+
+def register_configs() -> None:
+    """Store all schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainRunConfig)
+    cs.store(name="eval_schema", node=EvalRunConfig)
+    cs.store(name="harvest_schema", node=HarvestRunConfig)
+    cs.store(name="inspect_schema", node=InspectRunConfig)
+    for cls in variant_classes():
+        cs.store(group="sae", name=f"{cls.architecture}_schema", node=cls.config_class)
+    for kind, config_class in source_config_classes().items():
+        cs.store(group="source", name=f"{kind}_schema", node=config_class)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="logging", name="logging_schema", node=LoggingConfig)
+
+
+def to_dataclass(node: DictConfig, field_name: str) -> Any:
+    """Turn a composed config node into its dataclass; a node without a schema is a usage error."""
+    obj = OmegaConf.to_object(node)
+    if isinstance(obj, dict):
+        raise ValueError(
+            f"config group '{field_name}' has no schema; its YAML must list '<name>_schema' in defaults."
+        )
+    return obj
+
+
+def sae_config(node: DictConfig) -> SAEConfig:
+    cfg = to_dataclass(node, "sae")
+    if not isinstance(cfg, SAEConfig):
+        raise TypeError(f"the 'sae' config group must hold an SAE config, got {type(cfg).__name__}.")
+    return cfg

@@ -1,0 +1,116 @@
+"""Hydra callbacks of `saelab train`, listed under `hydra.callbacks` in configs/config.yaml.
+
+SharedRunDir: under torchrun every rank composes its own config, and Hydra's `${now:...}` resolves to each
+process's own clock, so the ranks could pick different run directories. Rank 0's resolved directory is
+broadcast to all ranks before any of them creates it; the other ranks also skip `.hydra/` and the log file.
+In a SLURM job that submitit started with several tasks, each task first exports torchrun's variables.
+
+SlurmJobStates: with a SLURM launcher, poll job states with squeue once sacct fails (clusters without
+accounting), instead of a warning every poll and a wait without end for a cancelled job (saelab.app.slurm_watcher).
+
+SweepSummary: when a multirun ends, gather the runs' summary.json files into the sweep's summary.jsonl
+(saelab.app.sweep), also when it ends with an error (a failed or cancelled job) or is interrupted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+
+def _drop_file_handlers(job_logging: DictConfig) -> None:
+    """Remove the logging handlers that write files (and their uses) from a logging dictConfig."""
+    handlers = job_logging.get("handlers") or {}
+    files = [name for name, h in handlers.items() if "FileHandler" in str(h.get("class", ""))]
+    for name in files:
+        del handlers[name]
+    owners = [job_logging.get("root"), *(job_logging.get("loggers") or {}).values()]
+    for owner in owners:
+        if owner is not None and owner.get("handlers") is not None:
+            owner.handlers = [h for h in owner.handlers if h not in files]
+
+
+def export_torchrun_environment() -> None:
+    """Inside a SLURM job submitted by submitit with several tasks, export RANK / WORLD_SIZE / LOCAL_RANK /
+    MASTER_ADDR / MASTER_PORT as torchrun would (submitit's own mapping of the SLURM variables)."""
+    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+class SharedRunDir(Callback):
+    """Give every torchrun rank rank 0's run directory; only rank 0 writes Hydra's files there."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        export_torchrun_environment()
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from saelab.parallel import distributed
+
+        if distributed.env_world_size() <= 1:
+            return
+        from saelab.core.device import resolve_device
+
+        device = resolve_device(str(OmegaConf.select(config, "trainer.device", default="auto")))
+        ranks = distributed.setup(device)
+        run_dir = ranks.broadcast_object(str(config.hydra.run.dir))
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = run_dir
+            if not ranks.is_main:
+                config.hydra.output_subdir = None
+                _drop_file_handlers(config.hydra.job_logging)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from saelab.parallel import distributed
+
+        if distributed.env_world_size() > 1:
+            raise ValueError(
+                "a Hydra multirun (-m) cannot run under torchrun: every rank would launch the whole sweep. "
+                "Run the sweep with one process per job (locally, or on SLURM with hydra/launcher=slurm and "
+                "hydra.launcher.tasks_per_node=hydra.launcher.gpus_per_node for data-parallel jobs), or call "
+                "torchrun once per configuration."
+            )
+
+
+class SlurmJobStates(Callback):
+    """With submitit's SLURM launcher, poll job states with sacct while it works, then with squeue."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        target = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        if target.startswith("hydra_plugins.hydra_submitit_launcher") and target.endswith("SlurmLauncher"):
+            from saelab.app import slurm_watcher
+
+            slurm_watcher.install()
+
+
+class SweepSummary(Callback):
+    """Write <sweep dir>/summary.jsonl (one row per run) and log its table when a multirun ends: from
+    on_multirun_end, or at exit where the multirun raised (Hydra skips on_multirun_end then)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        atexit.register(self.write)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        atexit.unregister(self.write)
+        self.write()
+
+    def write(self) -> None:
+        from saelab.app.sweep import format_table, summary_counts, write_sweep_summary
+
+        if not self.sweep_dir.is_dir():  # the multirun failed before launching a job
+            return
+        path, rows = write_sweep_summary(self.sweep_dir)
+        log.info("sweep summary (%s):\n%s\n%s", path, format_table(rows), summary_counts(rows))

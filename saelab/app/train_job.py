@@ -1,0 +1,92 @@
+"""Run a training job from a composed Hydra config: build source and SAE, train, save, summarise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from saelab.app.config import sae_config, to_dataclass
+from saelab.app.sweep import sweep_logging
+from saelab.core.atomic import atomic_file
+from saelab.core.device import resolve_device
+from saelab.core.seeds import derive_seed, generator
+from saelab.sae.registry import build_sae
+from saelab.sources import build_source
+from saelab.sources.synthetic import recovery_metrics
+from saelab.train.lock import run_dir_lock
+from saelab.train.trainer import Trainer, TrainResult
+
+
+def hydra_output_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> TrainResult:
+    """Train the SAE described by cfg (sae, source, trainer, logging groups); writes <output_dir>/sae.
+    Under torchrun every rank calls this; rank 0 alone writes."""
+    sae_cfg = sae_config(cfg.sae)
+    source_cfg = to_dataclass(cfg.source, "source")
+    trainer_cfg = to_dataclass(cfg.trainer, "trainer")
+    logging_cfg = sweep_logging(to_dataclass(cfg.logging, "logging"))
+    trainer_cfg.validate()
+    logging_cfg.validate()
+    out = Path(output_dir) if output_dir is not None else hydra_output_dir()
+    device = resolve_device(trainer_cfg.device)
+    torch.manual_seed(derive_seed(trainer_cfg.seed, "torch.global"))  # anything drawing from the global RNG
+    source = build_source(source_cfg, device)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    sae_cfg = sae_cfg.resolved(source.d_in)
+    if trainer_cfg.resume_from:
+        trainer = Trainer.from_checkpoint(
+            trainer_cfg.resume_from, trainer_cfg, logging_cfg, out, run_config, sae_config=sae_cfg
+        )
+    else:
+        sae_cfg.metadata = {**source.metadata(), **sae_cfg.metadata}
+        sae = build_sae(sae_cfg, generator(trainer_cfg.seed, "sae.init"))
+        trainer = Trainer(sae, trainer_cfg, logging_cfg, out, run_config)
+    with run_dir_lock(trainer.output_dir):  # None on ranks other than 0
+        result = trainer.fit(source)
+        if trainer.output_dir is not None:
+            summary = write_summary(out / "summary.json", result, source, run_config)
+            print(summary_line(summary, out))
+    return result
+
+
+def summary_line(summary: dict[str, Any], out: Path) -> str:
+    """One human-readable line: where the SAE is and its final metrics."""
+    shown = ("fvu", "l0", "dead_frac", "heldout/dead_frac", "mmcs", "frac_recovered")
+    metrics = ", ".join(f"{k}={summary[k]:.4g}" for k in shown if k in summary)
+    window = f" (dead_frac: silent for the last {summary['dead_window_tokens']:,} tokens)"
+    return f"saved {out / 'sae'} after {summary['tokens']:,} tokens: {metrics}{window}"
+
+
+def write_summary(path: Path, result: TrainResult, source: Any, run_config: dict[str, Any]) -> dict[str, Any]:
+    """One JSON row per run: final metrics, dead fraction (with its token window), the last held-out
+    evaluation when there was one, recovery when the source has planted features."""
+    last_eval = result.eval_history[-1] if result.eval_history else {}
+    summary: dict[str, Any] = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "dead_frac": result.dead_fraction,
+        "dead_window_tokens": result.dead_window_tokens,
+        "input_scale": result.input_scale,
+        **{
+            k: v
+            for k, v in (result.history[-1] if result.history else {}).items()
+            if k not in ("step", "tokens")
+        },
+        **{k: v for k, v in last_eval.items() if k != "step"},
+    }
+    features = getattr(source, "features", None)
+    if features is not None:
+        summary.update(recovery_metrics(features, result.sae.W_dec.detach().cpu()))
+    summary["config"] = run_config
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,46 @@
+"""Loss terms and step statistics shared by the variants: batch-normalised FVU (exact under data parallelism),
+the auxiliary dead-latent reconstruction (AuxK and MP's revival term), and fired / L0 of a batch's codes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saelab.parallel import global_batch
+
+
+def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
+    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over a batch [B, d]; scalar. x must carry no gradient.
+
+    In data-parallel training (`global_batch.sharded`) x, x_hat are this rank's rows of the global batch and the
+    value is W * (their squared error) / (the global batch's denominator): its mean over the W ranks, and the
+    mean of its gradients that DDP takes, are the global batch's FVU and gradient.
+    """
+    error = (x - x_hat).pow(2).sum()
+    return global_batch.ranks() * error / global_batch.centred_sumsq(x).clamp_min(1e-12)
+
+
+def auxiliary_k(configured: int, d_in: int, d_sae: int) -> int:
+    """How many dead latents an auxiliary loss may use: `configured`, or d_in // 2 when it is 0; at most d_sae."""
+    return min(configured or max(d_in // 2, 1), d_sae)
+
+
+def dead_residual_loss(residual: Tensor, residual_hat: Tensor, n_dead: Tensor, aux_k: int) -> Tensor:
+    """min(n_dead / aux_k, 1) * FVU of the detached residual [B, d] rebuilt as residual_hat [B, d] from dead
+    latents (Gao et al.'s AuxK scaling; n_dead: scalar count of dead latents); NaN -> 0."""
+    scale = (n_dead / aux_k).clamp(max=1.0)
+    return (scale * fraction_of_variance_unexplained(residual, residual_hat)).nan_to_num(0.0)
+
+
+@torch.no_grad()
+def dense_activity(active: Tensor) -> tuple[Tensor, Tensor]:
+    """active [B, n] bool -> (fired [n] bool: active on any row, l0: scalar mean active latents per row)."""
+    return active.any(dim=0), active.sum(dim=1).float().mean()
+
+
+@torch.no_grad()
+def sparse_activity(active: Tensor, indices: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """active [B, w] bool over the slots indices [B, w] -> (fired [d_sae] bool, l0: scalar mean per row)."""
+    counts = torch.zeros(d_sae, dtype=torch.int32, device=indices.device)
+    fired = counts.index_add_(0, indices.reshape(-1), active.reshape(-1).int()) > 0
+    return fired, active.sum(dim=-1).float().mean()

@@ -1,0 +1,109 @@
+"""Source kinds "model" (live: tokens -> harvester -> mixing buffer) and "cache" (a `saelab harvest` folder).
+
+Heavy libraries (transformers, TransformerLens, datasets) are imported only when a source is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saelab.core.seeds import derive_seed
+from saelab.harvest.config import ModelSourceConfig
+from saelab.sources.registry import register_source
+
+
+class ModelSource:
+    """Live activations of cfg.hook_name, mixed in a shuffling buffer. Endless: the dataset repeats.
+
+    batches(B, start_batch=b > 0) starts on the text after everything that the stream from batch 0 can have
+    served in its first b batches (b * B rows, plus a buffer and a model batch of rows, counted on the
+    tokens without running the model). So held-out batches 0..b-1 never reappear in training, and a resumed
+    run sees fresh text, though not the exact rows of the uninterrupted run (train from a cache for that).
+    """
+
+    def __init__(self, cfg: ModelSourceConfig, device: torch.device, pipeline: Any = None):
+        from saelab.harvest.base import hook_widths
+        from saelab.harvest.pipeline import build_pipeline
+
+        cfg.validate()
+        self.cfg = cfg
+        self.train_device = device
+        model_device = device if cfg.device == "auto" else torch.device(cfg.device)
+        self.pipeline = pipeline or build_pipeline(cfg, [cfg.hook_name], model_device)
+        self.d_in = hook_widths(self.pipeline.harvester)[cfg.hook_name]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"source": "model", **self.cfg.metadata(self.cfg.hook_name)}
+
+    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]:
+        """Endless batches [batch_size, d_in] from the mixing buffer."""
+        from saelab.buffer.mixing import MixingBuffer, buffer_device
+        from saelab.harvest.pipeline import harvest_rows
+
+        cfg = self.cfg
+        used = start_batch * batch_size + cfg.buffer_tokens + cfg.model_batch_size * cfg.context_size
+        skip = self.pipeline.contexts.contexts_holding(used if start_batch else 0, self.pipeline.excluded)
+        rows = harvest_rows(self.pipeline, cfg.model_batch_size, skip=skip, repeat=True)
+        nbytes = cfg.buffer_tokens * self.d_in * 4
+        device = buffer_device(cfg.buffer_device, self.train_device, nbytes)
+        seed = derive_seed(cfg.seed, "mixing.shuffle", start_batch)
+        buffer = MixingBuffer(cfg.buffer_tokens, self.d_in, batch_size, device, seed=seed)
+        return buffer.batches(acts[cfg.hook_name] for acts, _, _ in rows)
+
+
+@dataclass
+class CacheSourceConfig:
+    """Activations from a `saelab harvest` cache folder.
+
+    hook_name: which hook to train on ("" when the cache holds one). group_tokens: rows loaded and shuffled
+    together (whole shards, in a shuffled order per epoch). seed: the reading order.
+    """
+
+    kind: str = "cache"
+    path: str = ""
+    hook_name: str = ""
+    group_tokens: int = 131072
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("source.path must name a cache folder written by `saelab harvest`.")
+        if self.group_tokens <= 0:
+            raise ValueError(f"source.group_tokens={self.group_tokens} must be > 0.")
+
+
+class CacheSource:
+    """Batches read from a cache in shuffled shard order; batch b is a pure function of (seed, b)."""
+
+    def __init__(self, cfg: CacheSourceConfig):
+        from saelab.buffer.cache import ActivationCache
+
+        cfg.validate()
+        self.cfg = cfg
+        self.cache = ActivationCache(cfg.path)
+        self.hook_name = self.cache.check_hook(cfg.hook_name or None)
+        self.d_in = self.cache.d_in(self.hook_name)
+
+    def metadata(self) -> dict[str, Any]:
+        meta = self.cache.manifest["metadata"].get(self.hook_name, {})
+        return {"source": "cache", **meta, "cache_path": str(self.cfg.path)}
+
+    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]:
+        return self.cache.batches(
+            self.hook_name, batch_size, start_batch, self.cfg.seed, self.cfg.group_tokens
+        )
+
+
+@register_source("model", ModelSourceConfig)
+def _model(cfg: ModelSourceConfig, device: torch.device) -> ModelSource:
+    return ModelSource(cfg, device)
+
+
+@register_source("cache", CacheSourceConfig)
+def _cache(cfg: CacheSourceConfig, device: torch.device) -> CacheSource:
+    return CacheSource(cfg)

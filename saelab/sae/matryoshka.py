@@ -31,12 +31,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from saelab.checks import check_number
+from saelab.core.checks import check_number
 from saelab.kernels import SlotPlan, sparse_decode_groups, sparse_encoder_values
 from saelab.kernels.auxk import AuxSelection, gathered_auxk_decode
-from saelab.sae import global_batch
+from saelab.parallel import global_batch
 from saelab.sae.base import TrainOutput
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saelab.sae.losses import dead_residual_loss, sparse_activity
 from saelab.sae.registry import register
 
 
@@ -53,7 +54,7 @@ class MatryoshkaConfig(BatchTopKConfig):
     group_sizes: explicit sizes (sum d_sae); when set they replace group_fractions. Saved SAEs store both."""
 
     architecture: str = "matryoshka"
-    group_fractions: list[float] = field(default_factory=lambda: [1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2])
+    group_fractions: list[float] = field(default_factory=lambda: [1 / 8, 1 / 8, 1 / 4, 1 / 2])
     group_sizes: list[int] = field(default_factory=list)
 
     def resolved_group_sizes(self) -> list[int]:
@@ -127,7 +128,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     data_parallel: ClassVar[bool] = True
     dictionary_learning_class: ClassVar[str] = "MatryoshkaBatchTopKSAE"
     dictionary_learning_trainer: ClassVar[str] = "MatryoshkaBatchTopKTrainer"
-    dictionary_learning_reads: ClassVar[tuple[str, ...]] = ("MatryoshkaBatchTopKSAE",)
+    dictionary_learning_reads: ClassVar[tuple[str, ...]] = ()
 
     @property
     def group_sizes(self) -> list[int]:
@@ -180,27 +181,17 @@ class MatryoshkaSAE(BatchTopKSAE):
                 if aux.dense
                 else decoded[:, groups]
             )
-            auxk = self.auxk_error(residual_hat, x - x_hat.detach(), aux.n_dead)
+            auxk = dead_residual_loss(x - x_hat.detach(), residual_hat, aux.n_dead, self.aux_k)
             loss = loss + self.cfg.aux_k_coef * auxk
             metrics["auxk"] = auxk.detach()
-        with torch.no_grad():
-            active = codes[:, :width] > 0
-            counts = torch.zeros(self.d_sae, dtype=torch.int32, device=x.device)
-            fired = counts.index_add_(0, indices[:, :width].reshape(-1), active.reshape(-1).int()) > 0
-            l0 = active.sum(dim=-1).float().mean()
+        fired, l0 = sparse_activity(codes[:, :width] > 0, indices[:, :width], self.d_sae)
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
 
     # ------------------------------------------------------------ interop
     def dictionary_learning_extras(self) -> dict[str, Tensor]:
-        """Non-weight tensors of dictionary_learning's MatryoshkaBatchTopKSAE: k, threshold, group_sizes."""
-        threshold = float(self.threshold)
-        if not threshold >= 0:
-            raise ValueError(
-                f"this matryoshka SAE has no usable inference threshold ({threshold}); train it before exporting."
-            )
+        """BatchTopK's k and threshold, and the group_sizes buffer of dictionary_learning's MatryoshkaBatchTopKSAE."""
         return {
-            "k": torch.tensor(self.cfg.k, dtype=torch.int32),
-            "threshold": torch.tensor(threshold, dtype=torch.float32),
+            **super().dictionary_learning_extras(),
             "group_sizes": torch.tensor(self.group_sizes, dtype=torch.int64),
         }
 
@@ -208,23 +199,11 @@ class MatryoshkaSAE(BatchTopKSAE):
     def config_from_dictionary_learning(
         cls, extras: dict[str, Tensor], trainer: dict[str, Any], where: str
     ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """(config fields, extra state tensors) from a MatryoshkaBatchTopKSAE's k, threshold and group_sizes."""
-        threshold = extras["threshold"]
-        if not bool(threshold >= 0):
-            raise ValueError(
-                f"{where}: threshold={float(threshold)}: the MatryoshkaBatchTopKSAE never estimated its "
-                "inference threshold (dictionary_learning starts it at -1 and sets it after "
-                "threshold_start_step), so it has no batch-independent encoder to load."
-            )
-        k = int(extras["k"])
-        if trainer.get("k", k) != k:
-            raise ValueError(f"{where}: trainer.k={trainer['k']} but the state dict has k={k}.")
-        sizes = [int(s) for s in extras["group_sizes"].reshape(-1)]
-        fields: dict[str, Any] = {"k": k, "group_sizes": sizes}
+        """BatchTopK's k and threshold; group_sizes from the state dict, group_fractions from the trainer config
+        when it lists one per group (else the sizes' shares)."""
+        fields, tensors = super().config_from_dictionary_learning(extras, trainer, where)
+        sizes = fields.pop("metadata")["group_sizes"]
         fractions = trainer.get("group_fractions")
-        if isinstance(fractions, list) and len(fractions) == len(sizes):
-            fields["group_fractions"] = [float(f) for f in fractions]
-        else:
-            total = sum(sizes)
-            fields["group_fractions"] = [s / total for s in sizes]
-        return fields, {"threshold": threshold.reshape(()).to(torch.float32)}
+        if not (isinstance(fractions, list) and len(fractions) == len(sizes)):
+            fractions = [size / sum(sizes) for size in sizes]
+        return {**fields, "group_sizes": sizes, "group_fractions": [float(f) for f in fractions]}, tensors

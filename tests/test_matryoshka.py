@@ -293,3 +293,14 @@ def test_trains_on_hierarchical_planted_data_with_the_parents_in_the_first_group
     assert fvu < 0.2 and float(trained.threshold) > 0
     parents = source.features[: data.n_parents]
     assert recovery_metrics(parents, trained.W_dec.detach()[:32])["frac_recovered"] >= 0.5
+
+
+def test_a_dictionary_learning_folder_with_inconsistent_group_sizes_is_refused(tmp_path):
+    sae = trained_like()
+    export_dictionary_learning(sae, tmp_path / "dl")
+    state = torch.load(tmp_path / "dl" / "ae.pt", weights_only=True)
+    torch.save(
+        {**state, "group_sizes": torch.tensor([3, 5, 6])}, tmp_path / "dl" / "ae.pt"
+    )  # sums to 14, not 24
+    with pytest.raises(ValueError, match="sae.group_sizes=.*add up to 14.*d_sae=24"):
+        load_sae(tmp_path / "dl")

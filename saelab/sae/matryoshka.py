@@ -97,8 +97,9 @@ def codes_by_group(values: Tensor, indices: Tensor, starts: Tensor) -> tuple[Ten
     """Lay selected codes out group by group (no gradient).
 
     values [B, w] >= 0, indices [B, w]; starts [G - 1] the first latent of groups 2..G. Returns
-    (values [B, W], indices [B, W], widths (w_1..w_G), sum W): columns of group g hold each row's nonzero codes
-    on group g's latents, then zeros (index 0); w_g is the largest such count in the batch (at least 1).
+    (values [B, W], indices [B, W], widths (w_1..w_G)), W = w_1 + ... + w_G: the w_g columns of group g hold
+    each row's nonzero codes on group g's latents, then zeros (index 0); w_g is the largest such count in the
+    batch (at least 1).
     One host sync reads the widths.
     """
     batch, width = values.shape
@@ -122,6 +123,8 @@ def codes_by_group(values: Tensor, indices: Tensor, starts: Tensor) -> tuple[Ten
 
 @register("matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
+    """BatchTopK whose nested prefixes of the dictionary each learn to reconstruct on their own."""
+
     config_class = MatryoshkaConfig
     cfg: MatryoshkaConfig
     required_fields = ("d_in", "d_sae", "k", "group_sizes")
@@ -130,15 +133,16 @@ class MatryoshkaSAE(BatchTopKSAE):
     dictionary_learning_trainer: ClassVar[str] = "MatryoshkaBatchTopKTrainer"
     dictionary_learning_reads: ClassVar[tuple[str, ...]] = ()
 
+    def __init__(self, cfg: MatryoshkaConfig, generator: torch.Generator | None = None):
+        super().__init__(cfg, generator)
+        # The first latent of groups 2..G [G - 1], kept on the SAE's device (not saved: the config holds the sizes).
+        ends = torch.tensor(self.group_sizes, dtype=torch.long).cumsum(0)
+        self.register_buffer("group_starts", ends[:-1], persistent=False)
+
     @property
     def group_sizes(self) -> list[int]:
         """Sizes of the G nested groups, smallest prefix first (sum d_sae)."""
         return self.cfg.resolved_group_sizes()
-
-    def group_starts(self, device: torch.device) -> Tensor:
-        """The first latent of groups 2..G, [G - 1] int64."""
-        ends = torch.tensor(self.group_sizes, dtype=torch.long, device=device).cumsum(0)
-        return ends[:-1]
 
     def config_dict(self) -> dict[str, Any]:
         """The base config with the resolved group sizes, so a load needs no d_sae arithmetic."""
@@ -152,7 +156,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     ) -> TrainOutput:
         """Mean prefix FVU (+ AuxK on the full dictionary's residual) of x [B, d_in] from no-grad selected
         codes (values, indices [B, w]), gradients attached through the sparse kernels."""
-        values, indices, widths = codes_by_group(values, indices, self.group_starts(x.device))
+        values, indices, widths = codes_by_group(values, indices, self.group_starts)
         groups, width = len(widths), values.shape[1]
         sizes = widths
         if aux is not None and not aux.dense:  # one sparse encoder backward serves both code sets

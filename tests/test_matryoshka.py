@@ -304,3 +304,18 @@ def test_a_dictionary_learning_folder_with_inconsistent_group_sizes_is_refused(t
     )  # sums to 14, not 24
     with pytest.raises(ValueError, match="sae.group_sizes=.*add up to 14.*d_sae=24"):
         load_sae(tmp_path / "dl")
+
+
+def test_a_prefix_is_the_nested_sae_training_fitted():
+    sae = trained_like()
+    x = batch(9)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    z = pre * (pre > 0.2)
+    for groups, m in ((1, 3), (2, 8), (4, N)):
+        small = sae.prefix(groups)
+        assert small.d_sae == m and small.group_sizes == SIZES[:groups] and float(small.threshold) == 0.2
+        with torch.no_grad():
+            torch.testing.assert_close(small.encode(x), z[:, :m])
+            torch.testing.assert_close(small(x), z[:, :m] @ sae.W_dec[:m] + sae.b_dec)
+    with pytest.raises(ValueError, match="groups=5 must be in"):
+        sae.prefix(5)

@@ -16,7 +16,8 @@ FVUs: a constant factor from the sum (which Adam does not see), keeping the loss
 aux_k_coef weighs AuxK against it as in BatchTopK. AuxK fits the residual of the full dictionary
 (x - x_hat_G), as in both (SAELens's per-level AuxK option is not offered).
 
-Inference is BatchTopK's threshold over the whole dictionary (SAELens reads it as jumprelu). Training decodes
+Inference is BatchTopK's threshold over the whole dictionary (SAELens reads it as jumprelu); being per latent,
+it makes `prefix(g)`, the first g groups as an SAE of their own, the nested SAE that training fitted. Training decodes
 each group's codes separately with the sparse kernels: the selected codes are laid out group by group
 (`codes_by_group`), one `sparse_decode_groups` call yields the G group decodes, and cumulative sums give
 the prefix reconstructions; the cost is O(B * w' * d), w' the summed per-group widths (about w + G).
@@ -24,6 +25,8 @@ the prefix reconstructions; the cost is O(B * w' * d), w' the summed per-group w
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -149,6 +152,33 @@ class MatryoshkaSAE(BatchTopKSAE):
         out = super().config_dict()
         out["group_sizes"] = self.group_sizes
         return out
+
+    @torch.no_grad()
+    def prefix(self, groups: int) -> MatryoshkaSAE:
+        """The nested SAE of the first `groups` groups (m = their summed size latents): a new SAE with the first m
+        encoder columns, decoder rows and biases and the same threshold. Its codes are this SAE's first m code
+        columns and its reconstruction the prefix reconstruction training fitted (inference is per latent)."""
+        sizes = self.group_sizes
+        if not 1 <= groups <= len(sizes):
+            raise ValueError(
+                f"groups={groups} must be in [1, {len(sizes)}] (this SAE has {len(sizes)} groups)."
+            )
+        m = sum(sizes[:groups])
+        cfg = dataclasses.replace(
+            self.cfg,
+            d_sae=m,
+            k=min(self.cfg.k, m),
+            group_sizes=sizes[:groups],
+            group_fractions=[size / m for size in sizes[:groups]],
+            metadata=copy.deepcopy(self.cfg.metadata),
+        )
+        small = type(self)(cfg).to(self.W_dec.device)
+        small.W_enc.copy_(self.W_enc[:, :m])
+        small.b_enc.copy_(self.b_enc[:m])
+        small.W_dec.copy_(self.W_dec[:m])
+        small.b_dec.copy_(self.b_dec)
+        small.threshold.copy_(self.threshold)
+        return small.train(self.training)
 
     # ------------------------------------------------------------ training
     def train_on_codes(

@@ -17,10 +17,12 @@ aux_k_coef weighs AuxK against it as in BatchTopK. AuxK fits the residual of the
 (x - x_hat_G), as in both (SAELens's per-level AuxK option is not offered).
 
 Inference is BatchTopK's threshold over the whole dictionary (SAELens reads it as jumprelu); being per latent,
-it makes `prefix(g)`, the first g groups as an SAE of their own, the nested SAE that training fitted. Training decodes
-each group's codes separately with the sparse kernels: the selected codes are laid out group by group
-(`codes_by_group`), one `sparse_decode_groups` call yields the G group decodes, and cumulative sums give
-the prefix reconstructions; the cost is O(B * w' * d), w' the summed per-group widths (about w + G).
+it makes `prefix(g)`, the first g groups as an SAE of their own, the nested SAE that training fitted.
+
+Training decodes each group's codes separately with the sparse kernels: the selected codes are laid out group by
+group (`codes_by_group`), one `sparse_decode_groups` call yields the G group decodes, and cumulative sums give
+the prefix reconstructions. The cost is O(B * w' * d), w' the summed per-group widths against BatchTopK's width w
+(hierarchical planted set, 4 groups: w' 90 for w 82 at init, 31 for 23 after 600 steps).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch
 from test_interop_dictionary_learning import import_peer
 
 from saelab import load_sae
+from saelab.app.cli import main
 from saelab.io import export_dictionary_learning
 from saelab.kernels import backend
 from saelab.kernels.auxk import dead_latent_list
@@ -319,3 +320,13 @@ def test_a_prefix_is_the_nested_sae_training_fitted():
             torch.testing.assert_close(small(x), z[:, :m] @ sae.W_dec[:m] + sae.b_dec)
     with pytest.raises(ValueError, match="groups=5 must be in"):
         sae.prefix(5)
+
+
+def test_trains_from_the_cli_with_its_yaml(tmp_path, one_thread):
+    main([
+        "train", "sae=matryoshka", "sae.k=4", "sae.expansion_factor=4", "sae.group_fractions=[0.25,0.75]",
+        "source.d_in=16", "source.n_features=32", "trainer.total_tokens=4096", "trainer.batch_size=512",
+        "trainer.device=cpu", "logging.progress=false", f"hydra.run.dir={tmp_path}",
+    ])  # fmt: skip
+    sae = load_sae(tmp_path / "sae")
+    assert isinstance(sae, MatryoshkaSAE) and sae.group_sizes == [16, 48] and float(sae.threshold) > 0

@@ -177,3 +177,11 @@ def test_lm_eval_evaluates_exactly_total_tokens_and_the_dead_window_is_them(tmp_
     assert report["tokens"] == budget and report["dead"]["window_tokens"] == budget
     assert report["reconstruction"]["fvu"] == pytest.approx(want_fvu, rel=1e-5)
     assert report["lm"]["predictions"] == int((evaluated[:, :-1] & ~special[:, 1:]).sum())
+
+
+def test_flatten_report_keeps_the_numeric_leaves_under_slash_joined_names():
+    from saelab.eval.evaluate import flatten_report
+
+    report = {"recon": {"fvu": 0.25, "note": "x", "ok": True, "dead": {"frac": 3}}, "l0": 7, "hist": [1, 2]}
+    assert flatten_report(report) == {"recon/fvu": 0.25, "recon/dead/frac": 3, "l0": 7}
+    assert flatten_report({"a": 1.5}, prefix="eval/") == {"eval/a": 1.5}

@@ -184,3 +184,32 @@ def test_resume_accepts_the_safe_changes(tmp_path):
     ]
     result = train_from_config(run_config(f"trainer.resume_from={ckpt}", *safe), tmp_path / "second")
     assert result.steps == 20
+
+
+def test_a_refused_cli_run_leaves_the_live_run_s_hydra_record_intact(tmp_path, capsys):
+    """Hydra writes `.hydra/` before the task runs; the run directory's lock is taken before that."""
+    from saelab.app.cli import main
+
+    run_dir = tmp_path / "run"
+    record = run_dir / ".hydra" / "config.yaml"
+    record.parent.mkdir(parents=True)
+    record.write_text("the live run's config\n")
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(run_dir), ready, release))
+    holder.start()
+    args = ["train", "sae.d_sae=64", "sae.k=4", "source.d_in=16", "source.n_features=48", "trainer.device=cpu",
+            "trainer.total_tokens=2048", "trainer.batch_size=256", "logging.progress=false"]  # fmt: skip
+    try:
+        assert ready.wait(60)
+        with pytest.raises(SystemExit):  # Hydra prints the error and exits 1
+            main([*args, f"hydra.run.dir={run_dir}"])
+        assert "in use by another live run" in capsys.readouterr().err
+        assert record.read_text() == "the live run's config\n"
+        assert not (run_dir / "sae").exists()
+    finally:
+        release.set()
+        holder.join(60)
+    main([*args, f"hydra.run.dir={run_dir}"])  # the holder is gone: the run trains and writes its own record
+    assert (run_dir / "sae").is_dir() and "sae:" in record.read_text()
+    assert not (run_dir / lock.LOCK_FILE).exists()

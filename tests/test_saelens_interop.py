@@ -492,3 +492,20 @@ def test_checkpoint_loads_in_saelens_with_raw_activation_outputs(tmp_path, gen, 
             torch.testing.assert_close(model.encode(x.float()).double(), z_ref, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(model(x.float()).double(), x_hat_ref, atol=1e-4, rtol=1e-4)
     assert type(ours) is sae_cls
+
+
+@needs_saelens
+def test_an_untrained_batchtopk_save_fails_clearly_in_saelens_instead_of_giving_zero_codes(tmp_path):
+    """Before training the threshold is NaN: SAELens would load it and every code would be 0."""
+    untrained = BatchTopKSAE(
+        BatchTopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, metadata={"hook_name": "blocks.5.h"})
+    )
+    untrained.save(tmp_path / "untrained")
+    with pytest.raises(KeyError, match=r"untrained: no inference threshold yet, so SAELens cannot load it"):
+        sae_lens.SAE.load_from_disk(tmp_path / "untrained")
+    back = load_sae(
+        tmp_path / "untrained"
+    )  # saelab loads it (to train further), and refuses to encode with it
+    assert type(back) is BatchTopKSAE and back.threshold.isnan()
+    with pytest.raises(RuntimeError, match="no inference threshold yet"):
+        back.encode(torch.zeros(2, D_IN))

@@ -3,7 +3,10 @@
 SharedRunDir: under torchrun every rank composes its own config, and Hydra's `${now:...}` resolves to each
 process's own clock, so the ranks could pick different run directories. Rank 0's resolved directory is
 broadcast to all ranks before any of them creates it; the other ranks also skip `.hydra/` and the log file.
-In a SLURM job that submitit started with several tasks, each task first exports torchrun's variables.
+In a SLURM job that submitit started with several tasks, each task first exports torchrun's variables. Rank 0
+takes the run directory's lock (saelab.train.lock) before Hydra writes `.hydra/` there (the job re-enters it);
+where another live run holds it, Hydra is told to write neither `.hydra/` nor its log there, and the job then
+fails naming the holder, so the live run's records stay intact (Hydra only warns about a callback's exception).
 
 SlurmJobStates: with a SLURM launcher, poll job states with squeue once sacct fails (clusters without
 accounting), instead of a warning every poll and a wait without end for a cancelled job (saelab.app.slurm_watcher).
@@ -56,21 +59,40 @@ class SharedRunDir(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         export_torchrun_environment()
 
+    locked: str | None = None
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from saelab.parallel import distributed
+        from saelab.train import lock
 
-        if distributed.env_world_size() <= 1:
-            return
-        from saelab.core.device import resolve_device
+        if distributed.env_world_size() > 1:
+            from saelab.core.device import resolve_device
 
-        device = resolve_device(str(OmegaConf.select(config, "trainer.device", default="auto")))
-        ranks = distributed.setup(device)
-        run_dir = ranks.broadcast_object(str(config.hydra.run.dir))
-        with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.run.dir = run_dir
-            if not ranks.is_main:
+            device = resolve_device(str(OmegaConf.select(config, "trainer.device", default="auto")))
+            ranks = distributed.setup(device)
+            run_dir = ranks.broadcast_object(str(config.hydra.run.dir))
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.run.dir = run_dir
+                if not ranks.is_main:
+                    config.hydra.output_subdir = None
+                    _drop_file_handlers(config.hydra.job_logging)
+                    return
+        run_dir = str(config.hydra.run.dir)
+        try:
+            lock.acquire(run_dir)
+        except lock.RunDirInUse:
+            with read_write(config.hydra), open_dict(config.hydra):
                 config.hydra.output_subdir = None
                 _drop_file_handlers(config.hydra.job_logging)
+            return
+        self.locked = run_dir
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from saelab.train import lock
+
+        if self.locked is not None:
+            lock.release(self.locked)
+            self.locked = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from saelab.parallel import distributed

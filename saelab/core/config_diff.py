@@ -7,13 +7,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 
-def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {"a.b.c": value}; values normalised through JSON (tuples -> lists)."""
+def flatten(settings: Mapping[str, Any], prefix: str = "", separator: str = ".") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": value} (keys joined by `separator`); values normalised through JSON
+    (tuples -> lists)."""
     flat: dict[str, Any] = {}
     for key, value in settings.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}{separator}", separator))
         else:
             flat[name] = json.loads(json.dumps(value, default=str))
     return flat

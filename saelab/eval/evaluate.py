@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saelab.core.atomic import atomic_directory
+from saelab.core.config_diff import flatten
 from saelab.eval.config import EvalConfig
 from saelab.eval.cooccurrence import CooccurrenceStats, cooccurrence_vs_geometry
 from saelab.eval.geometry import decoder_cosines, decoder_spectrum, power_law_slope
@@ -206,12 +207,6 @@ def write_report(result: EvalResult, out_dir: str | Path, plots: bool = True) ->
 
 
 def flatten_report(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Scalar leaves of a nested report as {"group/name": value} (for wandb)."""
-    flat: dict[str, float] = {}
-    for key, value in report.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_report(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = value
-    return flat
+    """Numeric leaves of a nested report as {"group/name": value} (for wandb)."""
+    leaves = flatten(report, prefix, separator="/")
+    return {k: v for k, v in leaves.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

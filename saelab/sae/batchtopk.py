@@ -109,6 +109,17 @@ class BatchTopKSAE(TopKSAE):
             )
         return {**tensors, "threshold": first.reshape(())}
 
+    def config_dict(self) -> dict[str, Any]:
+        """The base config; before training has estimated the threshold, `architecture` is a sentence SAELens
+        fails on, since SAELens would read the NaN threshold as "no latent ever fires" and return zero codes."""
+        out = super().config_dict()
+        if bool(self.threshold.isnan()):
+            out["architecture"] = (
+                f"{self.cfg.architecture} (untrained: no inference threshold yet, so SAELens cannot load it; "
+                "train it first, or use saelab.load_sae)"
+            )
+        return out
+
     def dictionary_learning_extras(self) -> dict[str, Tensor]:
         """k and the scalar inference threshold (refused while training has not estimated it)."""
         threshold = float(self.threshold)

@@ -152,8 +152,8 @@ class JumpReLUSAE(SAE):
         minimising ||(x - b_dec) - s * x_hat||^2 over the sample, x_hat the initial reconstruction (as TopK).
 
         With thresholds near 0 about half the latents fire on every row at init and their unit-norm rows
-        overshoot x about n / (2 d_in) times; unscaled, the first steps go to undoing that (planted features,
-        1500 steps, lambda 0.1, bandwidth 0.01, 1x lr: MMCS 0.60 unscaled, 0.76 scaled; BENCHMARKS.md).
+        overshoot x about n / (2 d_in) times; unscaled, the first steps go to undoing that (BENCHMARKS.md,
+        "JumpReLU defaults").
         """
         super().initialize_from_sample(x)
         centred = (x - self.b_dec).double()
@@ -164,10 +164,8 @@ class JumpReLUSAE(SAE):
             self.b_enc.mul_(scale)
 
     def default_lr(self, batch_size: int) -> float:
-        """2.5x the base rate. Adam moves a threshold by about lr a step, and thresholds start near 0 and must
-        climb above the interference between features (planted features, 3000 steps of 512 rows, lambda 0.03:
-        from 1x to 2.5x recovered 32% -> 73% (uniform), 6% -> 98% (gba_toy), but 39% -> 16% (hierarchical);
-        BENCHMARKS.md, "JumpReLU defaults")."""
+        """2.5x the base rate: Adam moves a threshold by about lr a step, and thresholds start near 0 and must
+        climb above the interference between features (BENCHMARKS.md, "JumpReLU defaults")."""
         return 2.5 * super().default_lr(batch_size)
 
     # ----------------------------------------------------------- inference

@@ -97,9 +97,9 @@ def dictionary_learning_to_saelab(
     weights, extras = CLASSES[name]
     cls = variant_for(name)
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a torch.compile'd module
-    if cls is None or set(state) != {*weights, *extras}:
-        if cls is None:
-            raise ValueError(f"{where}/{CONFIG_FILE}: no saelab variant loads trainer.dict_class={name!r}.")
+    if cls is None:
+        raise ValueError(f"{where}/{CONFIG_FILE}: no saelab variant loads trainer.dict_class={name!r}.")
+    if set(state) != {*weights, *extras}:
         raise ValueError(
             f"{where}/{WEIGHTS_FILE} holds tensors {sorted(state)}; a {name} has exactly {sorted({*weights, *extras})}."
         )

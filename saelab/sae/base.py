@@ -170,6 +170,17 @@ class SAE(nn.Module):
         with torch.no_grad():
             self.b_dec.copy_(geometric_median(x).to(self.b_dec.dtype))
 
+    @torch.no_grad()
+    def scale_encoder_to_fit(self, x: Tensor, x_hat: Tensor) -> None:
+        """Scale W_enc and b_enc by the s > 0 minimising ||(x - b_dec) - s * x_hat||^2 over a sample x [N, d_in],
+        x_hat [N, d_in] being the current codes decoded without b_dec (kept as is where s is not finite or <= 0)."""
+        centred = (x - self.b_dec).double()
+        x_hat = x_hat.double()
+        scale = float((centred * x_hat).sum() / x_hat.pow(2).sum())
+        if math.isfinite(scale) and scale > 0:
+            self.W_enc.mul_(scale)
+            self.b_enc.mul_(scale)
+
     # ----------------------------------------------------------- inference
     def pre_activations(self, x: Tensor) -> Tensor:
         """x [B, d_in] -> pre-activations [B, n]."""

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from saelab.core.checks import check_number
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
-from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained
+from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained, warmup_factor
 from saelab.sae.registry import register
 
 SPARSITY_LOSSES = ("l0", "tanh")
@@ -156,12 +156,7 @@ class JumpReLUSAE(SAE):
         "JumpReLU defaults").
         """
         super().initialize_from_sample(x)
-        centred = (x - self.b_dec).double()
-        x_hat = (self.encode_rows(x) @ self.W_dec).double()
-        scale = float((centred * x_hat).sum() / x_hat.pow(2).sum())
-        if math.isfinite(scale) and scale > 0:
-            self.W_enc.mul_(scale)
-            self.b_enc.mul_(scale)
+        self.scale_encoder_to_fit(x, self.encode_rows(x) @ self.W_dec)
 
     def default_lr(self, batch_size: int) -> float:
         """2.5x the base rate: Adam moves a threshold by about lr a step, and thresholds start near 0 and must
@@ -177,8 +172,7 @@ class JumpReLUSAE(SAE):
     # ------------------------------------------------------------ training
     def sparsity_coefficient_at(self, step: int, total_steps: int) -> float:
         """lambda after the linear warm-up over the first sparsity_warmup_frac * total_steps steps."""
-        warmup = self.cfg.sparsity_warmup_frac * total_steps
-        return self.cfg.sparsity_coefficient * (min(1.0, (step + 1) / warmup) if warmup >= 1 else 1.0)
+        return self.cfg.sparsity_coefficient * warmup_factor(step, total_steps, self.cfg.sparsity_warmup_frac)
 
     def sparsity_penalty(self, z: Tensor, gate: Tensor) -> Tensor:
         """Mean over rows of the per-row penalty, from codes z [B, n] and the gate [pre > threshold] [B, n]."""

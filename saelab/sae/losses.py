@@ -20,6 +20,13 @@ def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
     return global_batch.ranks() * error / global_batch.centred_sumsq(x).clamp_min(1e-12)
 
 
+def warmup_factor(step: int, total_steps: int, warmup_frac: float) -> float:
+    """A penalty's weight factor at `step`: linear from 1 / warmup to 1 over the first warmup_frac * total_steps
+    steps (warmup), then 1; 1 throughout when that is under one step."""
+    warmup = warmup_frac * total_steps
+    return min(1.0, (step + 1) / warmup) if warmup >= 1 else 1.0
+
+
 def auxiliary_k(configured: int, d_in: int, d_sae: int) -> int:
     """How many dead latents an auxiliary loss may use: `configured`, or d_in // 2 when it is 0; at most d_sae."""
     return min(configured or max(d_in // 2, 1), d_sae)

@@ -37,8 +37,7 @@ import torch
 from torch import Tensor
 
 from saelab.core.checks import check_number
-from saelab.kernels import SlotPlan, sparse_decode_groups, sparse_encoder_values
-from saelab.kernels.auxk import AuxSelection, gathered_auxk_decode
+from saelab.kernels.auxk import AuxSelection
 from saelab.parallel import global_batch
 from saelab.sae.base import TrainOutput
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
@@ -190,14 +189,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         codes (values, indices [B, w]), gradients attached through the sparse kernels."""
         values, indices, widths = codes_by_group(values, indices, self.group_starts)
         groups, width = len(widths), values.shape[1]
-        sizes = widths
-        if aux is not None and not aux.dense:  # one sparse encoder backward serves both code sets
-            values = torch.cat([values, aux.values.to(values.dtype)], dim=1)
-            indices = torch.cat([indices, aux.indices], dim=1)
-            sizes = (*widths, aux.values.shape[1])
-        plan = SlotPlan(indices, self.d_sae)
-        codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec, plan)
-        decoded = sparse_decode_groups(codes, indices, self.W_dec, sizes, plan)  # [B, G (+1), d]
+        codes, indices, decoded = self.decode_code_groups(x, values, indices, widths, aux)  # [B, G (+1), d]
         prefixes = decoded[:, :groups].cumsum(dim=1) + self.b_dec  # x_hat of each prefix [B, G, d]
         denominator = global_batch.centred_sumsq(x).clamp_min(1e-12)
         errors = (x[:, None] - prefixes).pow(2).sum(dim=(0, 2))  # [G]
@@ -210,14 +202,9 @@ class MatryoshkaSAE(BatchTopKSAE):
             "fvu_first_prefix": prefix_fvu[0].detach(),
         }
         if aux is not None:
-            residual_hat = (
-                gathered_auxk_decode(
-                    aux.codes, aux.latents, x, self.W_enc, self.b_enc, self.b_dec, self.W_dec
-                )
-                if aux.dense
-                else decoded[:, groups]
+            auxk = dead_residual_loss(
+                x - x_hat.detach(), self.auxk_decode(aux, x, decoded), aux.n_dead, self.aux_k
             )
-            auxk = dead_residual_loss(x - x_hat.detach(), residual_hat, aux.n_dead, self.aux_k)
             loss = loss + self.cfg.aux_k_coef * auxk
             metrics["auxk"] = auxk.detach()
         fired, l0 = sparse_activity(codes[:, :width] > 0, indices[:, :width], self.d_sae)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from saelab.core.checks import check_number
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
-from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained
+from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained, warmup_factor
 from saelab.sae.registry import register
 
 
@@ -57,8 +57,7 @@ class ReLUSAE(SAE):
 
     def l1_coefficient_at(self, step: int, total_steps: int) -> float:
         """Lambda after linear warm-up over the first l1_warmup_frac * total_steps steps."""
-        warmup = self.cfg.l1_warmup_frac * total_steps
-        return self.cfg.l1_coefficient * (min(1.0, (step + 1) / warmup) if warmup >= 1 else 1.0)
+        return self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_frac)
 
     def default_lr(self, batch_size: int) -> float:
         """2.5x the base rate: decoder rows start at norm 0.1 and are not renormalised, so at the TopK rate the

@@ -12,7 +12,6 @@ tied weights, b_dec = geometric median of the first batch, encoder scaled to the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,13 +99,8 @@ class TopKSAE(SparseCodes, SAE):
         FVU halves), which otherwise costs the first few hundred steps of training.
         """
         super().initialize_from_sample(x)
-        centred = (x - self.b_dec).double()
         values, indices = self.select(self.pre_activations(x), self.cfg.k)
-        x_hat = self.decode_sparse(values, indices, with_bias=False).double()
-        scale = float((centred * x_hat).sum() / x_hat.pow(2).sum())
-        if math.isfinite(scale) and scale > 0:
-            self.W_enc.mul_(scale)
-            self.b_enc.mul_(scale)
+        self.scale_encoder_to_fit(x, self.decode_sparse(values, indices, with_bias=False))
 
     @torch.no_grad()
     def selection_pre_activations(self, x: Tensor) -> Tensor:
@@ -185,14 +179,7 @@ class TopKSAE(SparseCodes, SAE):
         """FVU (+ AuxK) of x [B, d_in] from no-grad selected codes (values, indices [B, w]), with gradients
         attached through the sparse kernels: the training pass shared by TopK and BatchTopK."""
         width = values.shape[1]
-        sizes = (width,)
-        if aux is not None and not aux.dense:  # one sparse encoder backward serves the TopK and AuxK codes
-            values = torch.cat([values, aux.values.to(values.dtype)], dim=1)
-            indices = torch.cat([indices, aux.indices], dim=1)
-            sizes = (width, aux.values.shape[1])
-        plan = SlotPlan(indices, self.d_sae)  # one sort of the slots serves every sparse backward below
-        codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec, plan)
-        decoded = sparse_decode_groups(codes, indices, self.W_dec, sizes, plan)
+        codes, indices, decoded = self.decode_code_groups(x, values, indices, (width,), aux)
         x_hat = decoded[:, 0] + self.b_dec
         fvu = fraction_of_variance_unexplained(x, x_hat)
         loss = fvu
@@ -206,11 +193,26 @@ class TopKSAE(SparseCodes, SAE):
         fired, l0 = sparse_activity(codes[:, :width] > 0, indices[:, :width], self.d_sae)
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
 
+    def decode_code_groups(
+        self, x: Tensor, values: Tensor, indices: Tensor, widths: tuple[int, ...], aux: AuxSelection | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Attach gradients to no-grad selected codes (values, indices [B, W], W = sum(widths), laid out as
+        consecutive column groups of the given widths) and decode each group without b_dec. Sparse AuxK codes
+        join as a last group, so one sparse encoder backward serves both. Returns (codes [B, W'], indices
+        [B, W'], decoded [B, G', d]); G' = G (+1 with sparse AuxK codes)."""
+        if aux is not None and not aux.dense:
+            values = torch.cat([values, aux.values.to(values.dtype)], dim=1)
+            indices = torch.cat([indices, aux.indices], dim=1)
+            widths = (*widths, aux.values.shape[1])
+        plan = SlotPlan(indices, self.d_sae)  # one sort of the slots serves every sparse backward below
+        codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec, plan)
+        return codes, indices, sparse_decode_groups(codes, indices, self.W_dec, widths, plan)
+
     def auxk_decode(self, aux: AuxSelection, x: Tensor, decoded: Tensor) -> Tensor:
-        """AuxK's residual reconstruction [B, d]: the dense product over the gathered dead latents, or the
-        AuxK column group of `decoded` [B, 2, d] (sparse AuxK codes decoded with the TopK codes)."""
+        """AuxK's residual reconstruction [B, d]: the dense product over the gathered dead latents, or the last
+        column group of `decoded` [B, G', d] (sparse AuxK codes decoded with the others, `decode_code_groups`)."""
         if aux.dense:
             return gathered_auxk_decode(
                 aux.codes, aux.latents, x, self.W_enc, self.b_enc, self.b_dec, self.W_dec
             )
-        return decoded[:, 1]
+        return decoded[:, -1]

@@ -168,10 +168,8 @@ class Saelab(Library):
         self.lr = self.trainer.lr
 
     def step(self, x: Tensor) -> None:
-        trainer = self.trainer
-        trainer.train_step(x)
-        if trainer.step % trainer.cfg.dead_check_every == 0:  # what Trainer.fit does between steps
-            trainer.any_dead = bool(trainer.tracker.dead_mask.any())
+        self.trainer.train_step(x)
+        self.trainer.periodic_checks()
 
     def finish(self) -> None:
         tracker = self.trainer.tracker

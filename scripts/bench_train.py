@@ -76,8 +76,7 @@ def select(pre: torch.Tensor, k: int, group_size: int | None) -> None:
 
 def step(trainer: Trainer, x: torch.Tensor) -> None:
     trainer.train_step(x)
-    if trainer.step % trainer.cfg.dead_check_every == 0:  # what Trainer.fit does between steps
-        trainer.refresh_dead()
+    trainer.periodic_checks()
 
 
 def data(args: argparse.Namespace, device: torch.device) -> benchutil.Activations:

@@ -119,12 +119,10 @@ class SaelabRun:
             tracker.tokens_since_fired.copy_(self.forced.long() * tracker.window)
 
     def step(self, x: torch.Tensor) -> None:
-        trainer = self.trainer
         self.pin_dead()
-        trainer.train_step(x)
-        if trainer.step % trainer.cfg.dead_check_every == 0:  # what Trainer.fit does between steps
-            self.pin_dead()
-            trainer.refresh_dead()
+        self.trainer.train_step(x)
+        self.pin_dead()
+        self.trainer.periodic_checks()
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

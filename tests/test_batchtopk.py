@@ -47,6 +47,27 @@ def test_training_keeps_the_batch_top_b_times_k_and_decodes_them():
     assert torch.equal(sae.W_enc.grad.abs().sum(dim=0) > 0, (z > 0).any(dim=0))
 
 
+@pytest.mark.parametrize("heavy", [12, 40])
+def test_selection_is_exact_when_one_row_holds_much_of_the_batch_top(heavy):
+    """Row 0 holds `heavy` of the batch's largest entries, more than the 4k candidates a row first offers:
+    12 (one doubling of the candidates suffices) or 40 (all B * k = 32 kept entries lie in row 0, candidates
+    grow to the whole row). The kept set must still be the batch's exact top B * k (sorted in Python)."""
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    pre[0, :heavy] += 10.0
+    sae = BatchTopKSAE(BatchTopKConfig(d_in=4, d_sae=64, k=2, dtype="float64"))
+    values, indices = sae.select(pre.clone(), 2)
+    entries = sorted(
+        ((v, b, i) for b, row in enumerate(pre.tolist()) for i, v in enumerate(row)), reverse=True
+    )
+    expected = torch.zeros_like(pre)
+    for v, b, i in entries[:32]:
+        expected[b, i] = max(v, 0.0)
+    got = torch.zeros_like(pre).scatter_(1, indices, values)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert values.shape[1] == (32 if heavy == 40 else (expected > 0).sum(dim=1).max().item())
+
+
 def test_threshold_is_the_running_average_of_the_smallest_kept_value():
     sae = make_sae(k=3, decay=0.9)
     assert torch.isnan(sae.threshold)

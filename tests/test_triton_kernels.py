@@ -244,7 +244,11 @@ def test_cuda_topk_step_with_gathered_auxk_makes_no_device_sync() -> None:
     )
     batches = [torch.randn(512, 64, generator=torch.Generator().manual_seed(i)).cuda() for i in range(5)]
     trainer.prepare(batches[0])
-    trainer.tracker.tokens_since_fired[::5] = trainer.tracker.window  # 20% of the latents dead
+
+    def pin_dead() -> None:  # 20% of the latents dead; on random data they would all fire again at once
+        trainer.tracker.tokens_since_fired[::5] = trainer.tracker.window
+
+    pin_dead()
     trainer.refresh_dead()
     assert trainer.any_dead and trainer.dead_latents is not None
     trainer.train_step(batches[1])
@@ -252,6 +256,7 @@ def test_cuda_topk_step_with_gathered_auxk_makes_no_device_sync() -> None:
     torch.cuda.set_sync_debug_mode("error")
     try:
         for batch in batches[2:]:
+            pin_dead()
             out = trainer.train_step(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")

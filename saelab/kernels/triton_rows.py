@@ -12,21 +12,36 @@ row (AuxK early in a run, a dense latent) makes one bag of B entries that serial
   latent hit by every row spreads over B * K / CHUNK programs; each program sums its chunk's segments with a
   segmented scan and adds each segment to `out` with one atomic add per element.
 
-All accumulate in float32 and return float32. On CPU they run under Triton's interpreter (TRITON_INTERPRET=1),
-which tests use at tiny shapes.
+All accumulate in float32 and return float32. On a GPU each kernel's block sizes and warp count are chosen by
+measurement (`triton.autotune`, once per feature width D and dtypes, at the first call); on CPU they run under
+Triton's interpreter (TRITON_INTERPRET=1) with the module's default blocks, which tests use at tiny shapes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-#: Sorted slots per `segment_accumulate` program, and the d-block of every kernel.
+from saelab.kernels.backend import triton_interpreted
+
+#: Sorted slots per `segment_accumulate` program, and the d-block of every kernel, under the interpreter (and the
+#: first of the measured configurations on a GPU); BLOCK_K bounds the slots a program reads at once.
 CHUNK = 64
 BLOCK_D = 128
 BLOCK_K = 32
+#: Configurations measured on the GPU. Segment tiles stay at most 16k elements (the scan keeps them in registers).
+ROW_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd in (BLOCK_D, 64, 256) for w in (4, 8, 2)]
+SEGMENT_CONFIGS = [
+    triton.Config({"CHUNK": c, "BLOCK_D": bd}, num_warps=w)
+    for c in (CHUNK, 32, 128)
+    for bd in (BLOCK_D, 64, 256)
+    for w in (4, 8)
+    if c * bd <= 16384
+]
 
 
 def _block(size: int, cap: int) -> int:
@@ -55,6 +70,9 @@ def _decode_kernel(values, indices, table, out, K, D, split, BLOCK_K: tl.constex
     tl.store(out + (row.to(tl.int64) * G + group) * D + d, acc, mask=d_ok)
 
 
+_decode_tuned = triton.autotune(ROW_CONFIGS, key=["D"])(_decode_kernel)
+
+
 @triton.jit
 def _gather_dot_kernel(
     indices, table, rows, out, K, D, split, G, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr
@@ -74,6 +92,9 @@ def _gather_dot_kernel(
         b = tl.load(rows + bag[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
         acc += tl.sum(a * b, axis=1)
     tl.store(out + slot, acc, mask=j_ok)
+
+
+_gather_dot_tuned = triton.autotune(ROW_CONFIGS, key=["D"])(_gather_dot_kernel)
 
 
 @triton.jit
@@ -101,6 +122,26 @@ def _segment_kernel(keys, sources, weights, rows, out, S, D, CHUNK: tl.constexpr
     tl.atomic_add(target, sums, mask=segment_end[:, None] & d_ok[None, :])
 
 
+# The measurement runs the kernel repeatedly, so `out` (accumulated into) is zeroed before each try and after.
+_segment_tuned = triton.autotune(SEGMENT_CONFIGS, key=["D"], reset_to_zero=["out"])(_segment_kernel)
+
+
+def _launch(
+    kernel: triton.JITFunction,
+    tuned: triton.runtime.Autotuner,
+    grid: Callable[[dict], tuple[int, ...]],
+    args: tuple,
+    interpreted_blocks: dict[str, int],
+    **fixed: int,
+) -> None:
+    """Run `tuned` (configurations measured on the device) or, under the interpreter, `kernel` with the fixed
+    `interpreted_blocks`; grid(meta) gives the launch grid for a configuration's block sizes."""
+    if triton_interpreted():
+        kernel[grid(interpreted_blocks)](*args, **fixed, **interpreted_blocks)
+    else:
+        tuned[grid](*args, **fixed)
+
+
 def _split(sizes: tuple[int, ...]) -> int:
     if len(sizes) > 2:
         raise ValueError(f"the Triton sparse kernels take one or two column groups, got sizes {sizes}.")
@@ -114,18 +155,13 @@ def decode_rows(values: Tensor, indices: Tensor, table: Tensor, sizes: tuple[int
     batch, width = values.shape
     d = table.shape[1]
     out = torch.empty(batch, len(sizes), d, dtype=torch.float32, device=table.device)
-    block_d = _block(d, BLOCK_D)
-    grid = (batch, len(sizes), triton.cdiv(d, block_d))
-    _decode_kernel[grid](
-        values,
-        indices,
-        table,
-        out,
-        width,
-        d,
-        _split(sizes),
+    _launch(
+        _decode_kernel,
+        _decode_tuned,
+        lambda meta: (batch, len(sizes), triton.cdiv(d, meta["BLOCK_D"])),
+        (values, indices, table, out, width, d, _split(sizes)),
+        {"BLOCK_D": _block(d, BLOCK_D)},
         BLOCK_K=_block(max(sizes), BLOCK_K),
-        BLOCK_D=block_d,
     )
     return out
 
@@ -139,18 +175,13 @@ def gather_dot(indices: Tensor, table: Tensor, rows: Tensor, sizes: tuple[int, .
     d = table.shape[1]
     out = torch.empty(batch, width, dtype=torch.float32, device=table.device)
     block_k = _block(width, BLOCK_K)
-    grid = (batch, triton.cdiv(width, block_k))
-    _gather_dot_kernel[grid](
-        indices,
-        table,
-        rows,
-        out,
-        width,
-        d,
-        _split(sizes),
-        len(sizes),
+    _launch(
+        _gather_dot_kernel,
+        _gather_dot_tuned,
+        lambda meta: (batch, triton.cdiv(width, block_k)),
+        (indices, table, rows, out, width, d, _split(sizes), len(sizes)),
+        {"BLOCK_D": _block(d, BLOCK_D)},
         BLOCK_K=block_k,
-        BLOCK_D=_block(d, BLOCK_D),
     )
     return out
 
@@ -167,10 +198,13 @@ def segment_accumulate(keys: Tensor, sources: Tensor, weights: Tensor, rows: Ten
     )
     d = rows.shape[1]
     out = torch.zeros(n, d, dtype=torch.float32, device=rows.device)
-    if keys.numel():
-        block_d = _block(d, BLOCK_D)
-        grid = (triton.cdiv(keys.numel(), CHUNK), triton.cdiv(d, block_d))
-        _segment_kernel[grid](
-            keys, sources, weights, rows, out, keys.numel(), d, CHUNK=CHUNK, BLOCK_D=block_d
+    slots = keys.numel()
+    if slots:
+        _launch(
+            _segment_kernel,
+            _segment_tuned,
+            lambda meta: (triton.cdiv(slots, meta["CHUNK"]), triton.cdiv(d, meta["BLOCK_D"])),
+            (keys, sources, weights, rows, out, slots, d),
+            {"CHUNK": CHUNK, "BLOCK_D": _block(d, BLOCK_D)},
         )
     return out

@@ -37,6 +37,10 @@ class BatchTopKConfig(TopKConfig):
         check_number("sae.threshold_decay", self.threshold_decay, low=0, high=1, high_open=True)
 
 
+#: Candidates per row for the batch cutoff, as a multiple of k (`BatchTopKSAE.select`; doubled when a row needs more).
+CANDIDATE_FACTOR = 4
+
+
 @register("batchtopk")
 class BatchTopKSAE(TopKSAE):
     config_class = BatchTopKConfig
@@ -58,18 +62,30 @@ class BatchTopKSAE(TopKSAE):
 
     def select(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """pre [B, n] -> the batch's B*k largest entries as (values [B, w] >= 0, indices [B, w]): each row's
-        kept entries, then zeros. Needs one host sync for w."""
-        cutoff = self.batch_cutoff(pre, k)
-        kept = pre >= cutoff
-        width = max(int(kept.sum(dim=1).max()), 1)
-        values, indices = topk_select(pre, width)
-        return torch.where(values >= cutoff, values, torch.zeros_like(values)).relu(), indices
+        kept entries, then zeros (w = the largest row count). One host sync (for w) in the usual case.
+
+        Exact without a top-k over all B*n entries: the cutoff is taken among each row's top m candidates
+        (m = CANDIDATE_FACTOR * k), which holds every entry above it unless some row keeps all m of its
+        candidates; then m doubles (and the cutoff is taken again) until no row does or m = n."""
+        n = pre.shape[1]
+        m = min(n, CANDIDATE_FACTOR * k)
+        while True:
+            candidates, latents = topk_select(pre, m)  # [B, m] each
+            cutoff = self.batch_cutoff(candidates, k)
+            width = int(-global_batch.minimum(-(candidates >= cutoff).sum(dim=1).max()))  # max over ranks
+            if width < m or m == n:
+                break
+            m = min(n, 2 * m)
+        values, picked = candidates.topk(max(width, 1), dim=1, sorted=False)
+        kept = torch.where(values >= cutoff, values, torch.zeros_like(values)).relu()
+        return kept, latents.gather(1, picked)
 
     @staticmethod
     def batch_cutoff(pre: Tensor, k: int) -> Tensor:
-        """The (B * k)-th largest entry of the batch's pre-activations, from this rank's rows pre [b, n] (B = b,
-        or W * b in data-parallel training). Each rank offers its own top B * k (the global top B * k may all
-        lie on one rank); the cutoff is the (B * k)-th largest of what the W ranks offered."""
+        """The (B * k)-th largest entry of the batch, from this rank's rows pre [b, m] (all of a row's
+        pre-activations or its top candidates; B = b, or W * b in data-parallel training). Each rank offers
+        its own top B * k (the global top B * k may all lie on one rank); the cutoff is the (B * k)-th largest
+        of what the W ranks offered."""
         count = pre.shape[0] * k * global_batch.ranks()
         flat = pre.reshape(-1)
         top = flat.topk(min(count, flat.numel()), sorted=False).values

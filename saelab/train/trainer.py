@@ -274,9 +274,7 @@ class Trainer:
                 out = self.train_step(self.dist.shard(x))
                 window_tokens += x.shape[0]
                 logger.advance()
-                if self.step % cfg.dead_check_every == 0 or self.step == total:
-                    self.check_inputs_finite()
-                    self.refresh_dead()
+                self.periodic_checks()
                 if self.step % cfg.log_every == 0 or self.step == total:
                     elapsed = time.perf_counter() - window_start
                     row = self._metrics_row(out, window_tokens / max(elapsed, 1e-9))
@@ -297,10 +295,16 @@ class Trainer:
             logger.close()
         return result
 
+    def periodic_checks(self) -> None:
+        """What `fit` does after each step, for loops that drive `train_step` themselves: every dead_check_every
+        steps and at the last step, check the inputs were finite and refresh the dead-latent list (one sync)."""
+        if self.step % self.cfg.dead_check_every == 0 or self.step == self.cfg.total_steps:
+            self.check_inputs_finite()
+            self.refresh_dead()
+
     def refresh_dead(self) -> None:
         """Read the dead-latent state for the next steps (one device sync): `any_dead` and the padded list of
-        dead latents that AuxK gathers (`kernels.auxk.dead_latent_list`). `fit` calls it every
-        dead_check_every steps; a loop driving `train_step` itself should do the same."""
+        dead latents that AuxK gathers (`kernels.auxk.dead_latent_list`); `periodic_checks` calls it."""
         latents = dead_latent_list(self.tracker.dead_mask)
         self.any_dead = latents.numel() > 0
         self.dead_latents = latents if self.any_dead else None

@@ -231,8 +231,8 @@ def fvu(run: Run, batches: list[torch.Tensor]) -> float:
 def library_version(name: str) -> str:
     try:
         return importlib.metadata.version(PACKAGES[name])
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
+    except importlib.metadata.PackageNotFoundError:  # e.g. saelab run from a source tree on PYTHONPATH
+        return "not installed"
 
 
 def build_runs(spec: Spec, names: list[str], first: torch.Tensor) -> tuple[dict[str, Run], dict[str, str]]:

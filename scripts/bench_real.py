@@ -14,7 +14,7 @@ the same batches in the same order and for the same tokens:
 Both folders are then loaded with `saelab.io.loading.load_sae` (sparsify's through saelab's sparsify
 reader) and evaluated by the same code on text the harvest never read (the contexts after the cache's):
 
-- `saelab.eval.evaluate` with the live model: CE loss recovered, KL(clean || spliced), FVU, L0 and dead
+- `saelab.eval.evaluate` with the live model: CE loss recovered, CE increase, KL(clean || spliced), FVU, L0, dead
   fraction (latents silent on all `--eval-tokens` tokens) with the SAE spliced in at the hook;
 - `--dead-tokens` more held-out activation rows of the hook (no LM passes): FVU and dead fraction there,
   since on a few thousand tokens a rare but live latent of a wide SAE looks dead.
@@ -238,6 +238,7 @@ def evaluate_saved(
     lm, recon = report["lm"], report["reconstruction"]
     result = {
         "ce_loss_score": lm["ce_loss_score"],
+        "ce_increase": lm["ce_degradation"],
         "kl_div": lm["kl_div"],
         "ce_clean": lm["ce_clean"],
         "ce_sae": lm["ce_sae"],
@@ -254,21 +255,22 @@ def evaluate_saved(
     return result
 
 
-def table(results: dict[str, dict[str, dict[str, Any]]], dead_tokens: int) -> str:
+def table(results: dict[int, dict[str, dict[str, Any]]], dead_tokens: int) -> str:
     """Markdown table: one row per (expansion, library)."""
     wide = f" | FVU ({dead_tokens:,} tok) | dead ({dead_tokens:,} tok)" if dead_tokens else ""
     lines = [
-        f"| expansion (latents) | library | lr | CE loss recovered | KL | FVU | L0 | dead (eval tokens){wide} "
-        "| dead (own report) | train s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if dead_tokens else "") + "---:|---:|",
+        "| expansion (latents) | library | lr | CE loss recovered | CE increase | KL | FVU | L0 "
+        f"| dead (eval tokens){wide} | dead (own report) | train s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if dead_tokens else "") + "---:|---:|",
     ]
     for expansion, runs in results.items():
         for name, r in runs.items():
             extra = f" | {r['fvu_wide']:.3f} | {100 * r['dead_wide']:.1f}%" if dead_tokens else ""
             own = "-" if r["own_dead"] is None else f"{100 * r['own_dead']:.1f}%"
             lines.append(
-                f"| {expansion} ({r['latents']}) | {name} | {r['lr']:.2e} | {r['ce_loss_score']:.3f} | "
-                f"{r['kl_div']:.3f} | {r['fvu']:.3f} | {r['l0']:.1f} | {100 * r['dead_eval']:.1f}%{extra} | "
+                f"| {expansion}x ({r['latents']}) | {name} | {r['lr']:.2e} | {r['ce_loss_score']:.3f} | "
+                f"{r['ce_increase']:.3f} | {r['kl_div']:.3f} | {r['fvu']:.3f} | {r['l0']:.1f} | "
+                f"{100 * r['dead_eval']:.1f}%{extra} | "
                 f"{own} | {r['train_s']:.0f} |"
             )
     return "\n".join(lines)
@@ -313,14 +315,14 @@ def main() -> None:
     cache_src = CacheSource(CacheSourceConfig(path=args.cache, hook_name=args.hook, seed=args.data_seed))
     d_in, steps = cache_src.d_in, batches_of(args, cache_src.cache.total_rows)
     out = Path(args.out)
-    trained: dict[str, dict[str, dict[str, Any]]] = {}
+    trained: dict[int, dict[str, dict[str, Any]]] = {}
     for expansion in args.expansions:
         shape = Shape(d_in, expansion * d_in, args.k, args.batch, steps)
         print(f"training x{expansion}: {shape}", file=sys.stderr, flush=True)
-        trained[f"{expansion}x"] = train_shape(
+        trained[expansion] = train_shape(
             shape, cache_src, out, expansion, args.init_seed, device, args.progress
         )
-        for r in trained[f"{expansion}x"].values():
+        for r in trained[expansion].values():
             r["latents"] = shape.latents
 
     source = model_source_of(cache_src.cache, cache_src.hook_name, device)
@@ -335,8 +337,8 @@ def main() -> None:
     rows = heldout_rows(source, start * args.lm_batch_size, args.dead_tokens) if args.dead_tokens else None
     for expansion, runs in trained.items():
         for name, r in runs.items():
-            print(f"evaluating {expansion} {name}", file=sys.stderr, flush=True)
-            r.update(evaluate_saved(out / f"x{expansion[:-1]}" / name, source, eval_cfg, rows, device))
+            print(f"evaluating {expansion}x {name}", file=sys.stderr, flush=True)
+            r.update(evaluate_saved(out / f"x{expansion}" / name, source, eval_cfg, rows, device))
     print(
         f"\n{d_in=}, k={args.k}, batch {args.batch}, {steps * args.batch:,} training tokens per SAE; "
         f"held-out from context {start * args.lm_batch_size}"

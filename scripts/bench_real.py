@@ -130,9 +130,9 @@ class SparsifyRun:
         self.optimizer.zero_grad()
 
     def save(self, folder: Path) -> None:
-        """Switch to the schedule-free average (what sparsify saves) and write sparsify's format."""
+        """Switch to the schedule-free average and write sparsify's format, as its trainer's checkpoint does
+        (no decoder renormalisation after the switch)."""
         self.optimizer.eval()
-        self.sae.set_decoder_norm_to_unit_norm()
         with atomic_directory(folder) as tmp:
             self.sae.save_to_disk(tmp)
 

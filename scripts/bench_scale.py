@@ -216,8 +216,7 @@ class Sparsify(Library):
         self.optimizer.zero_grad()
 
     def finish(self) -> None:
-        self.optimizer.eval()  # the schedule-free average, which sparsify saves
-        self.sae.set_decoder_norm_to_unit_norm()
+        self.optimizer.eval()  # the schedule-free average, saved as is by sparsify's trainer
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

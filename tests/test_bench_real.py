@@ -1,0 +1,74 @@
+"""scripts/bench_real.py on a tiny TransformerLens model: both libraries train from the cache, and the held-out
+figures are those of the text after the cache, checked against sparsify's own forward pass."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
+
+from saelab.app.config import HarvestRunConfig
+from saelab.app.harvest_job import run_harvest
+from saelab.eval.config import EvalConfig
+from saelab.harvest.config import ModelSourceConfig
+from saelab.harvest.pipeline import HarvestPipeline
+from saelab.harvest.tlens import TransformerLensHarvester
+from saelab.sources.harvested import CacheSource, CacheSourceConfig, ModelSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_real  # noqa: E402
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def test_both_libraries_train_equal_tokens_and_are_evaluated_on_text_after_the_cache(tmp_path):
+    cpu = torch.device("cpu")
+    model, tokenizer = tiny_tl(n_layers=2), word_tokenizer(WORDS)
+    src = ModelSourceConfig(
+        model="tiny", hook_name=HOOK, dataset=str(write_corpus(tmp_path / "corpus", n_docs=40)),
+        context_size=16, model_batch_size=4,
+    )  # fmt: skip
+    pipeline = HarvestPipeline.from_tokenizer(TransformerLensHarvester(model, [HOOK]), tokenizer, src)
+    harvest = HarvestRunConfig(
+        source=src, output_dir=str(tmp_path / "cache"), total_tokens=512, progress=False
+    )
+    manifest = run_harvest(harvest, pipeline)
+    cache = CacheSource(CacheSourceConfig(path=str(tmp_path / "cache")))
+    shape = bench_real.Shape(d_in=32, latents=64, k=4, batch=128, steps=4)
+    trained = bench_real.train_shape(shape, cache, tmp_path / "saes", 2, init_seed=1, device=cpu)
+    assert set(trained) == {"saelab", "sparsify"}
+    assert trained["saelab"]["lr"] > 0 and 0 <= trained["saelab"]["own_dead"] <= 1
+
+    start = bench_real.heldout_start_batch(cache.cache, lm_batch_size=4)
+    assert 0 <= 4 * start - manifest["contexts"] < 4  # the first LM batch after every harvested context
+    source = ModelSource(src, cpu, pipeline=pipeline)
+    rows = bench_real.heldout_rows(source, 4 * start, 200)
+    # Reference: the hook's activations on the contexts after the harvest, from TransformerLens directly.
+    tokens = torch.cat(list(pipeline.contexts.batches(4, skip=4 * start)))
+    with torch.no_grad():
+        _, acts = model.run_with_cache(tokens, names_filter=[HOOK])
+    keep = ~torch.isin(tokens, pipeline.excluded)
+    torch.testing.assert_close(rows, acts[HOOK][keep][:200])
+
+    eval_cfg = EvalConfig(
+        total_tokens=100, lm_batch_size=4, start_batch=start, cooccurrence_latents=0, plots=False
+    )
+    result = bench_real.evaluate_saved(tmp_path / "saes" / "x2" / "sparsify", source, eval_cfg, rows, cpu)
+    # Reference: sparsify's own load and forward pass on the same rows, FVU in float64.
+    from sparsify import SparseCoder
+
+    coder = SparseCoder.load_from_disk(tmp_path / "saes" / "x2" / "sparsify", device="cpu")
+    with torch.no_grad():
+        out = coder(rows)
+    x, x_hat = rows.double(), out.sae_out.double()
+    want_fvu = ((x - x_hat) ** 2).sum().item() / ((x - x.mean(0)) ** 2).sum().item()
+    fired = out.latent_indices[out.latent_acts > 0].unique()
+    assert result["fvu_wide"] == pytest.approx(want_fvu, rel=1e-4)
+    assert result["dead_wide"] == pytest.approx(1 - fired.numel() / 64)
+    assert result["eval_tokens"] == 100 and result["l0"] <= 4
+
+    saelab_result = bench_real.evaluate_saved(
+        tmp_path / "saes" / "x2" / "saelab", source, eval_cfg, None, cpu
+    )
+    assert saelab_result["eval_tokens"] == 100 and "dead_wide" not in saelab_result

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -100,39 +99,23 @@ class SaelabRun:
 
 
 class SparsifyRun:
-    """sparsify's `SparseCoder` trained as its `Trainer` does by default, one `step(x)` at a time."""
+    """sparsify at its trainer's defaults (`benchutil.SparsifyDefaults`), initialised from `seed`."""
 
     def __init__(self, shape: Shape, first: Tensor, seed: int, device: torch.device) -> None:
-        from schedulefree import ScheduleFreeWrapper
-        from sparsify import SparseCoder, SparseCoderConfig
-        from sparsify.sign_sgd import SignSGD
-
         torch.manual_seed(seed)  # SparseCoder draws its init from torch's global generator
-        config = SparseCoderConfig(k=shape.k, num_latents=shape.latents)
-        self.sae = SparseCoder(shape.d_in, config, device, dtype=torch.float32)
-        self.sae.b_dec.data = first.mean(0).to(device, self.sae.dtype)  # its trainer does this at step 0
-        self.lr = 5e-3 / math.sqrt(shape.latents / 2**14)
-        self.optimizer = ScheduleFreeWrapper(
-            SignSGD([{"params": self.sae.parameters(), "lr": self.lr}]), momentum=0.95
-        )
-        self.optimizer.train()
+        self.run = benchutil.SparsifyDefaults(shape.d_in, shape.k, shape.latents, first, device)
+        self.lr = self.run.lr
         self.own_dead: float | None = None
 
     def step(self, x: Tensor) -> None:
-        sae = self.sae
-        sae.set_decoder_norm_to_unit_norm()
-        out = sae(x.to(sae.device, sae.dtype), dead_mask=None)
-        out.fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        self.run.step(x)
 
     def save(self, folder: Path) -> None:
         """Switch to the schedule-free average and write sparsify's format, as its trainer's checkpoint does
         (no decoder renormalisation after the switch)."""
-        self.optimizer.eval()
+        self.run.average()
         with atomic_directory(folder) as tmp:
-            self.sae.save_to_disk(tmp)
+            self.run.sae.save_to_disk(tmp)
 
 
 def train_shape(
@@ -306,10 +289,7 @@ def main() -> None:
     p.add_argument("--progress", type=int, default=0, help="print training seconds every this many steps")
     p.add_argument("--json")
     args = p.parse_args()
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    device = benchutil.setup_device(args.device, args.threads)
-    if device.type == "cpu":  # sparsify's Triton decoder needs a GPU; its eager one is the CPU path
-        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    device = benchutil.setup_peer_device(args.device, args.threads)
     cache_src = CacheSource(CacheSourceConfig(path=args.cache, hook_name=args.hook, seed=args.data_seed))
     d_in, steps = cache_src.d_in, batches_of(args, cache_src.cache.total_rows)
     out = Path(args.out)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -192,31 +191,14 @@ class Saelab(Library):
 
 class Sparsify(Library):
     def __init__(self, rung: Rung, first: Tensor, device: torch.device, overrides: dict) -> None:
-        from schedulefree import ScheduleFreeWrapper
-        from sparsify import SparseCoder, SparseCoderConfig
-        from sparsify.sign_sgd import SignSGD
-
-        self.sae = SparseCoder(
-            rung.d_in, SparseCoderConfig(k=rung.k, num_latents=rung.latents), device, dtype=torch.float32
-        )
-        self.sae.b_dec.data = first.mean(0).to(self.sae.dtype)  # its Trainer does this at step 0
-        self.lr = 5e-3 / math.sqrt(rung.latents / 2**14)  # its trainer's signum default
-        self.optimizer = ScheduleFreeWrapper(
-            SignSGD([{"params": self.sae.parameters(), "lr": self.lr}]), momentum=0.95
-        )
-        self.optimizer.train()
+        self.run = benchutil.SparsifyDefaults(rung.d_in, rung.k, rung.latents, first, device)
+        self.sae, self.lr = self.run.sae, self.run.lr
 
     def step(self, x: Tensor) -> None:
-        sae = self.sae
-        sae.set_decoder_norm_to_unit_norm()
-        out = sae(x, dead_mask=None)  # auxk_alpha defaults to 0: no AuxK
-        out.fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        self.run.step(x)
 
     def finish(self) -> None:
-        self.optimizer.eval()  # the schedule-free average, saved as is by sparsify's trainer
+        self.run.average()
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -358,10 +340,7 @@ def main() -> None:
     p.add_argument("--progress", type=int, default=0, help="print wall times every this many steps")
     p.add_argument("--json")
     args = p.parse_args()
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    device = benchutil.setup_device(args.device, args.threads)
-    if device.type == "cpu":  # sparsify's Triton decoder needs a GPU; its eager one is the CPU path
-        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    device = benchutil.setup_peer_device(args.device, args.threads)
     runs: dict[str, tuple[str, dict]] = {name: (name, {}) for name in args.libs}
     for text in args.variant:
         name, _, fields = text.partition(":")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
-import os
 import sys
 from dataclasses import dataclass
 from typing import Protocol
@@ -405,10 +404,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the JSON results to this file")
     parser.add_argument("--probe", choices=LIBRARIES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    device = benchutil.setup_device(args.device, args.threads)
-    if device.type == "cpu":  # sparsify picks its Triton decoder whenever Triton imports; it needs CUDA
-        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    device = benchutil.setup_peer_device(args.device, args.threads)
     cuda = device.type == "cuda"
     autocast = args.autocast == "bfloat16" or (args.autocast == "auto" and cuda)
     steps = args.steps or (400 if cuda else 200)

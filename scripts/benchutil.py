@@ -1,11 +1,12 @@
-"""Shared helpers of scripts/bench_train.py and scripts/bench_vs_peers.py: devices, interleaved timing,
-the encoder-matmul floor, peak-memory probes in fresh processes, and table + JSON output."""
+"""Shared helpers of the benchmark scripts: devices, interleaved timing, the encoder-matmul floor, peak-memory
+probes in fresh processes, sparsify trained at its own defaults, and table + JSON output."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -69,6 +70,49 @@ def setup_device(name: str, threads: int) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but CUDA is not available; use --device cpu.")
     return torch.device(name)
+
+
+def setup_peer_device(name: str, threads: int) -> torch.device:
+    """`setup_device` for scripts that run the peer libraries: wandb off unless asked for, and on CPU sparsify's
+    eager decoder (it picks its Triton decoder whenever Triton imports, which needs CUDA)."""
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    device = setup_device(name, threads)
+    if device.type == "cpu":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    return device
+
+
+class SparsifyDefaults:
+    """sparsify's `SparseCoder` trained as its `Trainer` does by default, one `step(x [B, d_in])` at a time:
+    signum in schedule-free (momentum 0.95) at 5e-3 / sqrt(latents / 2^14), AuxK off, b_dec = the mean of the
+    first batch, unit-norm decoder with the gradient parallel to it removed. Its init draws from torch's global
+    generator (seed it first). `average()` switches to the schedule-free average, which its trainer saves as
+    is (decoder rows not renormalised)."""
+
+    def __init__(self, d_in: int, k: int, latents: int, first: torch.Tensor, device: torch.device) -> None:
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.sign_sgd import SignSGD
+
+        self.sae = SparseCoder(d_in, SparseCoderConfig(k=k, num_latents=latents), device, dtype=torch.float32)
+        self.sae.b_dec.data = first.mean(0).to(device, self.sae.dtype)
+        self.lr = 5e-3 / math.sqrt(latents / 2**14)
+        self.optimizer = ScheduleFreeWrapper(
+            SignSGD([{"params": self.sae.parameters(), "lr": self.lr}]), momentum=0.95
+        )
+        self.optimizer.train()
+
+    def step(self, x: torch.Tensor) -> None:
+        sae = self.sae
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x.to(sae.device, sae.dtype), dead_mask=None)  # auxk_alpha defaults to 0: no AuxK
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def average(self) -> None:
+        self.optimizer.eval()
 
 
 def device_name(device: torch.device) -> str:

@@ -118,9 +118,8 @@ class SaelabRun:
             tracker.tokens_since_fired.copy_(self.forced.long() * tracker.window)
 
     def step(self, x: torch.Tensor) -> None:
-        self.pin_dead()
         self.trainer.train_step(x)
-        self.pin_dead()
+        self.pin_dead()  # the forced set stays dead for the next step and the periodic dead-list refresh
         self.trainer.periodic_checks()
 
     @torch.no_grad()

@@ -41,7 +41,6 @@ from saelab.kernels.auxk import AuxSelection
 from saelab.parallel import global_batch
 from saelab.sae.base import TrainOutput
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
-from saelab.sae.losses import dead_residual_loss, sparse_activity
 from saelab.sae.registry import register
 
 
@@ -201,14 +200,9 @@ class MatryoshkaSAE(BatchTopKSAE):
             "matryoshka_loss": loss.detach(),
             "fvu_first_prefix": prefix_fvu[0].detach(),
         }
-        if aux is not None:
-            auxk = dead_residual_loss(
-                x - x_hat.detach(), self.auxk_decode(aux, x, decoded), aux.n_dead, self.aux_k
-            )
-            loss = loss + self.cfg.aux_k_coef * auxk
-            metrics["auxk"] = auxk.detach()
-        fired, l0 = sparse_activity(codes[:, :width] > 0, indices[:, :width], self.d_sae)
-        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
+        return self.output_with_auxk(
+            x, x_hat, loss, metrics, codes[:, :width], indices[:, :width], aux, decoded
+        )
 
     # ------------------------------------------------------------ interop
     def dictionary_learning_extras(self) -> dict[str, Tensor]:

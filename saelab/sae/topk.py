@@ -182,15 +182,30 @@ class TopKSAE(SparseCodes, SAE):
         codes, indices, decoded = self.decode_code_groups(x, values, indices, (width,), aux)
         x_hat = decoded[:, 0] + self.b_dec
         fvu = fraction_of_variance_unexplained(x, x_hat)
-        loss = fvu
-        metrics = {"fvu": fvu.detach()}
+        return self.output_with_auxk(
+            x, x_hat, fvu, {"fvu": fvu.detach()}, codes[:, :width], indices[:, :width], aux, decoded
+        )
+
+    def output_with_auxk(
+        self,
+        x: Tensor,
+        x_hat: Tensor,
+        loss: Tensor,
+        metrics: dict[str, Tensor],
+        codes: Tensor,
+        indices: Tensor,
+        aux: AuxSelection | None,
+        decoded: Tensor,
+    ) -> TrainOutput:
+        """The step's TrainOutput: `loss` plus aux_k_coef times AuxK's residual loss (when `aux` is set; `decoded`
+        [B, G', d] from `decode_code_groups`), and fired / L0 from the selected codes, indices [B, w]."""
         if aux is not None:
             auxk = dead_residual_loss(
                 x - x_hat.detach(), self.auxk_decode(aux, x, decoded), aux.n_dead, self.aux_k
             )
             loss = loss + self.cfg.aux_k_coef * auxk
             metrics["auxk"] = auxk.detach()
-        fired, l0 = sparse_activity(codes[:, :width] > 0, indices[:, :width], self.d_sae)
+        fired, l0 = sparse_activity(codes > 0, indices, self.d_sae)
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
 
     def decode_code_groups(

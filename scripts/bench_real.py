@@ -22,6 +22,9 @@ reader) and evaluated by the same code on text the harvest never read (the conte
 Seeds: the cache's reading order comes from `--data-seed`; each library's initialisation from its own
 stream of `--init-seed` (`saelab.core.seeds.derive_seed`), never the data seed.
 
+`--libs` picks the libraries; `--variant NAME:field=value,...` adds saelab runs with TrainerConfig / TopKConfig
+fields (or `lr_mult`) changed, from the same initialisation as saelab's default run (ablations).
+
     saelab harvest source=smollm2 output_dir=caches/smol total_tokens=1048576
     python scripts/bench_real.py caches/smol --out runs/bench_real --threads 2 --json real.json
 """
@@ -52,10 +55,8 @@ from saelab.metrics.codes import decode_codes, encode_codes
 from saelab.metrics.dead import DeadLatentTracker
 from saelab.metrics.reconstruction import ReconstructionStats
 from saelab.sae.base import SAE
-from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.sae.topk import TopKConfig
 from saelab.sources.harvested import CacheSource, CacheSourceConfig, ModelSource
-from saelab.train.config import TrainerConfig
-from saelab.train.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -74,16 +75,16 @@ class Shape:
 
 
 class SaelabRun:
-    """saelab's default TopK training, one `step(x [batch, d_in])` at a time as `Trainer.fit` runs it."""
+    """saelab's default TopK training (with a variant's `overrides`, `benchutil.parse_variant`), one
+    `step(x [batch, d_in])` at a time as `Trainer.fit` runs it."""
 
-    def __init__(self, shape: Shape, first: Tensor, seed: int, device: torch.device) -> None:
-        sae = TopKSAE(
-            TopKConfig(d_in=shape.d_in, d_sae=shape.latents, k=shape.k), generator(seed, "sae.init")
+    def __init__(
+        self, shape: Shape, first: Tensor, seed: int, device: torch.device, overrides: dict[str, Any]
+    ) -> None:
+        topk = TopKConfig(d_in=shape.d_in, d_sae=shape.latents, k=shape.k)
+        self.trainer = benchutil.saelab_topk_trainer(
+            topk, shape.tokens, shape.batch, device, overrides, generator(seed, "sae.init")
         )
-        cfg = TrainerConfig(
-            total_tokens=shape.tokens, batch_size=shape.batch, device=str(device), log_every=10**9
-        )
-        self.trainer = Trainer(sae, cfg)
         self.trainer.prepare(first)
         self.lr = self.trainer.lr
         self.own_dead: float | None = None
@@ -101,7 +102,9 @@ class SaelabRun:
 class SparsifyRun:
     """sparsify at its trainer's defaults (`benchutil.SparsifyDefaults`), initialised from `seed`."""
 
-    def __init__(self, shape: Shape, first: Tensor, seed: int, device: torch.device) -> None:
+    def __init__(
+        self, shape: Shape, first: Tensor, seed: int, device: torch.device, overrides: dict[str, Any]
+    ) -> None:
         torch.manual_seed(seed)  # SparseCoder draws its init from torch's global generator
         self.run = benchutil.SparsifyDefaults(shape.d_in, shape.k, shape.latents, first, device)
         self.lr = self.run.lr
@@ -118,8 +121,12 @@ class SparsifyRun:
             self.run.sae.save_to_disk(tmp)
 
 
+RUNNERS = {"saelab": SaelabRun, "sparsify": SparsifyRun}
+
+
 def train_shape(
     shape: Shape,
+    runs_wanted: dict[str, tuple[str, dict[str, Any]]],
     cache: CacheSource,
     out: Path,
     expansion: int,
@@ -127,15 +134,16 @@ def train_shape(
     device: torch.device,
     progress: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Train every library on the same `shape.steps` cache batches (each library steps on batch i in turn);
-    save them under out/x{expansion}/{library}; returns lr, own dead report and training seconds per library."""
+    """Train every run of `runs_wanted` (name -> (library, overrides)) on the same `shape.steps` cache batches
+    (each run steps on batch i in turn); save them under out/x{expansion}/{name}; returns lr, own dead report
+    and training seconds per run. A library's variants share its initialisation seed."""
     batches = cache.batches(shape.batch, start_batch=0)
     first = next(batches)
     runs = {
-        "saelab": SaelabRun(shape, first, derive_seed(init_seed, "bench_real.saelab", expansion), device),
-        "sparsify": SparsifyRun(
-            shape, first, derive_seed(init_seed, "bench_real.sparsify", expansion), device
-        ),
+        name: RUNNERS[library](
+            shape, first, derive_seed(init_seed, f"bench_real.{library}", expansion), device, overrides
+        )
+        for name, (library, overrides) in runs_wanted.items()
     }
     seconds = dict.fromkeys(runs, 0.0)
     x = first.to(device)
@@ -284,6 +292,8 @@ def main() -> None:
     )
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--init-seed", type=int, default=1)
+    p.add_argument("--libs", nargs="+", default=["saelab", "sparsify"], choices=sorted(RUNNERS))
+    p.add_argument("--variant", nargs="*", default=[], help="extra saelab runs: NAME:field=value,...")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--progress", type=int, default=0, help="print training seconds every this many steps")
@@ -293,12 +303,16 @@ def main() -> None:
     cache_src = CacheSource(CacheSourceConfig(path=args.cache, hook_name=args.hook, seed=args.data_seed))
     d_in, steps = cache_src.d_in, batches_of(args, cache_src.cache.total_rows)
     out = Path(args.out)
+    runs_wanted = {name: (name, {}) for name in args.libs}
+    for text in args.variant:
+        name, overrides = benchutil.parse_variant(text)
+        runs_wanted[f"saelab[{name}]"] = ("saelab", overrides)
     trained: dict[int, dict[str, dict[str, Any]]] = {}
     for expansion in args.expansions:
         shape = Shape(d_in, expansion * d_in, args.k, args.batch, steps)
         print(f"training x{expansion}: {shape}", file=sys.stderr, flush=True)
         trained[expansion] = train_shape(
-            shape, cache_src, out, expansion, args.init_seed, device, args.progress
+            shape, runs_wanted, cache_src, out, expansion, args.init_seed, device, args.progress
         )
         for r in trained[expansion].values():
             r["latents"] = shape.latents
@@ -326,6 +340,7 @@ def main() -> None:
         args.json,
         "bench_real",
         device,
+        variants=runs_wanted,
         cache=str(args.cache),
         manifest_contexts=cache_src.cache.manifest.get("contexts"),
         training_tokens=steps * args.batch,

@@ -40,10 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.sae.topk import TopKConfig
 from saelab.sources.synthetic import power_law_frequencies
-from saelab.train.config import TrainerConfig
-from saelab.train.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -129,40 +127,12 @@ class Library:
         """Called once after the last step, before evaluation."""
 
 
-TRAINER_FIELDS = {f.name for f in dataclasses.fields(TrainerConfig)}
-SAE_FIELDS = {f.name for f in dataclasses.fields(TopKConfig)}
-
-
-def parse_overrides(text: str) -> dict[str, float | int | str]:
-    out: dict[str, float | int | str] = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in TRAINER_FIELDS | SAE_FIELDS | {"lr_mult"}:
-            raise SystemExit(f"--variant field {key!r} is not a TrainerConfig/TopKConfig field or lr_mult.")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                out[key] = value
-    return out
-
-
 class Saelab(Library):
     def __init__(self, rung: Rung, first: Tensor, device: torch.device, overrides: dict) -> None:
-        over = dict(overrides)
-        lr_mult = float(over.pop("lr_mult", 1.0))
-        sae_over = {k: v for k, v in over.items() if k in SAE_FIELDS}
-        trainer_over = {k: v for k, v in over.items() if k in TRAINER_FIELDS}
-        sae = TopKSAE(TopKConfig(d_in=rung.d_in, d_sae=rung.latents, k=rung.k, **sae_over))
-        cfg = TrainerConfig(
-            total_tokens=rung.steps * rung.batch, batch_size=rung.batch, device=str(device), log_every=10**9
+        topk = TopKConfig(d_in=rung.d_in, d_sae=rung.latents, k=rung.k)
+        self.trainer = benchutil.saelab_topk_trainer(
+            topk, rung.steps * rung.batch, rung.batch, device, overrides
         )
-        cfg = dataclasses.replace(cfg, **trainer_over)
-        if lr_mult != 1.0:
-            cfg = dataclasses.replace(cfg, lr=lr_mult * (cfg.lr or sae.default_lr(rung.batch)))
-        self.trainer = Trainer(sae, cfg)
         self.trainer.prepare(first)
         self.lr = self.trainer.lr
 
@@ -343,8 +313,8 @@ def main() -> None:
     device = benchutil.setup_peer_device(args.device, args.threads)
     runs: dict[str, tuple[str, dict]] = {name: (name, {}) for name in args.libs}
     for text in args.variant:
-        name, _, fields = text.partition(":")
-        runs[f"saelab[{name}]"] = ("saelab", parse_overrides(fields))
+        name, overrides = benchutil.parse_variant(text)
+        runs[f"saelab[{name}]"] = ("saelab", overrides)
     results = []
     for name in args.rungs:
         rung = RUNGS[name]

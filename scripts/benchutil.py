@@ -3,6 +3,7 @@ probes in fresh processes, sparsify trained at its own defaults, and table + JSO
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -23,7 +24,10 @@ from rich.table import Table
 
 from saelab.core.atomic import atomic_file
 from saelab.core.seeds import generator
+from saelab.sae.topk import TopKConfig, TopKSAE
 from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
+from saelab.train.config import TrainerConfig
+from saelab.train.trainer import Trainer
 
 #: Prefix of the single stdout line a memory probe prints.
 PROBE_TAG = "PEAK_MEMORY_JSON "
@@ -80,6 +84,50 @@ def setup_peer_device(name: str, threads: int) -> torch.device:
     if device.type == "cpu":
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     return device
+
+
+TRAINER_FIELDS = {f.name for f in dataclasses.fields(TrainerConfig)}
+TOPK_FIELDS = {f.name for f in dataclasses.fields(TopKConfig)}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, float | int | str]]:
+    """`NAME:field=value,...` (TrainerConfig / TopKConfig fields, or `lr_mult`, a factor on the default lr)
+    -> (NAME, overrides)."""
+    name, _, fields = text.partition(":")
+    out: dict[str, float | int | str] = {}
+    for item in filter(None, fields.split(",")):
+        key, _, value = item.partition("=")
+        if key not in TRAINER_FIELDS | TOPK_FIELDS | {"lr_mult"}:
+            raise SystemExit(f"--variant field {key!r} is not a TrainerConfig/TopKConfig field or lr_mult.")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return name, out
+
+
+def saelab_topk_trainer(
+    topk: TopKConfig,
+    tokens: int,
+    batch: int,
+    device: torch.device,
+    overrides: dict[str, Any],
+    init: torch.Generator | None = None,
+) -> Trainer:
+    """saelab's TopK `Trainer` with only total_tokens and batch_size set, then `overrides` (`parse_variant`)
+    applied to the SAE config, the trainer config and the default lr; not yet prepared."""
+    over = dict(overrides)
+    lr_mult = float(over.pop("lr_mult", 1.0))
+    topk = dataclasses.replace(topk, **{k: v for k, v in over.items() if k in TOPK_FIELDS})
+    sae = TopKSAE(topk, init)
+    cfg = TrainerConfig(total_tokens=tokens, batch_size=batch, device=str(device), log_every=10**9)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if k in TRAINER_FIELDS})
+    if lr_mult != 1.0:
+        cfg = dataclasses.replace(cfg, lr=lr_mult * (cfg.lr or sae.default_lr(batch)))
+    return Trainer(sae, cfg)
 
 
 class SparsifyDefaults:

@@ -36,9 +36,13 @@ def test_both_libraries_train_equal_tokens_and_are_evaluated_on_text_after_the_c
     manifest = run_harvest(harvest, pipeline)
     cache = CacheSource(CacheSourceConfig(path=str(tmp_path / "cache")))
     shape = bench_real.Shape(d_in=32, latents=64, k=4, batch=128, steps=4)
-    trained = bench_real.train_shape(shape, cache, tmp_path / "saes", 2, init_seed=1, device=cpu)
-    assert set(trained) == {"saelab", "sparsify"}
+    name, overrides = bench_real.benchutil.parse_variant("half:lr_mult=0.5,dead_window_tokens=256")
+    runs = {"saelab": ("saelab", {}), "sparsify": ("sparsify", {}), f"saelab[{name}]": ("saelab", overrides)}
+    trained = bench_real.train_shape(shape, runs, cache, tmp_path / "saes", 2, init_seed=1, device=cpu)
+    assert set(trained) == set(runs)
     assert trained["saelab"]["lr"] > 0 and 0 <= trained["saelab"]["own_dead"] <= 1
+    assert trained["saelab[half]"]["lr"] == pytest.approx(trained["saelab"]["lr"] / 2)
+    assert (tmp_path / "saes" / "x2" / "saelab[half]" / "cfg.json").is_file()
 
     start = bench_real.heldout_start_batch(cache.cache, lm_batch_size=4)
     assert 0 <= 4 * start - manifest["contexts"] < 4  # the first LM batch after every harvested context
@@ -72,3 +76,14 @@ def test_both_libraries_train_equal_tokens_and_are_evaluated_on_text_after_the_c
         tmp_path / "saes" / "x2" / "saelab", source, eval_cfg, None, cpu
     )
     assert saelab_result["eval_tokens"] == 100 and "dead_wide" not in saelab_result
+
+
+def test_variant_text_sets_typed_fields_and_rejects_unknown_ones():
+    name, overrides = bench_real.benchutil.parse_variant(
+        "w:dead_window_tokens=4096,aux_k_coef=0.125,lr_mult=2"
+    )
+    assert name == "w"
+    assert overrides == {"dead_window_tokens": 4096, "aux_k_coef": 0.125, "lr_mult": 2}
+    assert isinstance(overrides["dead_window_tokens"], int)
+    with pytest.raises(SystemExit, match="'dead_window'"):
+        bench_real.benchutil.parse_variant("w:dead_window=4096")

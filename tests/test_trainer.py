@@ -43,6 +43,30 @@ def train_planted(sae_cfg, total_tokens: int, batch_size: int, **trainer_overrid
     return result, source
 
 
+@pytest.mark.parametrize(
+    ("d_in", "d_sae", "k", "batch", "expected"),
+    [
+        (64, 1024, 32, 4096, 4e-3),  # the d_in-64 base rate
+        (64, 1024, 16, 4096, 4e-3),  # k >= 16: no boost
+        (64, 1024, 8, 4096, 8e-3),  # 16 / k = 2
+        (64, 1024, 4, 2048, 4e-3 * 4 * math.sqrt(0.5)),  # 16 / k = 4, at the cap 32 / sqrt(64) = 4
+        (64, 1024, 2, 4096, 4e-3 * 4),  # 16 / k = 8, capped at 4
+        (256, 4096, 8, 4096, 8e-3),  # d_in 256 is at the cap whatever k
+        (768, 32768, 32, 8192, 4e-3 * 32 / math.sqrt(768) * math.sqrt(4096 / 32768) * math.sqrt(2)),
+    ],
+)
+def test_topk_default_lr_follows_the_documented_rule(d_in, d_sae, k, batch, expected):
+    """4e-3 * min(sqrt(d_in / 64) * max(1, 16 / k), 32 / sqrt(d_in)) * sqrt(min(1, 4096 / n)) * sqrt(B / 4096),
+    evaluated by hand per row; ReLU keeps 2.5x the k-free base rate."""
+    sae = build_sae(TopKConfig(d_in=d_in, d_sae=d_sae, k=k))
+    assert sae.default_lr(batch) == pytest.approx(expected, rel=1e-12)
+    relu = build_sae(ReLUConfig(d_in=d_in, d_sae=d_sae))
+    base = 4e-3 * min(math.sqrt(d_in / 64), 32 / math.sqrt(d_in))
+    assert relu.default_lr(batch) == pytest.approx(
+        2.5 * base * math.sqrt(min(1, 4096 / d_sae)) * math.sqrt(batch / 4096), rel=1e-12
+    )
+
+
 @pytest.mark.slow
 def test_topk_with_default_lr_recovers_planted_features_at_fvu_0_1():
     """k=28: with 512 features superposed in 64 dims no linear encoder reaches FVU 0.1 at k near the true ~5

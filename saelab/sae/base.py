@@ -226,17 +226,8 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def default_lr(self, batch_size: int) -> float:
-        """Adam learning rate used when trainer.lr is left unset:
-        4e-3 * min(sqrt(d_in / 64), 32 / sqrt(d_in)) * sqrt(min(1, 4096 / d_sae)) * sqrt(batch / 4096).
-
-        Input width: Adam moves every weight by about lr a step whatever the gradient's scale, while a unit-norm
-        decoder row has elements of about 1/sqrt(d_in), so a step turns a row by about lr * sqrt(d_in); the rate
-        rises with d_in up to 256 and then keeps lr * sqrt(d_in) constant. Width: flat up to 4096 latents, then
-        Gao et al.'s 1/sqrt(width). Measurements: BENCHMARKS.md ("Default learning rate", "Defaults across scale").
-        """
-        d_in_factor = min(math.sqrt(self.d_in / 64), 32 / math.sqrt(self.d_in))
-        width = math.sqrt(min(1.0, 4096 / self.d_sae))
-        return 4e-3 * d_in_factor * width * math.sqrt(batch_size / 4096)
+        """Adam learning rate used when trainer.lr is left unset: `adam_default_lr` of this shape."""
+        return adam_default_lr(self.d_in, self.d_sae, batch_size)
 
     def sync_state(self) -> None:
         """Under data-parallel training only, after each optimizer step (before `after_optimizer_step`): reduce
@@ -323,6 +314,21 @@ class SAE(nn.Module):
         """Build an untrained SAE of this class from a config dict (unknown keys are ignored)."""
         names = {f.name for f in dataclasses.fields(cls.config_class)}
         return cls(cls.config_class(**{k: v for k, v in data.items() if k in names}))
+
+
+def adam_default_lr(d_in: int, d_sae: int, batch_size: int, small_d_in_boost: float = 1.0) -> float:
+    """4e-3 * min(sqrt(d_in / 64) * small_d_in_boost, 32 / sqrt(d_in)) * sqrt(min(1, 4096 / d_sae)) * sqrt(batch / 4096).
+
+    Input width: Adam moves every weight by about lr a step whatever the gradient's scale, while a unit-norm
+    decoder row has elements of about 1/sqrt(d_in), so a step turns a row by about lr * sqrt(d_in); the rate
+    rises with d_in and is capped where lr * sqrt(d_in) reaches its d_in-256 value (0.128 before the width and
+    batch factors). `small_d_in_boost` (a variant's, >= 1) raises the rate below that cap only. Width: flat up
+    to 4096 latents, then Gao et al.'s 1/sqrt(width). Measurements: BENCHMARKS.md ("Default learning rate",
+    "Defaults across scale").
+    """
+    d_in_factor = min(math.sqrt(d_in / 64) * small_d_in_boost, 32 / math.sqrt(d_in))
+    width = math.sqrt(min(1.0, 4096 / d_sae))
+    return 4e-3 * d_in_factor * width * math.sqrt(batch_size / 4096)
 
 
 def tenfold_gao_lr(d_sae: int, batch_size: int) -> float:

@@ -27,7 +27,7 @@ from saelab.kernels import (
     topk_select,
 )
 from saelab.kernels.auxk import AuxSelection, gathered_auxk_decode, select_auxk
-from saelab.sae.base import SAE, SAEConfig, SparseCodes, TrainContext, TrainOutput
+from saelab.sae.base import SAE, SAEConfig, SparseCodes, TrainContext, TrainOutput, adam_default_lr
 from saelab.sae.losses import (
     auxiliary_k,
     dead_residual_loss,
@@ -82,6 +82,16 @@ class TopKSAE(SparseCodes, SAE):
     @property
     def aux_k(self) -> int:
         return auxiliary_k(self.cfg.aux_k, self.d_in, self.d_sae)
+
+    def default_lr(self, batch_size: int) -> float:
+        """The base Adam rate (`adam_default_lr`), times max(1, 16 / k) below its d_in cap.
+
+        With few latents per row (k < 16) the rate that recovers planted features in the fewest tokens is
+        higher; from k 16 to 32 more rate blurs features at small d_in (BENCHMARKS.md "Default learning rate",
+        d_in 64, k 4 to 32). The cap on lr * sqrt(d_in) still holds, so from d_in 256 (or 128 at k 8) on k
+        changes nothing.
+        """
+        return adam_default_lr(self.d_in, self.d_sae, batch_size, max(1.0, 16 / self.cfg.k))
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """x [B, d_in] -> pre-activations [B, n], as one fused addmm for 2-D input."""

@@ -83,9 +83,8 @@ class SaelabRun:
     ) -> None:
         topk = TopKConfig(d_in=shape.d_in, d_sae=shape.latents, k=shape.k)
         self.trainer = benchutil.saelab_topk_trainer(
-            topk, shape.tokens, shape.batch, device, overrides, generator(seed, "sae.init")
+            topk, shape.tokens, shape.batch, device, overrides, first, generator(seed, "sae.init")
         )
-        self.trainer.prepare(first)
         self.lr = self.trainer.lr
         self.own_dead: float | None = None
 
@@ -292,7 +291,7 @@ def main() -> None:
     )
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--init-seed", type=int, default=1)
-    p.add_argument("--libs", nargs="+", default=["saelab", "sparsify"], choices=sorted(RUNNERS))
+    p.add_argument("--libs", nargs="*", default=["saelab", "sparsify"], choices=sorted(RUNNERS))
     p.add_argument("--variant", nargs="*", default=[], help="extra saelab runs: NAME:field=value,...")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)

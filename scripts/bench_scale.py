@@ -19,7 +19,9 @@ Metrics, the same for every library, on a held-out window (`--heldout-rows`, bat
 FVU (float64), dead = latents that fire on none of those rows; MMCS and the fraction of planted features
 whose best decoder row has cosine >= 0.9. Also saelab's own training-time dead report. Wall time counts
 training steps only (batches are generated once per step and fed to every library).
-The data stream and the SAE initialisations use separate seeds (`--data-seed`, `--init-seed`).
+The data stream and the SAE initialisations use separate seeds (`--data-seed`, `--init-seed`), each expanded
+into named streams (`saelab.core.seeds.derive_seed`: features, batch i, each library's init), so no two coincide;
+saelab's variants start from the same init as its default run.
 
     python scripts/bench_scale.py --rungs 768s --json out.json           # CPU: a few minutes
     python scripts/bench_scale.py --rungs 768-gpu 2304-gpu --device cuda   # the GPU rungs
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab.core.seeds import derive_seed, generator
 from saelab.sae.topk import TopKConfig
 from saelab.sources.synthetic import power_law_frequencies
 
@@ -83,7 +86,7 @@ class PlantedData:
 
     def __init__(self, rung: Rung, seed: int, device: torch.device):
         self.rung, self.seed, self.device = rung, seed, device
-        gen = torch.Generator().manual_seed(seed)
+        gen = generator(seed, "bench_scale.features")
         dirs = torch.randn(rung.features, rung.d_in, generator=gen, dtype=torch.float64)
         self.features = F.normalize(dirs, dim=1).float().to(device)  # [features, d_in]
         self.frequencies = power_law_frequencies(rung.features, rung.active, 0.5).to(device)  # [features]
@@ -94,7 +97,7 @@ class PlantedData:
     def batch(self, index: int) -> Tensor:
         """x [batch, d_in]: sum of active features times |N(0,1)| + 0.5, plus N(0, 0.01^2) noise, scaled."""
         r = self.rung
-        gen = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + index + 1)
+        gen = generator(self.seed, "bench_scale.batch", index, device=self.device)
         active = torch.rand(r.batch, r.features, generator=gen, device=self.device) < self.frequencies
         rows, cols = active.nonzero(as_tuple=True)
         magnitudes = torch.randn(cols.shape[0], generator=gen, device=self.device).abs() + 0.5
@@ -131,9 +134,8 @@ class Saelab(Library):
     def __init__(self, rung: Rung, first: Tensor, device: torch.device, overrides: dict) -> None:
         topk = TopKConfig(d_in=rung.d_in, d_sae=rung.latents, k=rung.k)
         self.trainer = benchutil.saelab_topk_trainer(
-            topk, rung.steps * rung.batch, rung.batch, device, overrides
+            topk, rung.steps * rung.batch, rung.batch, device, overrides, first
         )
-        self.trainer.prepare(first)
         self.lr = self.trainer.lr
 
     def step(self, x: Tensor) -> None:
@@ -263,8 +265,10 @@ def run_rung(rung: Rung, runs: dict[str, tuple[str, dict]], args: argparse.Names
     data = PlantedData(rung, args.data_seed, device)
     first = data.batch(0)
     libs: dict[str, Library] = {}
-    for i, (name, (kind, overrides)) in enumerate(runs.items()):
-        torch.manual_seed(args.init_seed + 7919 * i)  # init stream: never the data seed's
+    for name, (kind, overrides) in runs.items():
+        # Each library's init stream (its variants share it: ablations start from the same weights); the
+        # peers draw from torch's global generator.
+        torch.manual_seed(derive_seed(args.init_seed, f"bench_scale.init.{kind}"))
         libs[name] = LIBRARIES[kind](rung, first, device, overrides)
     seconds = dict.fromkeys(libs, 0.0)
     data_s = 0.0

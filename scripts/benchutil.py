@@ -91,14 +91,18 @@ TOPK_FIELDS = {f.name for f in dataclasses.fields(TopKConfig)}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, float | int | str]]:
-    """`NAME:field=value,...` (TrainerConfig / TopKConfig fields, or `lr_mult`, a factor on the default lr)
-    -> (NAME, overrides)."""
+    """`NAME:field=value,...` (TrainerConfig / TopKConfig fields; `lr_mult`, a factor on the default lr; `init`,
+    one of INIT_ABLATIONS) -> (NAME, overrides)."""
     name, _, fields = text.partition(":")
     out: dict[str, float | int | str] = {}
     for item in filter(None, fields.split(",")):
         key, _, value = item.partition("=")
-        if key not in TRAINER_FIELDS | TOPK_FIELDS | {"lr_mult"}:
-            raise SystemExit(f"--variant field {key!r} is not a TrainerConfig/TopKConfig field or lr_mult.")
+        if key not in TRAINER_FIELDS | TOPK_FIELDS | {"lr_mult", "init"}:
+            raise SystemExit(
+                f"--variant field {key!r} is not a TrainerConfig/TopKConfig field, lr_mult or init."
+            )
+        if key == "init" and value not in INIT_ABLATIONS:
+            raise SystemExit(f"--variant init={value!r}: choose one of {sorted(INIT_ABLATIONS)}.")
         try:
             out[key] = int(value)
         except ValueError:
@@ -109,25 +113,62 @@ def parse_variant(text: str) -> tuple[str, dict[str, float | int | str]]:
     return name, out
 
 
+@torch.no_grad()
+def untie_encoder(sae: TopKSAE, first: torch.Tensor, init: torch.Generator | None) -> None:
+    """Ablation: replace the tied encoder by independent random unit columns (drawn from `init`, which drew the
+    decoder before), scaled as the trainer's init scaled the tied ones (its least-squares factor)."""
+    scale = sae.W_enc.norm(dim=0, keepdim=True)  # [1, n]
+    fresh = torch.randn(sae.d_in, sae.d_sae, generator=init).to(sae.W_enc.device)
+    sae.W_enc.copy_(fresh / fresh.norm(dim=0, keepdim=True) * scale)
+
+
+@torch.no_grad()
+def unscale_encoder(sae: TopKSAE, first: torch.Tensor, init: torch.Generator | None) -> None:
+    """Ablation: undo the least-squares scale of the tied encoder (unit columns, b_enc 0)."""
+    sae.W_enc.div_(sae.W_enc.norm(dim=0, keepdim=True))
+    sae.b_enc.zero_()
+
+
+@torch.no_grad()
+def mean_decoder_bias(sae: TopKSAE, first: torch.Tensor, init: torch.Generator | None) -> None:
+    """Ablation: b_dec = the mean of the first (normalised) batch instead of its geometric median."""
+    sae.b_dec.copy_(first.mean(0))
+
+
+#: `init=NAME` variants: a change applied right after `Trainer.prepare` (saelab's init: tied weights, b_dec =
+#: geometric median of the first batch, encoder scaled to the least-squares fit; `saelab.sae.topk`).
+INIT_ABLATIONS: dict[str, Callable[[TopKSAE, torch.Tensor, torch.Generator | None], None]] = {
+    "untied": untie_encoder,
+    "unscaled": unscale_encoder,
+    "mean_bias": mean_decoder_bias,
+}
+
+
 def saelab_topk_trainer(
     topk: TopKConfig,
     tokens: int,
     batch: int,
     device: torch.device,
     overrides: dict[str, Any],
+    first: torch.Tensor,
     init: torch.Generator | None = None,
 ) -> Trainer:
     """saelab's TopK `Trainer` with only total_tokens and batch_size set, then `overrides` (`parse_variant`)
-    applied to the SAE config, the trainer config and the default lr; not yet prepared."""
+    applied to the SAE config, the trainer config, the default lr and the init; prepared on `first` [B, d_in]."""
     over = dict(overrides)
     lr_mult = float(over.pop("lr_mult", 1.0))
+    ablation = over.pop("init", None)
     topk = dataclasses.replace(topk, **{k: v for k, v in over.items() if k in TOPK_FIELDS})
     sae = TopKSAE(topk, init)
     cfg = TrainerConfig(total_tokens=tokens, batch_size=batch, device=str(device), log_every=10**9)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if k in TRAINER_FIELDS})
     if lr_mult != 1.0:
         cfg = dataclasses.replace(cfg, lr=lr_mult * (cfg.lr or sae.default_lr(batch)))
-    return Trainer(sae, cfg)
+    trainer = Trainer(sae, cfg)
+    first = trainer.prepare(first)
+    if ablation is not None:
+        INIT_ABLATIONS[str(ablation)](trainer.sae, first * trainer.input_scale, init)
+    return trainer
 
 
 class SparsifyDefaults:

@@ -87,3 +87,36 @@ def test_variant_text_sets_typed_fields_and_rejects_unknown_ones():
     assert isinstance(overrides["dead_window_tokens"], int)
     with pytest.raises(SystemExit, match="'dead_window'"):
         bench_real.benchutil.parse_variant("w:dead_window=4096")
+
+
+@pytest.mark.parametrize("ablation", ["untied", "unscaled", "mean_bias"])
+def test_init_ablations_change_only_what_they_name(ablation):
+    from saelab.core.seeds import generator
+    from saelab.sae.topk import TopKConfig
+
+    benchutil = bench_real.benchutil
+    first = torch.randn(256, 16, generator=generator(3, "test.first")) * 2 + 1
+    topk = TopKConfig(d_in=16, d_sae=64, k=4)
+
+    def build(overrides):
+        return benchutil.saelab_topk_trainer(
+            topk, 4096, 256, torch.device("cpu"), overrides, first, generator(5, "test.init")
+        ).sae
+
+    base, sae = build({}), build({"init": ablation})
+    scale = base.W_enc.norm(dim=0)  # the least-squares factor, the same for every tied column
+    torch.testing.assert_close(scale, torch.full_like(scale, scale[0].item()))
+    torch.testing.assert_close(sae.W_dec, base.W_dec)
+    if ablation == "untied":
+        torch.testing.assert_close(sae.W_enc.norm(dim=0), scale)
+        cosine = torch.nn.functional.cosine_similarity(sae.W_enc.T, base.W_dec, dim=1)
+        assert cosine.abs().max() < 0.95  # independent directions, not the decoder's
+    if ablation == "unscaled":
+        torch.testing.assert_close(sae.W_enc, base.W_dec.T)
+    if ablation == "mean_bias":
+        x = first.double()
+        want = x.mean(0) * (16**0.5 / x.norm(dim=1).mean())  # rows scaled to E||x|| = sqrt(d_in)
+        torch.testing.assert_close(sae.b_dec.double(), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sae.W_enc, base.W_enc)
+    else:
+        torch.testing.assert_close(sae.b_dec, base.b_dec)

@@ -304,6 +304,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rungs", nargs="+", default=["64", "256", "768s"], help=f"names from {sorted(RUNGS)}")
     p.add_argument("--steps", type=int, default=0, help="override every rung's step count")
+    p.add_argument("--latents", type=int, default=0, help="override every rung's SAE width")
+    p.add_argument("--batch", type=int, default=0, help="override every rung's batch size (rows per step)")
     p.add_argument("--libs", nargs="+", default=["saelab", "sparsify"], choices=sorted(LIBRARIES))
     p.add_argument("--variant", nargs="*", default=[], help="extra saelab runs: NAME:field=value,...")
     p.add_argument("--device", default="auto")
@@ -322,8 +324,8 @@ def main() -> None:
     results = []
     for name in args.rungs:
         rung = RUNGS[name]
-        if args.steps:
-            rung = dataclasses.replace(rung, steps=args.steps)
+        overrides = {"steps": args.steps, "latents": args.latents, "batch": args.batch}
+        rung = dataclasses.replace(rung, **{k: v for k, v in overrides.items() if v})
         print(f"rung {rung.label}", file=sys.stderr, flush=True)
         result = run_rung(rung, runs, args, device)
         results.append(result)

@@ -208,6 +208,7 @@ def test_exports_to_dictionary_learning_and_loads_back(tmp_path):
     export_dictionary_learning(sae, tmp_path / "dl")
     config = json.loads((tmp_path / "dl" / "config.json").read_text())["trainer"]
     assert config["dict_class"] == "MatryoshkaBatchTopKSAE" and config["k"] == K
+    assert config["group_fractions"] == pytest.approx([size / N for size in SIZES])  # explicit sizes: shares
     state = torch.load(tmp_path / "dl" / "ae.pt", weights_only=True)
     assert state["group_sizes"].tolist() == SIZES and int(state["k"]) == K
     assert float(state["threshold"]) == pytest.approx(0.2)
@@ -228,6 +229,17 @@ def test_dictionary_learning_class_gives_the_same_codes(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x.float()).double(), sae.encode(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs(x.float()).double(), sae(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dictionary_learning_config_records_the_fractions_its_trainer_would_take(tmp_path):
+    fractions = [1 / 8, 1 / 8, 1 / 4, 1 / 2]
+    sae = MatryoshkaSAE(MatryoshkaConfig(d_in=D, d_sae=40, k=K, group_fractions=fractions))
+    sae.threshold.fill_(0.2)  # as after training
+    export_dictionary_learning(sae, tmp_path / "dl")
+    trainer = json.loads((tmp_path / "dl" / "config.json").read_text())["trainer"]
+    assert trainer["group_fractions"] == fractions
+    back = load_sae(tmp_path / "dl")
+    assert back.group_sizes == [5, 5, 10, 20] and back.cfg.group_fractions == fractions
 
 
 def peer_trainer(dict_size: int, fractions: list[float]):

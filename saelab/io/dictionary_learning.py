@@ -197,8 +197,8 @@ def _export_class(sae: SAE) -> str:
 
 
 def dictionary_learning_config(sae: SAE) -> dict[str, Any]:
-    """config.json for `sae`: trainer.dict_class / trainer_class / activation_dim / dict_size (/ k), lm_name and
-    layer from the SAE's metadata, and the buffer section of the config it was loaded from, if any."""
+    """config.json for `sae`: trainer.dict_class / trainer_class / activation_dim / dict_size (/ k, / the
+    variant's `dictionary_learning_trainer_fields`), lm_name and layer from the SAE's metadata, and the buffer section of the config it was loaded from, if any."""
     meta = sae.cfg.metadata
     previous = meta.get("dictionary_learning") or {}
     trainer: dict[str, Any] = {
@@ -209,6 +209,7 @@ def dictionary_learning_config(sae: SAE) -> dict[str, Any]:
     }
     if "k" in CLASSES[trainer["dict_class"]][1]:
         trainer["k"] = sae.cfg.k
+    trainer.update(sae.dictionary_learning_trainer_fields())
     trainer.update(
         lm_name=meta.get("model_name"),
         layer=meta.get("hook_layer"),

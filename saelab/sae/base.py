@@ -293,6 +293,10 @@ class SAE(nn.Module):
         """Entries of dictionary_learning's state dict beyond the weights (e.g. k, threshold), for export."""
         return {}
 
+    def dictionary_learning_trainer_fields(self) -> dict[str, Any]:
+        """Variant fields of dictionary_learning's config.json `trainer` section beyond class, sizes and k."""
+        return {}
+
     @classmethod
     def config_from_dictionary_learning(
         cls, extras: dict[str, Tensor], trainer: dict[str, Any], where: str

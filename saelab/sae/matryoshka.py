@@ -212,6 +212,15 @@ class MatryoshkaSAE(BatchTopKSAE):
             "group_sizes": torch.tensor(self.group_sizes, dtype=torch.int64),
         }
 
+    def dictionary_learning_trainer_fields(self) -> dict[str, Any]:
+        """`group_fractions`, as dictionary_learning's Matryoshka trainer records them: this config's fractions
+        when they give the saved sizes, else each saved size's share of d_sae."""
+        sizes = self.group_sizes
+        fractions = list(self.cfg.group_fractions)
+        if sizes_from_fractions(fractions, self.d_sae) != sizes:
+            fractions = [size / self.d_sae for size in sizes]
+        return {"group_fractions": fractions}
+
     @classmethod
     def config_from_dictionary_learning(
         cls, extras: dict[str, Tensor], trainer: dict[str, Any], where: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -49,6 +50,10 @@ def test_train_writes_an_sae_and_a_summary_that_match_the_planted_truth(tmp_path
     assert summary["mmcs"] == pytest.approx(expected["mmcs"], rel=1e-5)
     assert summary["tokens"] == 16384 and summary["steps"] == 32
     assert summary["config"]["sae"]["k"] == 4
+    # base_lr is the rule's rate at this shape: d_in factor min(sqrt(16/64) * (16/k = 4), 32/sqrt(16)) = 2, width
+    # 64 <= 4096 latents, batch 512; `lr` is the last scheduled rate, 0 at the end of the decay.
+    assert summary["base_lr"] == pytest.approx(4e-3 * 2 * math.sqrt(512 / 4096), rel=1e-9)
+    assert summary["lr"] == pytest.approx(0.0, abs=1e-12)
     assert f"saved {run_dir / 'sae'}" in capsys.readouterr().out
 
 

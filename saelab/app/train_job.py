@@ -67,8 +67,9 @@ def summary_line(summary: dict[str, Any], out: Path) -> str:
 
 
 def write_summary(path: Path, result: TrainResult, source: Any, run_config: dict[str, Any]) -> dict[str, Any]:
-    """One JSON row per run: final metrics, dead fraction (with its token window), the last held-out
-    evaluation when there was one, recovery when the source has planted features."""
+    """One JSON row per run: final metrics (`lr`: the last scheduled rate; `base_lr`: the rate before the
+    schedule), dead fraction (with its token window), the last held-out evaluation when there was one, recovery
+    when the source has planted features."""
     last_eval = result.eval_history[-1] if result.eval_history else {}
     summary: dict[str, Any] = {
         "steps": result.steps,
@@ -76,6 +77,7 @@ def write_summary(path: Path, result: TrainResult, source: Any, run_config: dict
         "dead_frac": result.dead_fraction,
         "dead_window_tokens": result.dead_window_tokens,
         "input_scale": result.input_scale,
+        "base_lr": result.base_lr,
         **{
             k: v
             for k, v in (result.history[-1] if result.history else {}).items()

@@ -48,6 +48,7 @@ class BatchSource(Protocol):
 class TrainResult:
     """The trained SAE (accepting raw, un-normalised inputs), its input scale and the logged history.
 
+    base_lr: the rate before the warm-up/decay schedule (trainer.lr, or the variant's default when unset).
     dead_fraction: latents silent for the last `dead_window_tokens` training tokens (the AuxK window). A
     check over fewer tokens (e.g. held-out batches, `eval_history`'s heldout/dead_frac) counts more latents
     dead: a latent firing once in 100k tokens is alive here and silent on 32k held-out rows.
@@ -57,6 +58,7 @@ class TrainResult:
     steps: int
     tokens: int
     input_scale: float
+    base_lr: float
     dead_fraction: float
     dead_window_tokens: int
     history: list[dict[str, float]] = field(default_factory=list)
@@ -432,6 +434,7 @@ class Trainer:
             {
                 "final/dead_frac": dead,
                 "final/dead_window_tokens": self.tracker.window,
+                "final/base_lr": self.lr,
                 **{f"final/{k}": v for k, v in last.items()},
             }
         )
@@ -440,6 +443,7 @@ class Trainer:
             steps=self.step,
             tokens=self.tracker.tokens_seen,
             input_scale=self.input_scale,
+            base_lr=self.lr,
             dead_fraction=dead,
             dead_window_tokens=self.tracker.window,
             history=self.history,

@@ -23,7 +23,8 @@ Seeds: the cache's reading order comes from `--data-seed`; each library's initia
 stream of `--init-seed` (`saelab.core.seeds.derive_seed`), never the data seed.
 
 `--libs` picks the libraries; `--variant NAME:field=value,...` adds saelab runs with TrainerConfig / TopKConfig
-fields (or `lr_mult`) changed, from the same initialisation as saelab's default run (ablations).
+fields, `lr_mult` or `init` changed (`benchutil.parse_variant`), from the same initialisation as saelab's
+default run (ablations).
 
     saelab harvest source=smollm2 output_dir=caches/smol total_tokens=1048576
     python scripts/bench_real.py caches/smol --out runs/bench_real --threads 2 --json real.json
@@ -99,7 +100,8 @@ class SaelabRun:
 
 
 class SparsifyRun:
-    """sparsify at its trainer's defaults (`benchutil.SparsifyDefaults`), initialised from `seed`."""
+    """sparsify at its trainer's defaults (`benchutil.SparsifyDefaults`), initialised from `seed`; `overrides`
+    is always empty (variants are saelab's)."""
 
     def __init__(
         self, shape: Shape, first: Tensor, seed: int, device: torch.device, overrides: dict[str, Any]

@@ -198,7 +198,8 @@ def _export_class(sae: SAE) -> str:
 
 def dictionary_learning_config(sae: SAE) -> dict[str, Any]:
     """config.json for `sae`: trainer.dict_class / trainer_class / activation_dim / dict_size (/ k, / the
-    variant's `dictionary_learning_trainer_fields`), lm_name and layer from the SAE's metadata, and the buffer section of the config it was loaded from, if any."""
+    variant's `dictionary_learning_trainer_fields`), lm_name and layer from the SAE's metadata, and the buffer
+    section of the config it was loaded from, if any."""
     meta = sae.cfg.metadata
     previous = meta.get("dictionary_learning") or {}
     trainer: dict[str, Any] = {

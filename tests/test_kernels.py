@@ -159,7 +159,9 @@ def test_sparse_encoder_gradients_match_dense_autograd() -> None:
 
 
 # -------------------------------------------------------------------------------------------- selection
-@pytest.mark.parametrize(("n", "k", "group_size"), [(64, 4, 8), (64, 4, 4), (48, 6, 2), (1024, 32, None)])
+@pytest.mark.parametrize(
+    ("n", "k", "group_size"), [(64, 4, 8), (64, 4, 4), (48, 6, 2), (1024, 32, None), (16384, 8, None)]
+)  # 16384 / 8: the group maxima are selected by a second grouped level (2048 -> 256)
 def test_grouped_topk_selects_the_true_top_k(n: int, k: int, group_size: int | None) -> None:
     gen = torch.Generator().manual_seed(n + k)
     pre = torch.randn(32, n, generator=gen, dtype=f64)

@@ -208,6 +208,71 @@ def test_triton_batchtopk_training_matches_torch_path(small_chunks: dict[str, in
         torch.testing.assert_close(grads_triton[name], grad, atol=1e-5, rtol=1e-4)
 
 
+def check_rows_dtype(
+    monkeypatch: pytest.MonkeyPatch, device: str, rows: str, B: int, K: int, n: int, d: int
+) -> dict[str, set[torch.dtype]]:
+    """Encoder values -> decode under bf16 autocast with SAELAB_SPARSE_ROWS=rows, against float64 dense
+    autograd at bf16 rounding; returns the dtypes of the tables and rows each Triton kernel was handed."""
+    from saelab.kernels import triton_rows
+
+    gen = torch.Generator().manual_seed(21)
+    indices = hit_pattern("two_hot_latents", B, K, n, gen)
+    params = [torch.randn(*s, generator=gen, dtype=f64) for s in ((B, d), (d, n), (n,), (d,), (n, d))]
+    upstream = torch.randn(B, d, generator=gen, dtype=f64)
+    x, W_enc, b_enc, b_dec, W_dec = (p.float().to(device).requires_grad_() for p in params)
+    seen: dict[str, set[torch.dtype]] = {
+        "decode_rows": set(),
+        "gather_dot": set(),
+        "segment_accumulate": set(),
+    }
+    kernels = {name: getattr(triton_rows, name) for name in seen}
+
+    def spy(name: str, *tensors: int) -> object:
+        def recorded(*args: torch.Tensor) -> torch.Tensor:
+            seen[name].update(args[i].dtype for i in tensors)
+            return kernels[name](*args)
+
+        return recorded
+
+    spies = {
+        "decode_rows": (2,),
+        "gather_dot": (1, 2),
+        "segment_accumulate": (3,),
+    }  # positions of row tensors
+    for name, tensors in spies.items():
+        monkeypatch.setattr(triton_rows, name, spy(name, *tensors))
+    with override(SAELAB_SPARSE_BACKEND="triton", SAELAB_SPARSE_ROWS=rows):
+        dev_indices = indices.to(device)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            pre = (x - b_dec) @ W_enc + b_enc
+            values = pre.detach().gather(1, dev_indices).relu()
+            codes = sparse_encoder_values(values, dev_indices, x, W_enc, b_enc, b_dec)
+            out = sparse_decode_groups(codes, dev_indices, W_dec, (K,))[:, 0]
+        (out.float() * upstream.float().to(device)).sum().backward()
+    ref = [p.clone().requires_grad_() for p in params]
+    ref_codes = ((ref[0] - ref[3]) @ ref[1] + ref[2]).gather(1, indices).relu()
+    ref_out = dense_codes(ref_codes, indices, n) @ ref[4]
+    (ref_out * upstream).sum().backward()
+    pairs = [(out.detach(), ref_out.detach())]
+    for fast, slow in zip((x, W_enc, b_enc, b_dec, W_dec), ref, strict=True):
+        assert fast.grad.dtype == torch.float32  # master gradients stay float32
+        pairs.append((fast.grad, slow.grad))
+    for fast, slow in pairs:  # within 3% of each tensor's largest entry: bf16 rounding of sums
+        scale = slow.abs().max()
+        torch.testing.assert_close(fast.double().cpu() / scale, slow / scale, atol=0.03, rtol=0)
+    return seen
+
+
+@interpreted
+@pytest.mark.parametrize("rows", ["float32", "autocast"])
+def test_triton_rows_dtype_under_autocast(rows: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SAELAB_SPARSE_ROWS=autocast: under bf16 autocast the kernels gather bfloat16 decoder, gradient and input
+    rows (float32 otherwise); values and float32 gradients match float64 dense autograd to bf16 rounding."""
+    seen = check_rows_dtype(monkeypatch, "cpu", rows, B=24, K=5, n=20, d=16)
+    expected = torch.bfloat16 if rows == "autocast" else torch.float32
+    assert seen == {name: {expected} for name in seen}
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.gpu
 @needs_cuda
@@ -219,6 +284,15 @@ def test_cuda_triton_kernels_match_dense_reference(pattern: str) -> None:
     for encoder_grad in ("sparse", "dense"):
         with override(SAELAB_ENCODER_GRAD=encoder_grad):
             check_encoder("cuda", pattern, B=512, K=32, n=300, d=130)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", ["float32", "autocast"])
+def test_cuda_rows_dtype_under_autocast(rows: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = check_rows_dtype(monkeypatch, "cuda", rows, B=512, K=32, n=300, d=130)
+    expected = torch.bfloat16 if rows == "autocast" else torch.float32
+    assert seen == {name: {expected} for name in seen}
 
 
 @pytest.mark.gpu

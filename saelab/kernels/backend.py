@@ -5,13 +5,18 @@
   patterns). Default: triton on CUDA when Triton imports, torch otherwise.
 - Encoder-weight gradient: `sparse` (a scatter of the B * K slots) or `dense` (one [d, B] x [B, n] GEMM
   after a sparse-to-dense scatter of the code gradients). Default: sparse.
+- Gathered rows on the Triton path: `float32` (the master weights' dtype, as measured so far) or `autocast`
+  (under autocast, the rows the kernels gather, decoder rows and the [B, d] gradient and input rows, are
+  read in the autocast dtype: half the bytes of the gathers that dominate these kernels; products still
+  accumulate in float32, as autocast's GEMMs do). Default: float32 until a GPU measures the gain.
 - AuxK: `dense` (a GEMM over the gathered dead sub-dictionary, `saelab.kernels.auxk`) or `sparse` (the
   top aux_k dead codes ride along with the TopK codes through the sparse kernels). Default: dense on CUDA;
   on CPU dense while the dead list is at most AUXK_DENSE_MAX_RATIO * aux_k long (the GEMM costs
   O(B * n_dead * d), the sparse path O(B * aux_k * d)).
 
 Overrides, for tests and measurements: the environment variables SAELAB_SPARSE_BACKEND (auto, torch,
-triton), SAELAB_ENCODER_GRAD (auto, sparse, dense), SAELAB_AUXK (auto, sparse, dense), or the `override`
+triton), SAELAB_ENCODER_GRAD (auto, sparse, dense), SAELAB_SPARSE_ROWS (auto, float32, autocast),
+SAELAB_AUXK (auto, sparse, dense), or the `override`
 context manager, which wins over the environment. Triton on CPU runs only under its interpreter
 (TRITON_INTERPRET=1, set before Triton is imported).
 """
@@ -34,6 +39,7 @@ AUXK_DENSE_MAX_RATIO = 4.0
 CHOICES = {
     "SAELAB_SPARSE_BACKEND": ("auto", "torch", "triton"),
     "SAELAB_ENCODER_GRAD": ("auto", "sparse", "dense"),
+    "SAELAB_SPARSE_ROWS": ("auto", "float32", "autocast"),
     "SAELAB_AUXK": ("auto", "sparse", "dense"),
 }
 _overrides: dict[str, str] = {}
@@ -79,6 +85,19 @@ def sparse_backend(device: torch.device) -> str:
 def encoder_grad_dense() -> bool:
     """Whether the encoder-weight gradient is one dense GEMM instead of a scatter of the slots."""
     return _choice("SAELAB_ENCODER_GRAD") == "dense"
+
+
+def rows_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the sparse kernels gather rows of a `dtype` tensor in on `device`: `dtype`, or the autocast
+    dtype with SAELAB_SPARSE_ROWS=autocast on the Triton path while autocast is on for the device. Call it
+    in a Function's forward (backward runs outside the autocast region)."""
+    if (
+        _choice("SAELAB_SPARSE_ROWS") == "autocast"
+        and sparse_backend(device) == "triton"
+        and torch.is_autocast_enabled(device.type)
+    ):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
 
 
 def auxk_dense(device: torch.device, n_candidates: int, aux_k: int) -> bool:

@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from saelab.kernels.backend import sparse_backend, triton_kernels
+from saelab.kernels.backend import rows_dtype, sparse_backend, triton_kernels
 from saelab.kernels.rows import SlotPlan, accumulate_rows, gather_dot, group_bags
 
 
@@ -28,10 +28,12 @@ class _SparseDecode(torch.autograd.Function):
         sizes: tuple[int, ...],
         plan: SlotPlan,
     ) -> Tensor:
-        ctx.sizes, ctx.plan = sizes, plan
-        ctx.save_for_backward(values, indices, weight)
+        # table: the rows the kernels gather, weight itself or its copy in backend.rows_dtype (kept for backward)
+        table = weight.to(rows_dtype(weight.device, weight.dtype))
+        ctx.sizes, ctx.plan, ctx.weight_dtype = sizes, plan, weight.dtype
+        ctx.save_for_backward(values, indices, table)
         if sparse_backend(weight.device) == "triton":
-            return triton_kernels().decode_rows(values, indices, weight, sizes).to(weight.dtype)
+            return triton_kernels().decode_rows(values, indices, table, sizes).to(weight.dtype)
         weights = values.to(weight.dtype)
         if len(sizes) == 1:
             return F.embedding_bag(indices, weight, mode="sum", per_sample_weights=weights)[:, None]
@@ -48,18 +50,20 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:
-        values, indices, weight = ctx.saved_tensors
+        values, indices, table = ctx.saved_tensors
         batch, groups = values.shape[0], len(ctx.sizes)
-        table = rearrange(grad_out, "b g d -> (b g) d").to(weight.dtype)
+        grad_rows = rearrange(grad_out, "b g d -> (b g) d").to(table.dtype)
         row_of_slot = None
         if groups > 1:
             _, column_group = group_bags(batch, ctx.sizes, values.device)
             row_of_slot = torch.arange(batch, device=values.device)[:, None] * groups + column_group
         grad_values = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_values = gather_dot(indices, weight, table, ctx.sizes).to(values.dtype)
+            grad_values = gather_dot(indices, table, grad_rows, ctx.sizes, out_dtype=values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_weight = accumulate_rows(ctx.plan, values, table, row_of_slot)
+            grad_weight = accumulate_rows(
+                ctx.plan, values, grad_rows, row_of_slot, out_dtype=ctx.weight_dtype
+            )
         return grad_values, None, grad_weight, None, None
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from saelab.kernels.backend import encoder_grad_dense
+from saelab.kernels.backend import encoder_grad_dense, rows_dtype
 from saelab.kernels.decode import check_codes
 from saelab.kernels.rows import SlotPlan, accumulate_rows
 
@@ -36,7 +36,7 @@ class _SparseEncoderValues(torch.autograd.Function):
         b_dec: Tensor,
         plan: SlotPlan,
     ) -> Tensor:
-        ctx.plan = plan
+        ctx.plan, ctx.rows_dtype = plan, rows_dtype(W_enc.device, W_enc.dtype)
         ctx.save_for_backward(values, indices, x, W_enc, b_dec)
         return values.view_as(values)
 
@@ -53,22 +53,26 @@ class _SparseEncoderValues(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_x = F.embedding_bag(indices, W_enc.T, mode="sum", per_sample_weights=g).to(x.dtype)
         if ctx.needs_input_grad[3]:
-            grad_W_enc = encoder_weight_grad(ctx.plan, g, (x - b_dec).to(W_enc.dtype), grad_values.dtype)
+            centred = (x - b_dec).to(ctx.rows_dtype)
+            grad_W_enc = encoder_weight_grad(ctx.plan, g, centred, grad_values.dtype, W_enc.dtype)
         if ctx.needs_input_grad[5]:
             grad_b_dec = -(W_enc @ grad_b_enc).to(b_dec.dtype)
         grad_b_enc = grad_b_enc if ctx.needs_input_grad[4] else None
         return None, None, grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None
 
 
-def encoder_weight_grad(plan: SlotPlan, g: Tensor, centred: Tensor, compute_dtype: torch.dtype) -> Tensor:
-    """grad W_enc [d, n] = centred^T @ S for the sparse [B, n] matrix S holding g [B, K] at the plan's indices:
-    a scatter of the B * K slots, or (backend.encoder_grad_dense) one dense GEMM in compute_dtype."""
+def encoder_weight_grad(
+    plan: SlotPlan, g: Tensor, centred: Tensor, compute_dtype: torch.dtype, out_dtype: torch.dtype
+) -> Tensor:
+    """grad W_enc [d, n] in out_dtype = centred^T @ S for the sparse [B, n] matrix S holding g [B, K] at the
+    plan's indices: a scatter of the B * K slots, or (backend.encoder_grad_dense) one dense GEMM in
+    compute_dtype."""
     if not encoder_grad_dense():
-        return accumulate_rows(plan, g, centred).T
+        return accumulate_rows(plan, g, centred, out_dtype=out_dtype).T
     batch = g.shape[0]
     codes = torch.zeros(batch, plan.n, dtype=compute_dtype, device=g.device)
     codes.scatter_add_(1, plan.indices, g.to(compute_dtype))
-    return (centred.to(compute_dtype).T @ codes).to(centred.dtype)
+    return (centred.to(compute_dtype).T @ codes).to(out_dtype)
 
 
 def sparse_encoder_values(

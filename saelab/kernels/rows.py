@@ -56,13 +56,19 @@ def group_bags(batch: int, sizes: tuple[int, ...], device: torch.device) -> tupl
 
 
 def accumulate_rows(
-    plan: SlotPlan, weights: Tensor, rows: Tensor, row_of_slot: Tensor | None = None
+    plan: SlotPlan,
+    weights: Tensor,
+    rows: Tensor,
+    row_of_slot: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """out[i] = sum over slots s on latent i of weights[s] * rows[row_of_slot[s]]; returns [n, d].
+    """out[i] = sum over slots s on latent i of weights[s] * rows[row_of_slot[s]]; returns [n, d] in
+    out_dtype (default: rows' dtype).
 
     weights: [B, K]; rows: [R, d]; row_of_slot: [B, K] indices into rows (default: the slot's own row b, with
     R = B). With the default this is S^T @ rows for the sparse [B, n] matrix S holding `weights` at the
-    plan's indices: each latent's slots, contiguous in the plan's order, are summed as one bag.
+    plan's indices: each latent's slots, contiguous in the plan's order, are summed as one bag. The Triton
+    path sums in float32 whatever rows' dtype (bfloat16 rows halve the bytes gathered).
     """
     latents, order = plan.sorted_slots()
     if row_of_slot is None:
@@ -70,23 +76,32 @@ def accumulate_rows(
     else:
         row_ids = rearrange(row_of_slot, "b k -> (b k)")[order]
     slot_weights = rearrange(weights, "b k -> (b k)")[order]
+    out_dtype = out_dtype or rows.dtype
     if sparse_backend(rows.device) == "triton":
-        return (
-            triton_kernels().segment_accumulate(latents, row_ids, slot_weights, rows, plan.n).to(rows.dtype)
-        )
+        return triton_kernels().segment_accumulate(latents, row_ids, slot_weights, rows, plan.n).to(out_dtype)
     _, offsets = plan.sorted()
-    return F.embedding_bag(row_ids, rows, offsets, mode="sum", per_sample_weights=slot_weights.to(rows.dtype))
+    summed = F.embedding_bag(
+        row_ids, rows, offsets, mode="sum", per_sample_weights=slot_weights.to(rows.dtype)
+    )
+    return summed.to(out_dtype)
 
 
-def gather_dot(indices: Tensor, table: Tensor, rows: Tensor, sizes: tuple[int, ...] | None = None) -> Tensor:
-    """out[b, j] = <table[indices[b, j]], rows[bag of slot (b, j)]> -> [B, K] in table's dtype.
+def gather_dot(
+    indices: Tensor,
+    table: Tensor,
+    rows: Tensor,
+    sizes: tuple[int, ...] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """out[b, j] = <table[indices[b, j]], rows[bag of slot (b, j)]> -> [B, K] in out_dtype (default: table's).
 
     indices [B, K] into table [n, d]; without sizes each row is one bag and rows is [B, d]; with column-group
     sizes (see `group_bags`) rows holds one [d] vector per bag, [B * G, d]. On the torch path this is the
     per-sample-weight gradient of an embedding bag, whose kernel never materialises the gathered rows.
     """
+    out_dtype = out_dtype or table.dtype
     if sparse_backend(table.device) == "triton":
-        return triton_kernels().gather_dot(indices, table, rows, sizes or (indices.shape[1],)).to(table.dtype)
+        return triton_kernels().gather_dot(indices, table, rows, sizes or (indices.shape[1],)).to(out_dtype)
     offsets = None if sizes is None else group_bags(indices.shape[0], sizes, indices.device)[0]
     with torch.enable_grad():
         probe = torch.ones(indices.shape, dtype=table.dtype, device=table.device, requires_grad=True)
@@ -96,4 +111,4 @@ def gather_dot(indices: Tensor, table: Tensor, rows: Tensor, sizes: tuple[int, .
             flat_indices, table.detach(), offsets, mode="sum", per_sample_weights=flat_probe
         )
         (grad,) = torch.autograd.grad(bags, probe, rows.to(table.dtype))
-    return grad
+    return grad.to(out_dtype)

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from saelab.core.atomic import atomic_file
 from saelab.core.seeds import generator
+from saelab.kernels.backend import CHOICES
 from saelab.sae.topk import TopKConfig, TopKSAE
 from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 from saelab.train.config import TrainerConfig
@@ -315,13 +316,15 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def write_report(path: str | None, benchmark: str, device: torch.device, **results: Any) -> None:
-    """`write_json` of the results under a header naming the benchmark, device, torch version, date and command."""
+    """`write_json` of the results under a header naming the benchmark, device, torch version, date, command
+    and the kernel choices set in the environment (`saelab.kernels.backend.CHOICES`)."""
     header = {
         "benchmark": benchmark,
         "device": device_name(device),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "command": " ".join(sys.argv),
+        "kernel_env": {name: os.environ[name] for name in CHOICES if name in os.environ},
     }
     write_json(path, {**header, **results})
 

@@ -10,8 +10,9 @@
 # 2. bench_kernels at 768/32768/32/8192 under bf16 autocast: gathered rows in float32 vs bf16
 #    (SAELAB_SPARSE_ROWS), to choose that default by measurement.
 # 3. bench_vs_peers, all three libraries with peak memory (the memory target), default rows.
-# 4. bench_vs_peers, saelab alone with SAELAB_SPARSE_ROWS=autocast (same data and script as stage 3).
-# 5. profile_step.py of the new step at 768 (AuxK idle and active).
+# 4. bench_train at 768: TopK, BatchTopK (not re-measured since its candidate selection), ReLU, MP.
+# 5. bench_vs_peers, saelab alone with SAELAB_SPARSE_ROWS=autocast (same data and script as stage 3).
+# 6. profile_step.py of the new step at 768 (AuxK idle and active).
 set -uo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 DEADLINE=${DEADLINE:-540}
@@ -38,11 +39,13 @@ stage() {  # stage NAME SECONDS command...: run with at most min(SECONDS, time l
     tar -czf "$OUT/results.tgz" -C "$OUT" results
 }
 
-stage gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+stage gpu_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests
 stage kernels_rows 60 python3 scripts/bench_kernels.py --device cuda --d-in 768 --n 32768 --k 32 --batch 8192 \
     --autocast --rounds 5 --json "$res/kernels_rows.json"
 stage vs_peers 180 python3 scripts/bench_vs_peers.py --device cuda --steps 300 --json "$res/vs_peers.json"
+stage variants 60 python3 scripts/bench_train.py --device cuda --d-in 768 --n 32768 --k 32 --batch 8192 \
+    --runs topk batchtopk relu mp --steps 60 --rounds 3 --no-memory --json "$res/variants.json"
 stage vs_peers_rows_bf16 90 env SAELAB_SPARSE_ROWS=autocast python3 scripts/bench_vs_peers.py --device cuda \
     --steps 300 --libs saelab --no-memory --json "$res/vs_peers_rows_bf16.json"
-stage profile 90 python3 .gpu/profile_step.py "$res" 768,32768,32,8192
+stage profile 60 python3 .gpu/profile_step.py "$res" 768,32768,32,8192
 echo "done after $(($(date +%s) - start))s"

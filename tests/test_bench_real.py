@@ -120,3 +120,18 @@ def test_init_ablations_change_only_what_they_name(ablation):
         torch.testing.assert_close(sae.W_enc, base.W_enc)
     else:
         torch.testing.assert_close(sae.b_dec, base.b_dec)
+
+
+def test_bench_reports_name_the_kernel_choices_set_in_the_environment(tmp_path, monkeypatch, capsys):
+    """A GPU figure taken with SAELAB_SPARSE_ROWS=autocast says so in its JSON; unset choices are left out."""
+    import json
+
+    for name in bench_real.benchutil.CHOICES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SAELAB_SPARSE_ROWS", "autocast")
+    path = tmp_path / "report.json"
+    bench_real.benchutil.write_report(str(path), "demo", torch.device("cpu"), ms=1.5)
+    report = json.loads(path.read_text())
+    assert report["kernel_env"] == {"SAELAB_SPARSE_ROWS": "autocast"}
+    assert report["benchmark"] == "demo" and report["ms"] == 1.5
+    assert json.loads(capsys.readouterr().out) == report

@@ -130,8 +130,26 @@ def test_encode_and_forward_accept_leading_dimensions_like_flat_rows(variant):
             assert values.shape[:2] == (2, 5)
             torch.testing.assert_close(values.reshape(10, -1), flat_values)
             assert torch.equal(indices.reshape(10, -1), flat_indices)
+            # decode_sparse takes the same layout back: the dense decoder of the dense codes
+            torch.testing.assert_close(sae.decode_sparse(values, indices), sae.decode(sae.encode(x)))
     with pytest.raises(ValueError, match=r"shape \(2, 5, 7\) but this SAE takes \[\.\.\., d_in=8\]"):
         sae.encode(torch.randn(2, 5, 7))
+
+
+@pytest.mark.parametrize("variant", ["topk", "mp"])
+def test_decode_sparse_refuses_codes_that_do_not_fit_the_sae(variant):
+    sae = trained_like(VARIANTS[variant]("float32"))
+    values, indices = sae.encode_sparse(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"same \[\.\.\., w\] shape, got \(4, 3\) and \(4, 2\)"):
+        sae.decode_sparse(values, indices[:, :2])
+    with pytest.raises(ValueError, match=r"indices span \[\d+, 32\] but this SAE has d_sae=32"):
+        sae.decode_sparse(values, indices.clone().index_fill_(1, torch.tensor([0]), 32))
+    with pytest.raises(ValueError, match=r"span \[-1, "):
+        sae.decode_sparse(values, indices - indices.min() - 1)
+    with pytest.raises(TypeError, match="code indices have dtype torch.float32"):
+        sae.decode_sparse(values, indices.float())
+    with pytest.raises(TypeError, match="code values have dtype torch.int64"):
+        sae.decode_sparse(indices, indices)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -342,10 +342,11 @@ def tenfold_gao_lr(d_sae: int, batch_size: int) -> float:
 
 
 class SparseCodes:
-    """Mixin of variants with k-sparse codes: `encode_sparse` on [..., d_in] inputs and a sparse `forward`.
+    """Mixin of variants with k-sparse codes: `encode_sparse` / `decode_sparse` on [..., d_in] inputs and a
+    sparse `forward`.
 
     The variant implements `encode_sparse_rows(x [B, d_in], k) -> (values [B, w], indices [B, w])` and
-    `decode_sparse(values [B, w], indices [B, w]) -> x_hat [B, d_in]`.
+    `decode_sparse_rows(values [B, w], indices [B, w], with_bias) -> x_hat [B, d_in]`.
     """
 
     def encode_sparse(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
@@ -354,9 +355,40 @@ class SparseCodes:
         lead = x.shape[:-1]
         return values.reshape(*lead, values.shape[-1]), indices.reshape(*lead, indices.shape[-1])
 
+    def decode_sparse(self, values: Tensor, indices: Tensor, with_bias: bool = True) -> Tensor:
+        """(values [..., w], indices [..., w] into the d_sae latents) -> x_hat [..., d_in], the inverse layout of
+        `encode_sparse`; with_bias=False leaves out b_dec. Checks the codes (one device sync on CUDA)."""
+        check_sparse_codes(values, indices, self.d_sae)
+        flat = self.decode_sparse_rows(
+            values.reshape(-1, values.shape[-1]).to(self.dtype),
+            indices.reshape(-1, indices.shape[-1]),
+            with_bias,
+        )
+        return flat.reshape(*values.shape[:-1], flat.shape[-1])
+
     def reconstruct_rows(self, x: Tensor) -> Tensor:
         """x [B, d_in] -> x_hat [B, d_in] through the sparse codes (O(B * w * d_in) decode)."""
-        return self.decode_sparse(*self.encode_sparse_rows(x))
+        return self.decode_sparse_rows(*self.encode_sparse_rows(x), with_bias=True)
+
+
+def check_sparse_codes(values: Tensor, indices: Tensor, d_sae: int) -> None:
+    """Raise a ValueError/TypeError naming the problem unless values and indices [..., w] are codes of an SAE
+    with d_sae latents: same shape (at least 1-D), floating values, integer indices in [0, d_sae)."""
+    if values.shape != indices.shape or values.ndim == 0:
+        raise ValueError(
+            f"sparse codes need values and indices of the same [..., w] shape, got {tuple(values.shape)} and "
+            f"{tuple(indices.shape)}; pass the pair that encode_sparse returned."
+        )
+    if not values.is_floating_point():
+        raise TypeError(f"code values have dtype {values.dtype}; pass floating-point values.")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"code indices have dtype {indices.dtype}; pass int64 (or int32) latent indices.")
+    if indices.numel() and not bool(((indices >= 0) & (indices < d_sae)).all()):
+        low, high = int(indices.min()), int(indices.max())
+        raise ValueError(
+            f"code indices span [{low}, {high}] but this SAE has d_sae={d_sae} latents (valid: 0 to {d_sae - 1}); "
+            "decode codes with the SAE that encoded them."
+        )
 
 
 def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:

@@ -144,7 +144,7 @@ class MatchingPursuitSAE(SparseCodes, SAE):
         repeated = (indices[:, :, None] == indices[:, None, :]).tril(diagonal=-1).any(dim=-1)
         return totals.masked_fill(repeated, 0.0), indices
 
-    def decode_sparse(self, values: Tensor, indices: Tensor, with_bias: bool = True) -> Tensor:
+    def decode_sparse_rows(self, values: Tensor, indices: Tensor, with_bias: bool = True) -> Tensor:
         """(values [B, k], indices [B, k]) -> x_hat [B, d_in]."""
         out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
         return out + self.b_dec if with_bias else out

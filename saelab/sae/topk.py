@@ -110,7 +110,7 @@ class TopKSAE(SparseCodes, SAE):
         """
         super().initialize_from_sample(x)
         values, indices = self.select(self.pre_activations(x), self.cfg.k)
-        self.scale_encoder_to_fit(x, self.decode_sparse(values, indices, with_bias=False))
+        self.scale_encoder_to_fit(x, self.decode_sparse_rows(values, indices, with_bias=False))
 
     @torch.no_grad()
     def selection_pre_activations(self, x: Tensor) -> Tensor:
@@ -146,7 +146,7 @@ class TopKSAE(SparseCodes, SAE):
         """x [B, d_in] -> (values [B, k], indices [B, k])."""
         return self.select(self.pre_activations(x), k or self.cfg.k)
 
-    def decode_sparse(self, values: Tensor, indices: Tensor, with_bias: bool = True) -> Tensor:
+    def decode_sparse_rows(self, values: Tensor, indices: Tensor, with_bias: bool = True) -> Tensor:
         """(values [B, k], indices [B, k]) -> x_hat [B, d_in], via an embedding bag with a sparse backward."""
         return sparse_decode(values, indices, self.W_dec, self.b_dec if with_bias else None)
 

@@ -162,3 +162,35 @@ def test_inputs_are_cast_to_the_sae_dtype(variant):
         torch.testing.assert_close(z, sae.encode(x.bfloat16()))
         torch.testing.assert_close(sae(x), sae(x.bfloat16()))
         torch.testing.assert_close(sae.decode(z.float()), sae.decode(z))
+
+
+# ------------------------------------------------------------------------------------- float16 weights
+def test_fvu_of_float16_batches_is_summed_without_overflow():
+    """A float16 batch whose sum of squares passes 65504 (float16's largest value): the FVU still equals the
+    float64 formula (before, the denominator overflowed to inf and FVU read 0)."""
+    from saelab.sae.losses import fraction_of_variance_unexplained
+
+    gen = torch.Generator().manual_seed(3)
+    x = 3 * torch.randn(1024, 64, generator=gen)
+    x_hat = x + torch.randn(1024, 64, generator=gen)
+    x16, x_hat16 = x.half(), x_hat.half()
+    expected = (x16.double() - x_hat16.double()).pow(2).sum() / (x16.double() - x16.double().mean(0)).pow(
+        2
+    ).sum()
+    assert (x16.double() - x16.double().mean(0)).pow(2).sum() > 65504  # the case that overflowed
+    fvu = fraction_of_variance_unexplained(x16, x_hat16)
+    assert fvu.dtype == torch.float32
+    torch.testing.assert_close(fvu.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_trainer_refuses_float16_weights_naming_the_field_and_the_fix(tmp_path):
+    from saelab.train.trainer import Trainer
+
+    sae = saelab.build_sae(TopKConfig(d_in=8, d_sae=32, k=3, dtype="float16"))
+    with pytest.raises(
+        ValueError, match=r"sae\.dtype=float16 cannot be trained.*sae\.dtype=float32.*dtype='float16'"
+    ):
+        Trainer(sae, TrainerConfig(total_tokens=4096, batch_size=256), output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    bf16 = saelab.build_sae(TopKConfig(d_in=8, d_sae=32, k=3, dtype="bfloat16"))
+    Trainer(bf16, TrainerConfig(total_tokens=4096, batch_size=256))  # bfloat16 has float32's range: allowed

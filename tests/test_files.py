@@ -89,3 +89,49 @@ def test_checkpoint_saves_remove_crash_leftovers(tmp_path):
     cfg = TrainerConfig(total_tokens=4 * 32, batch_size=32, checkpoint_every=2, device="cpu")
     Trainer(TopKSAE(TopKConfig(d_in=8, d_sae=16, k=2)), cfg, output_dir=tmp_path / "run").fit(source)
     assert sorted(p.name for p in ckpts.iterdir()) == sorted(["step_000000002", live.name])
+
+
+# ------------------------------------------------------------------ writing over an existing folder or file
+def test_saving_over_a_folder_never_deletes_files_saelab_did_not_write(tmp_path):
+    """A folder holding other files is refused, untouched; a previous save of the same SAE is replaced."""
+    from saelab.io.saelens import export_saelens
+    from saelab.io.sparsify import export_sparsify
+
+    sae = TopKSAE(TopKConfig(d_in=8, d_sae=32, k=4))
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "notes.txt").write_text("important")
+    (project / "data" / "a.csv").write_text("1,2")
+    for save in (sae.save, lambda path: export_saelens(sae, path), lambda path: export_sparsify(sae, path)):
+        with pytest.raises(FileExistsError, match=r"project already holds data, notes.txt, which this write"):
+            save(project)
+    assert sorted(p.name for p in project.iterdir()) == ["data", "notes.txt"]  # untouched, no temporaries
+    assert (project / "notes.txt").read_text() == "important"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+
+    saved = tmp_path / "sae"
+    sae.save(saved)
+    with torch.no_grad():
+        sae.W_dec.mul_(2)
+    sae.save(saved)  # its own earlier files: replaced
+    assert sorted(p.name for p in saved.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    with pytest.raises(FileExistsError, match=r"holds sae_weights.safetensors"):
+        export_sparsify(sae, saved)  # sparsify's layout would silently mix with saelab's weights file
+
+
+def test_saving_onto_a_file_or_a_home_path(tmp_path, monkeypatch):
+    sae = TopKSAE(TopKConfig(d_in=8, d_sae=32, k=4))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    with pytest.raises(FileExistsError, match="afile exists and is not a directory"):
+        sae.save(afile)
+    assert afile.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert sae.save("~/x") == tmp_path / "home" / "x"
+    import saelab
+
+    torch.testing.assert_close(saelab.load_sae("~/x").W_dec, sae.W_dec)
+    monkeypatch.chdir(tmp_path / "home" / "x")
+    with pytest.raises(ValueError, match=r"'\.' names the current, a parent or the root folder.*'my_sae'"):
+        sae.save(".")  # replacing the working folder itself would pull it from under the process

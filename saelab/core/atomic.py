@@ -19,7 +19,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 #: `.<name>.tmp-<host>-<pid>-<hex>` / `.<name>.old-<host>-<pid>-<hex>`; group 1: host, group 2: pid.
@@ -116,19 +116,46 @@ def remove_stale_temporaries(folder: str | Path, prefix: str = "") -> list[Path]
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `path` (an existing directory is swapped out)."""
-    final = Path(path)
+def atomic_directory(path: str | Path, owned: Collection[str] = ()) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces `path` (`~` expanded) as a whole.
+
+    An existing directory is replaced only if it holds nothing but what is written now and the `owned` names
+    (a writer's optional outputs, e.g. plots it may leave out this time); anything else in it, a user's
+    notes or another run's files, makes it raise FileExistsError naming them, and nothing is replaced. A
+    path that is a file also raises.
+    """
+    final = Path(path).expanduser()
+    if final.name in ("", ".", ".."):
+        raise ValueError(
+            f"{str(path)!r} names the current, a parent or the root folder; saelab writes each output as a "
+            f"folder of its own, so give it a name, e.g. {str(Path(path) / 'my_sae')!r}."
+        )
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{final} exists and is not a directory; choose a folder path to write into.")
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final.parent, final.name)
     tmp = make_temporary_directory(final)
     try:
         yield tmp
+        check_replaceable(final, {entry.name for entry in tmp.iterdir()} | set(owned))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     give_default_modes(tmp)
     replace_directory(tmp, final)
+
+
+def check_replaceable(final: Path, replaceable: set[str]) -> None:
+    """Raise FileExistsError if directory `final` holds entries outside `replaceable` (the writer's own)."""
+    if not final.is_dir():
+        return
+    foreign = sorted(entry.name for entry in final.iterdir() if entry.name not in replaceable)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise FileExistsError(
+            f"{final} already holds {shown}, which this write would delete (a saelab output folder is "
+            "replaced as a whole); write into a new or empty folder, or move those out first."
+        )
 
 
 def replace_directory(new: Path, final: Path) -> None:
@@ -144,8 +171,8 @@ def replace_directory(new: Path, final: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path in the same directory; on success it is renamed onto `path`."""
-    final = Path(path)
+    """Yield a temporary file path in the same directory; on success it is renamed onto `path` (`~` expanded)."""
+    final = Path(path).expanduser()
     final.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = temporary_name(final)

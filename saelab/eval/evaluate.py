@@ -187,7 +187,8 @@ def _json_ready(value: Any) -> Any:
 def write_report(result: EvalResult, out_dir: str | Path, plots: bool = True) -> list[Path]:
     """Write report.json (+ density, spectrum and cosine PNGs) into `out_dir`, atomically as one directory."""
     names = [REPORT_FILE]
-    with atomic_directory(out_dir) as tmp:
+    plot_names = ["density.png", "spectrum.png", "cosine.png"]
+    with atomic_directory(out_dir, owned=[REPORT_FILE, *plot_names]) as tmp:
         (tmp / REPORT_FILE).write_text(json.dumps(result.report, indent=2))
         if plots:
             from saelab.eval.plots import plot_cosine_histogram, plot_density_histogram, plot_spectrum
@@ -201,8 +202,8 @@ def write_report(result: EvalResult, out_dir: str | Path, plots: bool = True) ->
                 tuple(geometry["spectrum_ranks"]),
             )
             plot_cosine_histogram(result.max_cos, tmp / "cosine.png")
-            names += ["density.png", "spectrum.png", "cosine.png"]
-    result.files = [Path(out_dir) / name for name in names]
+            names += plot_names
+    result.files = [Path(out_dir).expanduser() / name for name in names]
     return result.files
 
 

@@ -177,7 +177,7 @@ def write_site(
     """Write the browser for `data` into `out_dir` (replaced atomically); returns the path of index.html."""
     if latents_per_file <= 0:
         raise ValueError(f"latents_per_file={latents_per_file} must be > 0.")
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, owned=[*STATIC_FILES, "data"]) as tmp:
         static = resources.files("saelab.inspect") / "static"
         for name in STATIC_FILES:
             with resources.as_file(static / name) as path:
@@ -195,7 +195,7 @@ def write_site(
         for k, start in enumerate(range(0, data.context_ids.numel(), CONTEXTS_PER_FILE)):
             rows = data.context_tokens[start : start + CONTEXTS_PER_FILE].tolist()
             (folder / f"contexts_{k}.js").write_text(_script("SAELAB_CONTEXTS", rows, k), encoding="utf-8")
-    return Path(out_dir) / "index.html"
+    return Path(out_dir).expanduser() / "index.html"
 
 
 def make_server(out_dir: str | Path, port: int = 8000) -> http.server.ThreadingHTTPServer:

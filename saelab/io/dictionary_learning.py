@@ -233,4 +233,4 @@ def export_dictionary_learning(sae: SAE, path: str | Path) -> Path:
     with atomic_directory(path) as tmp:
         torch.save(state, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=4))
-    return Path(path)
+    return Path(path).expanduser()

@@ -169,4 +169,4 @@ def export_sparsify(sae: SAE, path: str | Path) -> Path:
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-    return Path(path)
+    return Path(path).expanduser()

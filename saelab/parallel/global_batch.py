@@ -66,14 +66,17 @@ def minimum(t: Tensor) -> Tensor:
 
 
 def centred_sumsq(v: Tensor) -> Tensor:
-    """sum over the batch's rows of ||row - mean row||^2, from this rank's rows v [b, d]; scalar in v's dtype.
+    """sum over the batch's rows of ||row - mean row||^2, from this rank's rows v [b, d]; scalar in v's dtype
+    promoted to at least float32 (a float16 sum of squares overflows at 65504).
 
-    Outside `sharded`: (v - v.mean(0)).pow(2).sum() of v itself. Inside: of the global batch, which must not
+    Outside `sharded`: (v - v.mean(0)).pow(2).sum() of v itself, in that dtype. Inside: of the global batch, which must not
     depend on the parameters (data, or detached values). Each rank's row count n_r, row mean m_r (float64) and
     sum of squares about it q_r are gathered (one collective of W * (d + 2) float64 values) and combined as
     sum_r q_r + sum_r n_r ||m_r - m||^2, m the global mean: no cancellation when the mean is large.
     """
+    dtype = torch.promote_types(v.dtype, torch.float32)
     if ranks() == 1:
+        v = v.to(dtype)
         return (v - v.mean(dim=0)).pow(2).sum()
     if v.requires_grad:
         raise ValueError(
@@ -87,4 +90,4 @@ def centred_sumsq(v: Tensor) -> Tensor:
     counts, sums, means = parts[:, 0], parts[:, 1], parts[:, 2:]
     overall = (counts[:, None] * means).sum(dim=0) / counts.sum()
     between = (counts * (means - overall).pow(2).sum(dim=1)).sum()
-    return (sums.sum() + between).to(v.dtype)
+    return (sums.sum() + between).to(dtype)

@@ -306,12 +306,13 @@ class SAE(nn.Module):
         return {}, {}
 
     def save(self, path: str | Path) -> Path:
-        """Write `cfg.json` + `sae_weights.safetensors` into directory `path`, atomically."""
+        """Write `cfg.json` + `sae_weights.safetensors` as directory `path` (`~` expanded), atomically; a folder
+        already there is replaced only if it holds nothing else (`saelab.core.atomic.atomic_directory`)."""
         tensors = self.file_tensors()
         with atomic_directory(path) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2))
-        return Path(path)
+        return Path(path).expanduser()
 
     @classmethod
     def from_config_dict(cls, data: dict[str, Any]) -> SAE:

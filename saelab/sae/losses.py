@@ -10,13 +10,14 @@ from saelab.parallel import global_batch
 
 
 def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
-    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over a batch [B, d]; scalar. x must carry no gradient.
+    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over a batch [B, d]; float32 (or float64) scalar, summed in
+    at least float32 whatever the inputs' dtype. x must carry no gradient.
 
     In data-parallel training (`global_batch.sharded`) x, x_hat are this rank's rows of the global batch and the
     value is W * (their squared error) / (the global batch's denominator): its mean over the W ranks, and the
     mean of its gradients that DDP takes, are the global batch's FVU and gradient.
     """
-    error = (x - x_hat).pow(2).sum()
+    error = (x.float() - x_hat.float()).pow(2).sum()  # float32 at least: a float16 sum overflows at 65504
     return global_batch.ranks() * error / global_batch.centred_sumsq(x).clamp_min(1e-12)
 
 

@@ -191,7 +191,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         codes, indices, decoded = self.decode_code_groups(x, values, indices, widths, aux)  # [B, G (+1), d]
         prefixes = decoded[:, :groups].cumsum(dim=1) + self.b_dec  # x_hat of each prefix [B, G, d]
         denominator = global_batch.centred_sumsq(x).clamp_min(1e-12)
-        errors = (x[:, None] - prefixes).pow(2).sum(dim=(0, 2))  # [G]
+        errors = (x[:, None].float() - prefixes.float()).pow(2).sum(dim=(0, 2))  # [G], float32 at least
         prefix_fvu = global_batch.ranks() * errors / denominator
         x_hat = prefixes[:, -1]
         loss = prefix_fvu.mean()

@@ -74,6 +74,18 @@ def norm_scale(x: Tensor) -> float:
     return math.sqrt(x.shape[-1]) / mean_norm
 
 
+def check_trainable_dtype(dtype: torch.dtype) -> None:
+    """Refuse float16 weights: Adam's eps (1e-8) underflows to 0 in float16 and its range (65504) is easily
+    exceeded, so training turns NaN within a few dozen steps. bfloat16 (float32's range) and float32/64 train."""
+    if dtype == torch.float16:
+        raise ValueError(
+            "sae.dtype=float16 cannot be trained (Adam's eps underflows to 0 in float16 and values overflow its "
+            "range, so the loss turns NaN): train with sae.dtype=float32 (trainer.autocast_dtype=bfloat16 gives "
+            "half-precision compute on CUDA) and load the result in float16 with "
+            "saelab.load_sae(path, dtype='float16')."
+        )
+
+
 def resolve_autocast(name: str, device: torch.device, weight_dtype: torch.dtype) -> torch.dtype | None:
     """trainer.autocast_dtype -> the autocast dtype (None: off). "auto": bf16 on CUDA for float32 weights
     (where the GPU supports bf16), off elsewhere (CPU, other weight dtypes)."""
@@ -107,6 +119,7 @@ class Trainer:
         run_config: dict[str, Any] | None = None,
     ):
         cfg.validate()
+        check_trainable_dtype(sae.W_dec.dtype)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dist = distributed.setup(self.device)

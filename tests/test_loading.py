@@ -273,11 +273,29 @@ def test_old_layout_checkpoint_is_still_folded(run_dir, tmp_path):
     new, old = out / "checkpoints" / "step_000000004", tmp_path / "step_000000004"
     shutil.copytree(new, old)
     (old / "training_weights.safetensors").rename(old / "sae_weights.safetensors")
+    cfg = json.loads((old / "cfg.json").read_text())  # older checkpoints saved the unfolded training SAE
+    del cfg["metadata"]["input_scale_folded"]
+    (old / "cfg.json").write_text(json.dumps(cfg))
     x = torch.randn(64, D_IN, dtype=torch.float64) * 3
     z_ref, x_hat_ref = checkpoint_reference(new, x)
     loaded = load_sae(old)
     torch.testing.assert_close(loaded(x.float()).double(), x_hat_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loaded.encode(x.float()).double(), z_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_missing_its_training_weights_is_refused_not_folded_twice(run_dir, tmp_path):
+    """sae_weights.safetensors of a checkpoint has the scale folded in; without training_weights.safetensors
+    it must not be taken for an older checkpoint's training-space weights (by load_sae or by a resume)."""
+    out, _ = run_dir
+    broken = tmp_path / "step_000000004"
+    shutil.copytree(out / "checkpoints" / "step_000000004", broken)
+    (broken / "training_weights.safetensors").unlink()
+    message = r"training_weights\.safetensors is missing, but .*cfg\.json says .* folded in: the checkpoint is damaged"
+    with pytest.raises(FileNotFoundError, match=message):
+        load_sae(broken)
+    cfg = TrainerConfig(total_tokens=6 * 64, batch_size=64, device="cpu")
+    with pytest.raises(FileNotFoundError, match=message):
+        Trainer.from_checkpoint(broken, cfg)
 
 
 def test_checkpoint_without_input_scale_names_the_file(run_dir, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,36 @@ def test_expected_average_scale_is_required_then_folded(tmp_path, gen):
         torch.testing.assert_close(sae.encode(x.float()).double(), z_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sae(x.float()).double(), x_hat_ref, atol=1e-5, rtol=1e-5)
         assert sae.cfg.metadata["input_scale_folded"] == s
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0.0, -2.0, "abc", True])
+def test_a_bad_scaling_factor_is_refused_naming_where_it_came_from(tmp_path, gen, bad):
+    """Folding NaN, Inf, 0 or a negative factor would give an SAE computing garbage; refuse it, by argument or
+    in activation_scaler.json, and refuse a scaler file that is not a JSON object holding the factor."""
+    cfg = {
+        "architecture": "standard",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "normalize_activations": "expected_average_only_in",
+    }
+    folder = write_saelens_dir(tmp_path / "n", cfg, random_params(gen))
+    if not isinstance(bad, str):
+        with pytest.raises(ValueError, match=r"norm_scaling_factor=.* must be a finite number > 0"):
+            load_sae(folder, norm_scaling_factor=bad)
+    scaler = folder / "activation_scaler.json"
+    scaler.write_text(json.dumps({"scaling_factor": bad}))
+    with pytest.raises(
+        ValueError, match=r"scaling_factor in .*activation_scaler\.json=.* must be a finite number > 0"
+    ):
+        load_sae(folder)
+    for text, message in (
+        ('{"scal', "is not valid JSON"),
+        ("[1]", "holds a JSON list"),
+        ("{}", "has no 'scaling_factor'"),
+    ):
+        scaler.write_text(text)
+        with pytest.raises(ValueError, match=rf"activation_scaler\.json {message}"):
+            load_sae(folder)
 
 
 @pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale", "covariance_whitening"])

@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from saelab.core.atomic import atomic_directory, remove_stale_temporaries
+from saelab.io.files import read_json_object
 from saelab.io.layout import STATE_FILE, TRAINING_WEIGHTS_FILE, checkpoint_dir, list_checkpoints
-from saelab.io.loading import read_sae_dir
+from saelab.io.loading import checkpoint_weights_folded, read_sae_dir
 from saelab.sae.base import CONFIG_FILE, SAE, WEIGHTS_FILE
 
 #: Entries every trainer_state.pt holds.
@@ -78,7 +79,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[SAE, dict[str, Any]]:
     """Load (training SAE, trainer state) from a checkpoint directory."""
-    if (path / TRAINING_WEIGHTS_FILE).is_file():
+    if checkpoint_weights_folded(path, read_json_object(path / CONFIG_FILE)):
         sae = read_sae_dir(path, device=device, weights_name=TRAINING_WEIGHTS_FILE)
         sae.cfg.metadata.pop("input_scale_folded", None)
     else:  # an older checkpoint: sae_weights.safetensors holds the training-space weights

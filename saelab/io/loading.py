@@ -11,7 +11,7 @@ folded in.
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from saelab.io import dictionary_learning, sparsify
+from saelab.io.files import read_json_object
 from saelab.io.layout import STATE_FILE, TRAINING_WEIGHTS_FILE, list_checkpoints
 from saelab.io.saelens import dtype_name, needs_input_scale, to_saelab
 from saelab.sae.base import CONFIG_FILE, DTYPES, SAE, WEIGHTS_FILE, load_weights
@@ -152,17 +153,58 @@ def input_scale_of(
                 f"{folder} is a saelab checkpoint that stores its input scale; drop norm_scaling_factor."
             )
         scale, meta = checkpoint_scale(folder)
-        # Checkpoints keep the training-space weights apart and the input scale already folded into
-        # sae_weights.safetensors; older ones (no training_weights.safetensors) hold only the training-space weights.
-        return (None if (folder / TRAINING_WEIGHTS_FILE).is_file() else scale), meta
+        return (None if checkpoint_weights_folded(folder, raw) else scale), meta
     if given is not None and not needs_input_scale(raw):
         raise ValueError(
             f"{folder / CONFIG_FILE} says normalize_activations={raw.get('normalize_activations', 'none')!r}: "
             "its weights already take raw activations, so norm_scaling_factor must not be given."
         )
-    if given is None and needs_input_scale(raw) and (folder / SCALER_FILE).is_file():
-        given = json.loads((folder / SCALER_FILE).read_text()).get("scaling_factor")
-    return given, {}
+    if given is not None:
+        return check_scale(given, "norm_scaling_factor"), {}
+    if needs_input_scale(raw) and (folder / SCALER_FILE).is_file():
+        scaler = read_json_object(folder / SCALER_FILE)
+        if "scaling_factor" not in scaler:
+            raise ValueError(
+                f"{folder / SCALER_FILE} has no 'scaling_factor'; pass norm_scaling_factor=<float>."
+            )
+        return check_scale(scaler["scaling_factor"], f"scaling_factor in {folder / SCALER_FILE}"), {}
+    return None, {}
+
+
+def check_scale(value: Any, name: str) -> float:
+    """`value` as the factor activations were scaled by in training: a finite number > 0, else a ValueError
+    naming `name` (folding NaN, Inf, 0 or a negative factor would give an SAE that silently computes garbage)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"{name}={value!r} must be a finite number > 0: the factor activations were multiplied by in "
+            "training (SAELens lists it per release as norm_scaling_factor)."
+        )
+    return float(value)
+
+
+def checkpoint_weights_folded(folder: Path, raw: dict[str, Any]) -> bool:
+    """Whether checkpoint `folder`'s sae_weights.safetensors (config raw) has the input scale folded in.
+
+    Checkpoints keep the training-space weights apart in training_weights.safetensors and the scale folded
+    into sae_weights.safetensors; older ones (no training_weights.safetensors, no `input_scale_folded` in the
+    config's metadata) hold only the training-space weights. Folded weights without the training-space file
+    are a damaged checkpoint: reading them as training-space weights would fold the scale twice.
+    """
+    if (folder / TRAINING_WEIGHTS_FILE).is_file():
+        return True
+    metadata = raw.get("metadata")
+    if isinstance(metadata, dict) and "input_scale_folded" in metadata:
+        raise FileNotFoundError(
+            f"{folder / TRAINING_WEIGHTS_FILE} is missing, but {folder / CONFIG_FILE} says its weights have the "
+            "input scale folded in: the checkpoint is damaged. Resume or load from another checkpoint (or the "
+            "run's sae/ folder)."
+        )
+    return False
 
 
 def read_sae_dir(
@@ -214,13 +256,7 @@ def read_files(
     for needed in (cfg_path, weights_path):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} is missing: an SAE directory holds {LAYOUTS_TEXT}.")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path} is not valid JSON ({err}); the file is corrupt.") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path} holds a JSON {type(raw).__name__}, expected an object.")
-    return raw, load_weights(weights_path)
+    return read_json_object(cfg_path), load_weights(weights_path)
 
 
 def build_from_files(

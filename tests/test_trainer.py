@@ -261,6 +261,47 @@ def test_wrong_width_batches_are_refused_with_the_expected_shape():
         Trainer(sae, TrainerConfig(total_tokens=64, batch_size=16, device="cpu")).fit(batches)
 
 
+def test_a_short_batch_iterator_names_what_was_needed_and_keeps_the_steps_trained(tmp_path):
+    """3 batches for an 8-step run: a ValueError (not a bare StopIteration) says how many were needed, and
+    the 2 steps trained (the first batch initialises and trains step 1) are checkpointed for a resume."""
+    sae = build_sae(TopKConfig(d_in=8, d_sae=32, k=2))
+    cfg = TrainerConfig(total_tokens=8 * 16, batch_size=16, device="cpu")
+    batches = iter([torch.randn(16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)])
+    trainer = Trainer(sae, cfg, output_dir=tmp_path)
+    with pytest.raises(
+        ValueError, match=r"ran out after 3 batches, but this run needs 8 .*batches of 16.*3 steps"
+    ):
+        trainer.fit(batches)
+    assert trainer.step == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000000003"]
+    with pytest.raises(ValueError, match=r"ran out after 0 batches, but this run needs 8 "):
+        Trainer(build_sae(TopKConfig(d_in=8, d_sae=32, k=2)), cfg).fit(iter([]))
+
+
+@pytest.mark.parametrize(
+    ("batch", "error", "message"),
+    [
+        (
+            torch.randn(20, 8),
+            ValueError,
+            r"batch 1 from the iterator has shape \(20, 8\), but trainer\.batch_size=16",
+        ),
+        (torch.randn(0, 8), ValueError, r"batch 1 .* shape \(0, 8\)"),
+        (
+            torch.ones(16, 8, dtype=torch.int64),
+            TypeError,
+            r"batch 1 from the iterator is a torch\.int64 tensor",
+        ),
+        ([[0.0] * 8] * 16, TypeError, r"batch 1 from the iterator is a list; yield float activation tensors"),
+    ],
+)
+def test_iterator_batches_must_match_trainer_batch_size_and_be_float(batch, error, message):
+    sae = build_sae(TopKConfig(d_in=8, d_sae=32, k=2))
+    cfg = TrainerConfig(total_tokens=4 * 16, batch_size=16, device="cpu")
+    with pytest.raises(error, match=message):
+        Trainer(sae, cfg).fit(iter([torch.randn(16, 8), batch, torch.randn(16, 8), torch.randn(16, 8)]))
+
+
 def test_unreadable_checkpoint_state_is_named(tmp_path):
     source = SyntheticSource(SyntheticConfig(d_in=8, n_features=16, seed=0))
     cfg = TrainerConfig(total_tokens=6 * 16, batch_size=16, device="cpu", checkpoint_every=2)

@@ -17,8 +17,17 @@ def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
     value is W * (their squared error) / (the global batch's denominator): its mean over the W ranks, and the
     mean of its gradients that DDP takes, are the global batch's FVU and gradient.
     """
-    error = (x.float() - x_hat.float()).pow(2).sum()  # float32 at least: a float16 sum overflows at 65504
+    wide = at_least_float32(x, x_hat)  # a float16 sum of squares overflows at 65504
+    error = (x.to(wide) - x_hat.to(wide)).pow(2).sum()
     return global_batch.ranks() * error / global_batch.centred_sumsq(x).clamp_min(1e-12)
+
+
+def at_least_float32(*tensors: Tensor) -> torch.dtype:
+    """The tensors' common dtype promoted to at least float32 (float64 stays float64)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def warmup_factor(step: int, total_steps: int, warmup_frac: float) -> float:

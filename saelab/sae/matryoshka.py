@@ -41,6 +41,7 @@ from saelab.kernels.auxk import AuxSelection
 from saelab.parallel import global_batch
 from saelab.sae.base import TrainOutput
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saelab.sae.losses import at_least_float32
 from saelab.sae.registry import register
 
 
@@ -191,7 +192,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         codes, indices, decoded = self.decode_code_groups(x, values, indices, widths, aux)  # [B, G (+1), d]
         prefixes = decoded[:, :groups].cumsum(dim=1) + self.b_dec  # x_hat of each prefix [B, G, d]
         denominator = global_batch.centred_sumsq(x).clamp_min(1e-12)
-        errors = (x[:, None].float() - prefixes.float()).pow(2).sum(dim=(0, 2))  # [G], float32 at least
+        wide = at_least_float32(x, prefixes)
+        errors = (x[:, None].to(wide) - prefixes.to(wide)).pow(2).sum(dim=(0, 2))  # [G]
         prefix_fvu = global_batch.ranks() * errors / denominator
         x_hat = prefixes[:, -1]
         loss = prefix_fvu.mean()

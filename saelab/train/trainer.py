@@ -103,6 +103,10 @@ def check_batch(x: Tensor, d_in: int, step: int) -> None:
         )
 
 
+class BatchesExhausted(ValueError):
+    """A plain batch iterator ran out before the run's last step."""
+
+
 class Trainer:
     """Trains `sae` on batches; `fit(source_or_iterator)` runs to trainer.total_tokens.
 
@@ -237,7 +241,33 @@ class Trainer:
     def _stream(self, source: BatchSource | Iterator[Tensor]) -> Iterator[Tensor]:
         if hasattr(source, "batches"):
             return iter(source.batches(self.cfg.batch_size, start_batch=self.step + self.heldout_offset))
-        return iter(source)
+        return self._checked(iter(source))
+
+    def _checked(self, batches: Iterator[Tensor]) -> Iterator[Tensor]:
+        """The batches of a plain iterator, each checked to be a float tensor of trainer.batch_size rows (the
+        step count, token count and default rate assume it); running out early raises BatchesExhausted."""
+        needed = self.heldout_offset + self.cfg.total_steps - self.step
+        for count in range(needed):
+            try:
+                x = next(batches)
+            except StopIteration:
+                raise BatchesExhausted(
+                    f"the batch iterator ran out after {count} batches, but this run needs {needed} "
+                    f"(trainer.total_tokens={self.cfg.total_tokens:,} in batches of {self.cfg.batch_size}"
+                    + (f", plus {self.heldout_offset} held out for evaluation" if self.heldout_offset else "")
+                    + (f", from step {self.step}" if self.step else "")
+                    + "); pass more batches or lower trainer.total_tokens."
+                ) from None
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+                raise TypeError(f"batch {count} from the iterator is {what}; yield float activation tensors.")
+            if x.ndim != 2 or x.shape[0] != self.cfg.batch_size:
+                raise ValueError(
+                    f"batch {count} from the iterator has shape {tuple(x.shape)}, but trainer.batch_size="
+                    f"{self.cfg.batch_size}: yield [{self.cfg.batch_size}, d_in] batches (the run's step count, "
+                    "token count and default learning rate assume that size) or set trainer.batch_size."
+                )
+            yield x
 
     def _take_heldout(self, source: BatchSource | Iterator[Tensor], stream: Iterator[Tensor]) -> list[Tensor]:
         """The first `heldout_offset` batches of the source (never trained on), on the training device."""
@@ -285,7 +315,10 @@ class Trainer:
         sae.train()
         try:
             while self.step < total:
-                x = pending.pop() if pending else next(stream)
+                try:
+                    x = pending.pop() if pending else next(stream)
+                except BatchesExhausted as err:
+                    raise BatchesExhausted(f"{err} {self.save_for_later()}") from None
                 out = self.train_step(self.dist.shard(x))
                 window_tokens += x.shape[0]
                 logger.advance()
@@ -415,6 +448,14 @@ class Trainer:
             f"No checkpoint was written after step {self.weights_checked_at}; the newest one, {found[-1]}, "
             "holds finite weights (resume from it with trainer.resume_from after fixing the cause)."
         )
+
+    def save_for_later(self) -> str:
+        """Checkpoint the run when it must stop early (the data ran out); returns a sentence saying so."""
+        if self.step == 0 or self.output_dir is None:
+            return "No checkpoint was written (nothing trained, or no output directory)."
+        self.check_finite()
+        path = self.save_checkpoint()
+        return f"The {self.step} steps trained are saved in {path}: resume with trainer.resume_from."
 
     def save_checkpoint(self) -> Path | None:
         if self.output_dir is None:

@@ -181,7 +181,9 @@ def test_fvu_of_float16_batches_is_summed_without_overflow():
     fvu = fraction_of_variance_unexplained(x16, x_hat16)
     assert fvu.dtype == torch.float32
     torch.testing.assert_close(fvu.double(), expected, rtol=1e-5, atol=0)
-    assert fraction_of_variance_unexplained(x16.double(), x_hat16.double()).dtype == torch.float64  # not narrowed
+    assert (
+        fraction_of_variance_unexplained(x16.double(), x_hat16.double()).dtype == torch.float64
+    )  # not narrowed
 
 
 def test_trainer_refuses_float16_weights_naming_the_field_and_the_fix(tmp_path):

@@ -302,6 +302,26 @@ def test_iterator_batches_must_match_trainer_batch_size_and_be_float(batch, erro
         Trainer(sae, cfg).fit(iter([torch.randn(16, 8), batch, torch.randn(16, 8), torch.randn(16, 8)]))
 
 
+def test_a_new_run_refuses_a_directory_holding_another_runs_checkpoints_and_resume_must_go_further(tmp_path):
+    source = SyntheticSource(SyntheticConfig(d_in=8, n_features=16, seed=0))
+    cfg = TrainerConfig(total_tokens=6 * 16, batch_size=16, device="cpu", checkpoint_every=2)
+    Trainer(build_sae(TopKConfig(d_in=8, d_sae=32, k=2)), cfg, output_dir=tmp_path).fit(source)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    other = build_sae(TopKConfig(d_in=8, d_sae=32, k=4))
+    message = r"already holds checkpoints/step_000000004 and sae/ of an earlier run; resume it with trainer\.resume_from"
+    with pytest.raises(FileExistsError, match=message):
+        Trainer(other, cfg, output_dir=tmp_path).fit(source)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing mixed in
+
+    short = TrainerConfig(total_tokens=4 * 16, batch_size=16, device="cpu", checkpoint_every=2)
+    with pytest.raises(
+        ValueError, match=r"step_000000004 is at step 4, already at or past this run's end .*4 steps"
+    ):
+        Trainer.from_checkpoint(tmp_path, short)
+    longer = TrainerConfig(total_tokens=8 * 16, batch_size=16, device="cpu", checkpoint_every=2)
+    assert Trainer.from_checkpoint(tmp_path, longer, output_dir=tmp_path).fit(source).sae is not None
+
+
 def test_unreadable_checkpoint_state_is_named(tmp_path):
     source = SyntheticSource(SyntheticConfig(d_in=8, n_features=16, seed=0))
     cfg = TrainerConfig(total_tokens=6 * 16, batch_size=16, device="cpu", checkpoint_every=2)

@@ -103,6 +103,22 @@ def check_batch(x: Tensor, d_in: int, step: int) -> None:
         )
 
 
+def check_fresh_output_dir(output_dir: Path | None) -> None:
+    """A new run (not a resume) refuses a directory holding another run's complete checkpoints (a crashed
+    write's temporaries do not count) or final SAE: its
+    checkpoints would be mixed and pruned with the new ones, and `load_sae` / a resume would pick up the wrong
+    run's."""
+    if output_dir is None:
+        return
+    found = [f"checkpoints/{path.name}" for path in list_checkpoints(output_dir / "checkpoints")[-1:]]
+    found += ["sae/"] if (output_dir / "sae").exists() else []
+    if found:
+        raise FileExistsError(
+            f"{output_dir} already holds {' and '.join(found)} of an earlier run; resume "
+            f"it with trainer.resume_from={str(output_dir)!r} or train into a new directory."
+        )
+
+
 class BatchesExhausted(ValueError):
     """A plain batch iterator ran out before the run's last step."""
 
@@ -232,6 +248,12 @@ class Trainer:
         ckpt = resolve_checkpoint(path)
         sae, state = load_checkpoint(ckpt, resolve_device(cfg.device))
         check_resume_settings(ckpt, state, sae.cfg, cfg, run_config, sae_config)
+        if int(state["step"]) >= cfg.total_steps:
+            raise ValueError(
+                f"trainer.resume_from={str(path)!r}: its checkpoint {ckpt.name} is at step {int(state['step'])}, "
+                f"already at or past this run's end (trainer.total_tokens={cfg.total_tokens:,} is "
+                f"{cfg.total_steps} steps of {cfg.batch_size}); raise trainer.total_tokens to train further."
+            )
         sae.train()
         trainer = cls(sae, cfg, logging, output_dir, run_config)
         trainer.load_state_dict(state)
@@ -301,6 +323,8 @@ class Trainer:
 
     def _fit(self, source: BatchSource | Iterator[Tensor]) -> TrainResult:
         cfg, sae = self.cfg, self.sae
+        if self.step == 0:
+            check_fresh_output_dir(self.output_dir)
         total = cfg.total_steps
         stream = self._stream(source)
         self.heldout = self._take_heldout(source, stream)

@@ -205,6 +205,14 @@ def test_unsupported_and_inconsistent_folders_are_named(tmp_path, gen):
     untrained = {**state, "threshold": torch.tensor(-1.0)}
     with pytest.raises(ValueError, match=r"threshold=-1\.0: the BatchTopKSAE never estimated"):
         load_sae(write_folder(tmp_path / "untrained", "BatchTopKSAE", untrained))
+    int_decoder = {
+        **state,
+        "decoder.weight": state["decoder.weight"].round().int(),
+    }  # the first tensor is float
+    with pytest.raises(
+        ValueError, match=r"int_decoder/ae\.pt: tensors decoder\.weight \(torch\.int32\) are not"
+    ):
+        load_sae(write_folder(tmp_path / "int_decoder", "AutoEncoderTopK", int_decoder))
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
     (tmp_path / "corrupt" / "ae.pt").write_bytes(b"truncated")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from saelab import load_sae
 from saelab.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
@@ -483,3 +483,16 @@ def test_read_features_needs_a_hook(tiny_lm):
         read_features(model, sae, ["the cat"], tokenizer=tokenizer)
     with pytest.raises(TypeError, match="list of strings"):
         read_features(model, sae, "the cat", tokenizer=tokenizer, hook_name="transformer.h.0")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_integer_or_bool_weights_are_refused_naming_the_file_and_tensor(tmp_path, dtype):
+    sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+    folder = sae.save(tmp_path / "sae")
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
+    tensors["W_enc"] = (tensors["W_enc"] * 4).to(dtype)
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(
+        ValueError, match=rf"sae_weights\.safetensors: tensors W_enc \({dtype}\) are not floating point"
+    ):
+        load_sae(folder)

@@ -37,7 +37,7 @@ from torch import Tensor
 from saelab.core.atomic import atomic_directory
 from saelab.io.files import read_json_object
 from saelab.io.saelens import dtype_name
-from saelab.sae.base import SAE
+from saelab.sae.base import SAE, check_float_tensors
 from saelab.sae.registry import variant_classes
 
 CONFIG_FILE = "config.json"
@@ -103,6 +103,7 @@ def dictionary_learning_to_saelab(
         raise ValueError(
             f"{where}/{WEIGHTS_FILE} holds tensors {sorted(state)}; a {name} has exactly {sorted({*weights, *extras})}."
         )
+    check_float_tensors(state, f"{where}/{WEIGHTS_FILE}", weights)
     t = _saelab_tensors(name, state)
     d, n = t["W_enc"].shape
     _check_shapes(t, d, n, f"{where}/{WEIGHTS_FILE}")

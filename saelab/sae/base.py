@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -409,8 +410,21 @@ def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-8) -> Tensor:
 def load_weights(path: Path) -> dict[str, Tensor]:
     """Read a safetensors file, turning any read failure into a clear error naming the file."""
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as err:  # safetensors raises several types for truncated/corrupt files
         raise ValueError(
             f"could not read SAE weights from {path}: {err}. The file is missing or corrupt."
         ) from err
+    check_float_tensors(tensors, path, tensors)
+    return tensors
+
+
+def check_float_tensors(tensors: dict[str, Tensor], where: Path | str, names: Iterable[str]) -> None:
+    """Raise naming `where` unless every tensor of `names` is floating point (SAE weights never are int or
+    bool: such a file is not an SAE's weights, and casting it would compute garbage silently)."""
+    wrong = [f"{name} ({tensors[name].dtype})" for name in names if not tensors[name].is_floating_point()]
+    if wrong:
+        raise ValueError(
+            f"{where}: tensors {', '.join(wrong)} are not floating point; SAE weights are float32, float16, "
+            "bfloat16 or float64. The file is not an SAE's weights or is damaged."
+        )

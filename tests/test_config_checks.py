@@ -39,6 +39,8 @@ NAN, INF = math.nan, math.inf
             {"total_tokens": 100, "batch_size": 4096},
             "trainer.total_tokens=100 is smaller than one batch (trainer.batch_size=4096)",
         ),
+        ({"compile": "no"}, "trainer.compile='no' must be True or False"),  # a non-empty string is truthy
+        ({"normalize_activations": 1}, "trainer.normalize_activations=1 must be True or False"),
     ],
 )
 def test_trainer_settings_are_refused_naming_the_field(overrides, message):
@@ -71,6 +73,14 @@ def test_a_gpu_device_without_a_gpu_is_refused_naming_the_field():
         (
             lambda: TopKConfig(d_in=8, d_sae=16, k=2, expansion_factor=0),
             "sae.expansion_factor=0 must be >= 1",
+        ),
+        (  # d_sae unset: the expansion factor is what is wrong, not the d_sae derived from it
+            lambda: TopKConfig(d_in=8, k=2, expansion_factor=0).resolved(8),
+            "sae.expansion_factor=0 must be >= 1",
+        ),
+        (
+            lambda: JumpReLUConfig(d_in=8, d_sae=16, ste_to_input="false"),
+            "sae.ste_to_input='false' must be True",
         ),
     ],
 )

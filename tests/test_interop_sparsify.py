@@ -108,6 +108,13 @@ def test_unsupported_options_are_refused_naming_the_field(tmp_path, gen):
         load_sae(write_coder(tmp_path / "n", t, num_latents=N - 1))
     with pytest.raises(ValueError, match=r"holds tensors .*exactly \['W_dec', 'b_dec'"):
         load_sae(write_coder(tmp_path / "missing", {k: v for k, v in t.items() if k != "W_dec"}))
+    with pytest.raises(ValueError, match=r"cfg\.json: transcode='false' must be true or false"):
+        load_sae(write_coder(tmp_path / "flag", t, transcode="false"))  # a string would count as true
+    with pytest.raises(ValueError, match=r"cfg\.json: num_latents='40' must be a non-negative integer"):
+        load_sae(write_coder(tmp_path / "str_n", t, num_latents=str(N)))
+    assert load_sae(write_coder(tmp_path / "null_ef", t, expansion_factor=None)).cfg.d_sae == N
+    with pytest.raises(ValueError, match=r"nan/sae\.safetensors: tensors hold NaN"):  # the file it read
+        load_sae(write_coder(tmp_path / "nan", {**t, "W_dec": t["W_dec"].clone().fill_(float("nan"))}))
 
 
 def test_hub_layout_loads_by_hookpoint_subfolder(tmp_path, gen, monkeypatch):

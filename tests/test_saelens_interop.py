@@ -259,6 +259,13 @@ def test_unknown_saelens_architecture_names_it_and_the_file(tmp_path, gen):
         load_sae(folder)
 
 
+@pytest.mark.parametrize("flag", ["rescale_acts_by_decoder_norm", "apply_b_dec_to_input"])
+def test_saelens_flags_must_be_booleans(tmp_path, gen, flag):
+    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, flag: "false"}
+    with pytest.raises(ValueError, match=rf"cfg\.json: {flag}='false' must be true or false"):
+        load_sae(write_saelens_dir(tmp_path / "f", cfg, random_params(gen)))
+
+
 def test_norm_scaling_factor_refused_for_an_unscaled_sae(tmp_path, gen):
     folder = write_saelens_dir(
         tmp_path / "u", {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE}, random_params(gen)

@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from saelab.core.checks import check_flags
 from saelab.eval.config import EvalConfig
 from saelab.inspect.config import InspectConfig
 from saelab.sae.base import SAEConfig
@@ -79,6 +80,7 @@ class HarvestRunConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        check_flags(self, "harvest")
         if self.total_tokens < 0:
             raise ValueError(f"total_tokens={self.total_tokens} must be >= 0 (0: the whole dataset).")
         if self.shard_tokens <= 0:

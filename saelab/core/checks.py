@@ -1,7 +1,9 @@
-"""Validation of numeric config fields: finite, of the right kind, in range, with a message naming the field."""
+"""Validation of config fields: numbers finite, of the right kind and in range; flags true bools. Messages name
+the field."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from numbers import Integral, Real
 
@@ -40,3 +42,12 @@ def _describe(low: float | None, high: float | None, low_open: bool, high_open: 
     if high is not None:
         return f"{'<' if high_open else '<='} {high:g}"
     return ""
+
+
+def check_flags(config: object, section: str) -> None:
+    """Raise ValueError for a bool field of dataclass `config` holding anything but True or False (from Python
+    code a string such as "false" would otherwise count as True; the CLI's structured configs type-check)."""
+    for spec in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, spec.name)
+        if spec.type in ("bool", bool) and not isinstance(value, bool):
+            raise ValueError(f"{section}.{spec.name}={value!r} must be True or False.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from saelab.core.checks import check_flags
+
 
 @dataclass
 class EvalConfig:
@@ -39,6 +41,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending eval field."""
+        check_flags(self, "eval")
         for name in ("total_tokens", "batch_size", "lm_batch_size", "cosine_chunk", "n_shuffles"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be > 0.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from saelab.core.checks import check_flags
 from saelab.data.tokens import TextSpec
 
 MODEL_BACKENDS = ("transformer_lens", "hf")
@@ -60,6 +61,7 @@ class ModelSourceConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending source field."""
+        check_flags(self, "source")
         check_backend(self.backend)
         if self.sample_by not in SAMPLE_BY:
             raise ValueError(f"source.sample_by={self.sample_by!r} must be one of {list(SAMPLE_BY)}.")

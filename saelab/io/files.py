@@ -18,3 +18,14 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path} holds a JSON {type(raw).__name__}, expected an object.")
     return raw
+
+
+def json_flag(raw: dict[str, Any], key: str, default: bool, place: str) -> bool:
+    """The true/false field `key` of a config dict (`default` when absent or null); anything else (a string
+    such as "false", which Python would take as true, or a number) raises naming `place` and the field."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{place}: {key}={value!r} must be true or false.")
+    return value

@@ -269,6 +269,9 @@ def build_from_files(
 ) -> SAE:
     """Build the SAE a (cfg.json, tensors) pair describes, with `input_scale` folded in (in float64)."""
     cfg_path, weights_path = folder / CONFIG_FILE, folder / weights_name
+    layout = peer_layout(folder)
+    if layout is not None and not weights_path.is_file():  # a peer's files, converted by read_files
+        cfg_path, weights_path = (folder / name for name in PEER_LAYOUTS[layout][:2])
     if needs_input_scale(raw) and input_scale is None:
         raise ValueError(
             f"{cfg_path}: normalize_activations={raw['normalize_activations']!r} but the factor activations "

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from saelab.core.atomic import atomic_directory
+from saelab.io.files import json_flag
 from saelab.sae.base import CONFIG_FILE, DTYPES, SAE, SAELENS_LAYOUT_VERSION, WEIGHTS_FILE
 from saelab.sae.registry import available_architectures, get_sae_class, variant_classes
 
@@ -181,8 +182,8 @@ def _fold_saelens_extras(raw: dict[str, Any], t: dict[str, Tensor], where: str) 
     if "log_threshold" in t:
         t["threshold"] = t.pop("log_threshold").double().exp()
     factor = t.pop("scaling_factor", t.pop("finetuning_scaling_factor", None))
-    rescale = bool(raw.get("rescale_acts_by_decoder_norm"))
-    no_b_dec_in = raw.get("apply_b_dec_to_input", True) is False
+    rescale = json_flag(raw, "rescale_acts_by_decoder_norm", False, where)
+    no_b_dec_in = not json_flag(raw, "apply_b_dec_to_input", True, where)
     if factor is None and not rescale and not no_b_dec_in:
         return
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from saelab.core.atomic import atomic_directory
-from saelab.io.files import read_json_object
+from saelab.io.files import json_flag, read_json_object
 from saelab.io.saelens import dtype_name, hook_layer
 from saelab.sae.base import SAE, load_weights
 
@@ -79,7 +79,11 @@ def sparsify_to_saelab(
             f"{where}/{WEIGHTS_FILE} does not match d_in={d_in} in {CONFIG_FILE}: wrong shapes (found, "
             f"expected) {wrong}."
         )
-    latents = raw.get("num_latents") or d_in * raw.get("expansion_factor", 32)
+    for name in ("num_latents", "expansion_factor"):
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{where}/{CONFIG_FILE}: {name}={value!r} must be a non-negative integer.")
+    latents = raw.get("num_latents") or d_in * (raw.get("expansion_factor") or 32)
     if latents != n:
         raise ValueError(
             f"{where}/{CONFIG_FILE}: num_latents={raw.get('num_latents')} / expansion_factor="
@@ -91,10 +95,11 @@ def sparsify_to_saelab(
     dtype = dtype_name(state["encoder.weight"].dtype, f"{where}/{WEIGHTS_FILE}")
     w_enc = state["encoder.weight"].T.contiguous()
     b_enc = state["encoder.bias"]
-    if raw.get("transcode"):  # sparsify does not subtract b_dec before encoding a transcoder's input
+    transcode = json_flag(raw, "transcode", False, f"{where}/{CONFIG_FILE}")
+    if transcode:  # sparsify does not subtract b_dec before encoding a transcoder's input
         b_enc = b_enc.double() + state["b_dec"].double() @ w_enc.double()
     metadata: dict[str, Any] = {"sparsify": {k: v for k, v in raw.items() if k != "d_in"}}
-    if raw.get("transcode"):
+    if transcode:
         metadata["transcoder"] = True
     cfg = {"architecture": "topk", "d_in": d_in, "d_sae": n, "k": k, "dtype": dtype, "metadata": metadata}
     tensors = {"W_enc": w_enc, "b_enc": b_enc, "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
@@ -110,7 +115,7 @@ def _check_options(raw: dict[str, Any], where: str) -> None:
             f"{place}: activation={activation!r} is not supported; saelab loads sparsify's 'topk' coders only "
             "('groupmax' keeps the largest latent of each of k groups, which no saelab SAE computes)."
         )
-    if raw.get("skip_connection"):
+    if json_flag(raw, "skip_connection", False, place):
         raise ValueError(
             f"{place}: skip_connection=true is not supported: the output adds x @ W_skip^T, which saelab's "
             "decode(z) has no input for. Load it with sparsify (SparseCoder.load_from_disk)."

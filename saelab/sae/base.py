@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saelab.core.atomic import atomic_directory
-from saelab.core.checks import check_number
+from saelab.core.checks import check_flags, check_number
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -50,8 +50,9 @@ class SAEConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field for any inconsistent value."""
-        for name in ("d_in", "d_sae", "expansion_factor"):
+        for name in ("expansion_factor", "d_in", "d_sae"):  # d_sae comes from expansion_factor when unset
             check_number(f"sae.{name}", getattr(self, name), low=1, integer=True)
+        check_flags(self, "sae")
         if self.dtype not in DTYPES:
             raise ValueError(f"sae.dtype={self.dtype!r} is not one of {sorted(DTYPES)}.")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saelab.core.checks import check_number
+from saelab.core.checks import check_flags, check_number
 from saelab.core.device import check_device_name
 
 #: trainer.autocast_dtype values -> the autocast dtype (None: no autocast); "auto" is resolved by the trainer.
@@ -62,6 +62,7 @@ class TrainerConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending trainer field and the fix."""
+        check_flags(self, "trainer")
         for name in ("total_tokens", "batch_size", "log_every", "dead_check_every", "keep_checkpoints"):
             check_number(f"trainer.{name}", getattr(self, name), low=1, integer=True)
         for name in ("dead_window_tokens", "checkpoint_every", "eval_every", "eval_batches"):
@@ -111,6 +112,7 @@ class LoggingConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        check_flags(self, "logging")
         if self.wandb_mode not in ("disabled", "offline", "online"):
             raise ValueError(
                 f"logging.wandb_mode={self.wandb_mode!r} must be 'disabled', 'offline' or 'online'."

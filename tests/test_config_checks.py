@@ -207,3 +207,27 @@ def test_trainer_refuses_float16_weights_naming_the_field_and_the_fix(tmp_path):
     assert not (tmp_path / "run").exists()
     bf16 = saelab.build_sae(TopKConfig(d_in=8, d_sae=32, k=3, dtype="bfloat16"))
     Trainer(bf16, TrainerConfig(total_tokens=4096, batch_size=256))  # bfloat16 has float32's range: allowed
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decode_refuses_codes_of_the_wrong_width_or_dtype(variant):
+    sae = trained_like(VARIANTS[variant]("float32"))
+    with pytest.raises(
+        ValueError, match=r"codes have shape \(5, 31\) but this SAE decodes \[\.\.\., d_sae=32\]"
+    ):
+        sae.decode(torch.rand(5, 31))
+    with pytest.raises(TypeError, match="codes have dtype torch.int64"):
+        sae.decode(torch.ones(5, 32, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "mp"])
+def test_encode_sparse_checks_k_and_takes_an_empty_batch(variant):
+    sae = trained_like(VARIANTS[variant]("float32"))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(5))
+    bound = r"\[1, 32\]" if variant != "mp" else ">= 1"  # pursuit steps may revisit atoms: no upper bound
+    for k in (0, -1, 2.5) + ((33,) if variant != "mp" else ()):
+        with pytest.raises(ValueError, match=rf"k={k!r} must be (in )?{bound} \(an integer\)"):
+            sae.encode_sparse(x, k=k)
+    values, indices = sae.encode_sparse(x[:0])
+    assert values.shape[0] == indices.shape[0] == 0
+    assert sae.decode_sparse(values, indices).shape == (0, 8)

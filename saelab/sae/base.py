@@ -198,7 +198,18 @@ class SAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """z [..., n] (cast to the SAE's dtype) -> x_hat [..., d_in]."""
+        self.check_codes(z)
         return z.to(self.dtype) @ self.W_dec + self.b_dec
+
+    def check_codes(self, z: Tensor) -> None:
+        """Raise naming the problem unless z is float codes [..., d_sae] (as `encode` returns)."""
+        if z.ndim == 0 or z.shape[-1] != self.d_sae:
+            raise ValueError(
+                f"codes have shape {tuple(z.shape)} but this SAE decodes [..., d_sae={self.d_sae}]; pass codes "
+                "from this SAE's encode."
+            )
+        if not z.is_floating_point():
+            raise TypeError(f"codes have dtype {z.dtype}; pass floating-point codes.")
 
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
         """x [..., d_in] (cast to the SAE's dtype) -> reconstruction [..., d_in]."""
@@ -352,8 +363,15 @@ class SparseCodes:
     `decode_sparse_rows(values [B, w], indices [B, w], with_bias) -> x_hat [B, d_in]`.
     """
 
+    #: Whether k (active latents per row) is at most d_sae (not for matching pursuit, whose steps may revisit atoms).
+    k_at_most_d_sae: ClassVar[bool] = True
+
     def encode_sparse(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
-        """x [..., d_in] (cast to the SAE's dtype) -> (values [..., w], indices [..., w])."""
+        """x [..., d_in] (cast to the SAE's dtype) -> (values [..., w], indices [..., w]); k: active latents per
+        row, in [1, d_sae] (None: the SAE's own)."""
+        if k is not None:
+            high = self.d_sae if self.k_at_most_d_sae else None
+            check_number("k", k, low=1, high=high, integer=True, hint="None uses the SAE's own k.")
         values, indices = self.encode_sparse_rows(self.flat_input(x), k)
         lead = x.shape[:-1]
         return values.reshape(*lead, values.shape[-1]), indices.reshape(*lead, indices.shape[-1])

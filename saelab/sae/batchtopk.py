@@ -178,7 +178,7 @@ class BatchTopKSAE(TopKSAE):
         """x [B, d_in] -> threshold codes as (values [B, w], indices [B, w]), w = the batch's largest row L0
         (k, if given, caps w); slots past a row's own L0 hold value 0."""
         z = self.encode_rows(x)
-        width = max(int((z > 0).sum(dim=1).max()), 1)
+        width = max(int((z > 0).sum(dim=1).max()) if z.shape[0] else 0, 1)  # an empty batch: width 1
         values, indices = z.topk(min(width, k or width), dim=1, sorted=False)
         return values, indices
 

@@ -181,6 +181,7 @@ class GroupBiasAdaptationSAE(SAE):
 
     def decode(self, z: Tensor) -> Tensor:
         """z [..., n] -> x_hat [..., d_in] = (z * a) @ W_enc^T + b_pre."""
+        self.check_codes(z)
         return (z.to(self.dtype) * self.out_scale) @ self.W_enc.T + self.b_dec
 
     @torch.no_grad()

@@ -73,6 +73,7 @@ class MatchingPursuitSAE(SparseCodes, SAE):
     config_class = MPConfig
     data_parallel = True
     required_fields = ("d_in", "d_sae", "k")
+    k_at_most_d_sae = False  # pursuit steps may pick an atom again
     unit_norm_decoder = True
     cfg: MPConfig
 

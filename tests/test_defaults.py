@@ -60,3 +60,24 @@ def test_dead_report_names_its_window_and_carries_the_heldout_figure(tmp_path) -
     assert summary["dead_window_tokens"] == 320
     assert summary["heldout/dead_frac"] == result.eval_history[-1]["heldout/dead_frac"]
     assert "silent for the last 320 tokens" in summary_line(summary, tmp_path)
+
+
+def test_a_run_shorter_than_its_dead_window_reports_latents_silent_over_the_whole_run(tmp_path) -> None:  # noqa: ANN001
+    """8 batches of 64 against a 10-batch window: no latent can be silent for the window, so the report's
+    window is the 512 tokens seen, and its dead fraction counts the latents that never fired."""
+    from saelab.app.train_job import summary_line, write_summary
+    from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
+
+    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=8, mean_active=1, seed=3))
+    torch.manual_seed(11)
+    sae = TopKSAE(TopKConfig(d_in=16, d_sae=256, k=1))
+    cfg = TrainerConfig(total_tokens=8 * 64, batch_size=64, device="cpu", dead_window_tokens=10 * 64)
+    trainer = Trainer(sae, cfg)
+    result = trainer.fit(source)
+    never_fired = (trainer.tracker.fire_counts == 0).double().mean().item()
+    assert never_fired > 0.5  # 256 latents, 64 single-latent codes a batch: most never fire
+    assert trainer.tracker.dead_fraction() == 0.0  # what the 640-token window alone would claim
+    assert (result.dead_window_tokens, result.dead_fraction) == (512, pytest.approx(never_fired))
+    assert result.sae.cfg.metadata["final_metrics"]["dead_frac"] == pytest.approx(never_fired)
+    summary = write_summary(tmp_path / "summary.json", result, source, {})
+    assert "silent for the last 512 tokens" in summary_line(summary, tmp_path)

@@ -496,3 +496,12 @@ def test_integer_or_bool_weights_are_refused_naming_the_file_and_tensor(tmp_path
         ValueError, match=rf"sae_weights\.safetensors: tensors W_enc \({dtype}\) are not floating point"
     ):
         load_sae(folder)
+
+
+def test_load_sae_onto_a_missing_gpu_names_the_argument(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    folder = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K)).save(tmp_path / "sae")
+    with pytest.raises(ValueError, match=r"device='cuda' but torch sees no CUDA GPU here; use device=cpu"):
+        load_sae(folder, device="cuda")
+    assert load_sae(folder, device="auto").W_dec.device.type == "cpu"

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from saelab.core.device import resolve_device
 from saelab.io import dictionary_learning, sparsify
 from saelab.io.files import read_json_object
 from saelab.io.layout import STATE_FILE, TRAINING_WEIGHTS_FILE, list_checkpoints
@@ -63,6 +64,7 @@ def load_sae(
     activation factor of a SAELens SAE saved with normalize_activations="expected_average_only_in".
     The SAE's `cfg.metadata` holds model/hook/layer, training tokens, metrics and `loaded_from`.
     """
+    target = device if isinstance(device, torch.device) else resolve_device(device, "device")
     folder, origin = locate(source, subfolder, revision, cache_dir)
     raw, state = read_files(folder)
     if origin["kind"] == "hub" and norm_scaling_factor is None and needs_input_scale(raw):
@@ -72,7 +74,7 @@ def load_sae(
     sae = build_from_files(raw, state, folder, input_scale=input_scale, dtype=dtype)
     sae.cfg.metadata.update(extra)
     sae.cfg.metadata["loaded_from"] = origin
-    return sae.to(device).eval()
+    return sae.to(target).eval()
 
 
 def locate(

@@ -52,6 +52,13 @@ class DeadLatentTracker:
     def dead_fraction(self) -> float:
         return self.dead_mask.float().mean().item()
 
+    def reported_dead(self) -> tuple[float, int]:
+        """(fraction of latents silent over the report window, that window in tokens) for a final report: the
+        window, or every token seen when fewer (a run shorter than its window then reports the latents that
+        never fired, where `dead_fraction` could count none)."""
+        window = min(self.window, self.tokens_seen) if self.tokens_seen else self.window
+        return (self.tokens_since_fired >= window).float().mean().item(), window
+
     def density(self) -> Tensor:
         """Fraction of tracked tokens on which each latent fired: [n] float64."""
         return self.fire_counts.double() / max(self.tokens_seen, 1)

@@ -49,7 +49,8 @@ class TrainResult:
     """The trained SAE (accepting raw, un-normalised inputs), its input scale and the logged history.
 
     base_lr: the rate before the warm-up/decay schedule (trainer.lr, or the variant's default when unset).
-    dead_fraction: latents silent for the last `dead_window_tokens` training tokens (the AuxK window). A
+    dead_fraction: latents silent for the last `dead_window_tokens` training tokens (the AuxK window, or the
+    whole run when shorter; `DeadLatentTracker.reported_dead`). A
     check over fewer tokens (e.g. held-out batches, `eval_history`'s heldout/dead_frac) counts more latents
     dead: a latent firing once in 100k tokens is alive here and silent on 32k held-out rows.
     """
@@ -498,22 +499,27 @@ class Trainer:
 
     def _finish(self, logger: RunLogger) -> TrainResult:
         final = self.inference_sae()
-        dead = self.tracker.dead_fraction()
+        dead, window = self.tracker.reported_dead()
         last = self.history[-1] if self.history else {}
         final.cfg.metadata = {
             **final.cfg.metadata,
             "training_tokens": self.tracker.tokens_seen,
-            "final_metrics": {k: last[k] for k in ("loss", "l0", "fvu", "dead_frac") if k in last},
-            "dead_window_tokens": self.tracker.window,
+            "final_metrics": {
+                **{k: last[k] for k in ("loss", "l0", "fvu") if k in last},
+                "dead_frac": dead,
+            },
+            "dead_window_tokens": window,
         }
         if self.output_dir is not None:
             final.save(self.output_dir / "sae")
         logger.summary(
             {
+                **{
+                    f"final/{k}": v for k, v in last.items()
+                },  # the last logged row; the run's dead figure wins
                 "final/dead_frac": dead,
-                "final/dead_window_tokens": self.tracker.window,
+                "final/dead_window_tokens": window,
                 "final/base_lr": self.lr,
-                **{f"final/{k}": v for k, v in last.items()},
             }
         )
         return TrainResult(
@@ -523,7 +529,7 @@ class Trainer:
             input_scale=self.input_scale,
             base_lr=self.lr,
             dead_fraction=dead,
-            dead_window_tokens=self.tracker.window,
+            dead_window_tokens=window,
             history=self.history,
             output_dir=self.output_dir,
             eval_history=self.eval_history,

@@ -213,6 +213,10 @@ def test_unsupported_and_inconsistent_folders_are_named(tmp_path, gen):
         ValueError, match=r"int_decoder/ae\.pt: tensors decoder\.weight \(torch\.int32\) are not"
     ):
         load_sae(write_folder(tmp_path / "int_decoder", "AutoEncoderTopK", int_decoder))
+    with pytest.raises(ValueError, match=r"vector_k/ae\.pt: k holds 2 values; a AutoEncoderTopK stores one"):
+        load_sae(write_folder(tmp_path / "vector_k", "AutoEncoderTopK", {**state, "k": torch.tensor([5, 5])}))
+    with pytest.raises(ValueError, match=r"trainer\.dict_class=\['AutoEncoder'\] is not supported"):
+        load_sae(write_folder(tmp_path / "listed", ["AutoEncoder"], state))
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
     (tmp_path / "corrupt" / "ae.pt").write_bytes(b"truncated")

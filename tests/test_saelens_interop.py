@@ -266,6 +266,12 @@ def test_saelens_flags_must_be_booleans(tmp_path, gen, flag):
         load_sae(write_saelens_dir(tmp_path / "f", cfg, random_params(gen)))
 
 
+def test_a_metadata_field_that_is_not_an_object_is_named(tmp_path, gen):
+    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "metadata": "str"}
+    with pytest.raises(ValueError, match=r"cfg\.json: metadata='str' must be a JSON object"):
+        load_sae(write_saelens_dir(tmp_path / "m", cfg, random_params(gen)))
+
+
 def test_norm_scaling_factor_refused_for_an_unscaled_sae(tmp_path, gen):
     folder = write_saelens_dir(
         tmp_path / "u", {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE}, random_params(gen)

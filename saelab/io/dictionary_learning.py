@@ -89,7 +89,7 @@ def dictionary_learning_to_saelab(
     if not isinstance(trainer, dict) or "dict_class" not in trainer:
         raise ValueError(f"{where}/{CONFIG_FILE} has no trainer.dict_class; cannot tell which SAE it holds.")
     name = trainer["dict_class"]
-    if name not in CLASSES:
+    if not isinstance(name, str) or name not in CLASSES:
         raise ValueError(
             f"{where}/{CONFIG_FILE}: trainer.dict_class={name!r} is not supported; saelab loads "
             f"{sorted(CLASSES)} (GatedAutoEncoder's gate and magnitude paths have no saelab equivalent)."
@@ -104,6 +104,11 @@ def dictionary_learning_to_saelab(
             f"{where}/{WEIGHTS_FILE} holds tensors {sorted(state)}; a {name} has exactly {sorted({*weights, *extras})}."
         )
     check_float_tensors(state, f"{where}/{WEIGHTS_FILE}", weights)
+    for scalar in ("k", "threshold") if "k" in extras else ():  # the TopK family's (JumpReLU's is per latent)
+        if scalar in extras and state[scalar].numel() != 1:
+            raise ValueError(
+                f"{where}/{WEIGHTS_FILE}: {scalar} holds {state[scalar].numel()} values; a {name} stores one."
+            )
     t = _saelab_tensors(name, state)
     d, n = t["W_enc"].shape
     _check_shapes(t, d, n, f"{where}/{WEIGHTS_FILE}")

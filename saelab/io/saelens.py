@@ -154,6 +154,8 @@ def to_saelab(
             "inference 'threshold'); save it with save_inference_model() and load that directory instead."
         )
     arch = _architecture(raw, where)
+    if not isinstance(raw.get("metadata") or {}, dict):
+        raise ValueError(f"{where}: metadata={raw['metadata']!r} must be a JSON object (or absent).")
     cfg = {k: v for k, v in raw.items() if k not in _FLAT_METADATA_KEYS}
     cfg["architecture"] = arch
     cfg["dtype"] = dtype_name(dtype or raw.get("dtype", "float32"), where)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,6 +87,39 @@ def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
     a, b = saelab.load_sae(full), saelab.load_sae(resumed)
     for name, weight in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_a_requeued_job_resumes_its_own_run_and_a_plain_rerun_is_refused(tmp_path, monkeypatch):
+    """SLURM requeues a timed-out job (SLURM_RESTART_COUNT > 0) into the same run directory: it resumes from
+    its newest checkpoint and ends with the uninterrupted weights. Without the counter the run directory of an
+    earlier run is refused rather than mixed with a new one."""
+    full, requeued = tmp_path / "full", tmp_path / "requeued"
+    common = [*SMALL[:5], "trainer.total_tokens=8192", "trainer.batch_size=512", "trainer.device=cpu",
+              "trainer.checkpoint_every=8", "logging.progress=false"]  # fmt: skip
+    main(["train", *common, f"hydra.run.dir={full}"])  # 16 steps, a checkpoint at step 8
+    (requeued / "checkpoints").mkdir(parents=True)  # the first attempt, killed after its step-8 checkpoint
+    shutil.copytree(full / "checkpoints" / "step_000000008", requeued / "checkpoints" / "step_000000008")
+    refused = run_cli("train", *common, f"hydra.run.dir={requeued}", cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "already holds checkpoints/step_000000008 of an earlier run" in refused.stderr
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    main(["train", *common, f"hydra.run.dir={requeued}"])
+    assert json.loads((requeued / "summary.json").read_text())["steps"] == 16
+    a, b = saelab.load_sae(full), saelab.load_sae(requeued)
+    for name, weight in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_restart_counters_resume_only_a_run_with_a_checkpoint(tmp_path):
+    from saelab.app.train_job import restarted_run
+
+    assert restarted_run(tmp_path, {"SLURM_RESTART_COUNT": "2"}) is None  # nothing to resume yet
+    (tmp_path / "checkpoints" / "step_000000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000000004" / "trainer_state.pt").write_bytes(b"")
+    assert restarted_run(tmp_path, {"TORCHELASTIC_RESTART_COUNT": "1"}) == tmp_path
+    assert restarted_run(tmp_path, {"SLURM_RESTART_COUNT": "0"}) is None  # a first attempt
+    assert restarted_run(tmp_path, {}) is None
+    assert restarted_run(None, {"SLURM_RESTART_COUNT": "1"}) is None
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from saelab.app.sweep import sweep_logging
 from saelab.core.atomic import atomic_file
 from saelab.core.device import resolve_device
 from saelab.core.seeds import derive_seed, generator
+from saelab.io.layout import list_checkpoints
 from saelab.sae.registry import build_sae
 from saelab.sources import build_source
 from saelab.sources.synthetic import recovery_metrics
@@ -25,6 +28,20 @@ def hydra_output_dir() -> Path | None:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+#: Environment variables whose value > 0 marks a job restarted in its own run directory: a SLURM requeue (e.g.
+#: hydra.launcher.max_num_timeout) or a torchrun elastic restart.
+RESTART_COUNTERS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
+
+
+def restarted_run(out: Path | None, env: Mapping[str, str]) -> Path | None:
+    """The run directory `out` to resume, when this job is a restart of the run that wrote its checkpoints
+    (a counter of RESTART_COUNTERS > 0 and a complete checkpoint under out/checkpoints); else None."""
+    restarted = any(env.get(name, "0").isdigit() and int(env.get(name, "0")) > 0 for name in RESTART_COUNTERS)
+    if out is None or not restarted or not list_checkpoints(out / "checkpoints"):
+        return None
+    return out
 
 
 def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> TrainResult:
@@ -42,9 +59,10 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
     source = build_source(source_cfg, device)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     sae_cfg = sae_cfg.resolved(source.d_in)
-    if trainer_cfg.resume_from:
+    resume = trainer_cfg.resume_from or restarted_run(out, os.environ)
+    if resume:
         trainer = Trainer.from_checkpoint(
-            trainer_cfg.resume_from, trainer_cfg, logging_cfg, out, run_config, sae_config=sae_cfg
+            resume, trainer_cfg, logging_cfg, out, run_config, sae_config=sae_cfg
         )
     else:
         sae_cfg.metadata = {**source.metadata(), **sae_cfg.metadata}

@@ -277,6 +277,15 @@ def test_a_short_batch_iterator_names_what_was_needed_and_keeps_the_steps_traine
     with pytest.raises(ValueError, match=r"ran out after 0 batches, but this run needs 8 "):
         Trainer(build_sae(TopKConfig(d_in=8, d_sae=32, k=2)), cfg).fit(iter([]))
 
+    class Finite:  # a batch source whose stream ends after 4 batches
+        d_in = 8
+
+        def batches(self, batch_size: int, start_batch: int = 0):
+            return (torch.randn(batch_size, 8) for _ in range(4 - start_batch))
+
+    with pytest.raises(ValueError, match=r"batch source ran out after 4 batches, but this run needs 8 "):
+        Trainer(build_sae(TopKConfig(d_in=8, d_sae=32, k=2)), cfg).fit(Finite())
+
 
 @pytest.mark.parametrize(
     ("batch", "error", "message"),

@@ -263,28 +263,35 @@ class Trainer:
     # ------------------------------------------------------------------- loop
     def _stream(self, source: BatchSource | Iterator[Tensor]) -> Iterator[Tensor]:
         if hasattr(source, "batches"):
-            return iter(source.batches(self.cfg.batch_size, start_batch=self.step + self.heldout_offset))
-        return self._checked(iter(source))
+            start = self.step + self.heldout_offset
+            return self._checked(iter(source.batches(self.cfg.batch_size, start_batch=start)), plain=False)
+        return self._checked(iter(source), plain=True)
 
-    def _checked(self, batches: Iterator[Tensor]) -> Iterator[Tensor]:
-        """The batches of a plain iterator, each checked to be a float tensor of trainer.batch_size rows (the
-        step count, token count and default rate assume it); running out early raises BatchesExhausted."""
-        needed = self.heldout_offset + self.cfg.total_steps - self.step
+    def _checked(self, batches: Iterator[Tensor], plain: bool) -> Iterator[Tensor]:
+        """The run's batches; running out before the last step raises BatchesExhausted naming how many were
+        needed. A plain iterator's batches (which also supply the held-out ones) are checked to be float
+        tensors of trainer.batch_size rows: the step count, token count and default rate assume that size."""
+        needed = self.cfg.total_steps - self.step + (self.heldout_offset if plain else 0)
         for count in range(needed):
             try:
                 x = next(batches)
             except StopIteration:
                 raise BatchesExhausted(
-                    f"the batch iterator ran out after {count} batches, but this run needs {needed} "
-                    f"(trainer.total_tokens={self.cfg.total_tokens:,} in batches of {self.cfg.batch_size}"
-                    + (f", plus {self.heldout_offset} held out for evaluation" if self.heldout_offset else "")
+                    f"the batch {'iterator' if plain else 'source'} ran out after {count} batches, but this "
+                    f"run needs {needed} (trainer.total_tokens={self.cfg.total_tokens:,} in batches of "
+                    f"{self.cfg.batch_size}"
+                    + (
+                        f", plus {self.heldout_offset} held out for evaluation"
+                        if plain and self.heldout_offset
+                        else ""
+                    )
                     + (f", from step {self.step}" if self.step else "")
                     + "); pass more batches or lower trainer.total_tokens."
                 ) from None
-            if not isinstance(x, Tensor) or not x.is_floating_point():
+            if plain and (not isinstance(x, Tensor) or not x.is_floating_point()):
                 what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else f"a {type(x).__name__}"
                 raise TypeError(f"batch {count} from the iterator is {what}; yield float activation tensors.")
-            if x.ndim != 2 or x.shape[0] != self.cfg.batch_size:
+            if plain and (x.ndim != 2 or x.shape[0] != self.cfg.batch_size):
                 raise ValueError(
                     f"batch {count} from the iterator has shape {tuple(x.shape)}, but trainer.batch_size="
                     f"{self.cfg.batch_size}: yield [{self.cfg.batch_size}, d_in] batches (the run's step count, "

@@ -185,3 +185,45 @@ def test_flatten_report_keeps_the_numeric_leaves_under_slash_joined_names():
     report = {"recon": {"fvu": 0.25, "note": "x", "ok": True, "dead": {"frac": 3}}, "l0": 7, "hist": [1, 2]}
     assert flatten_report(report) == {"recon/fvu": 0.25, "recon/dead/frac": 3, "l0": 7}
     assert flatten_report({"a": 1.5}, prefix="eval/") == {"eval/a": 1.5}
+
+
+def test_eval_reads_past_the_training_batches_of_its_own_synthetic_source_and_refuses_another():
+    """An SAE trained on batches 2-9 of a synthetic source (0-1 held out by the trainer) is evaluated from batch
+    10 by default: the rows it never saw, whatever the eval's batch size. Another seed is refused."""
+    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3, seed=4))
+    cfg = TrainerConfig(total_tokens=256 * 8, batch_size=256, device="cpu", eval_every=4, eval_batches=2)
+    torch.manual_seed(0)
+    sae = Trainer(TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4)), cfg).fit(source).sae
+    assert sae.cfg.metadata["training_batches"] == {"start": 2, "end": 10, "batch_size": 256}
+    small = EvalConfig(total_tokens=300, batch_size=100, cooccurrence_latents=0)
+    report = evaluate(sae, source, small).report
+    assert report["data"] == {"start_batch": 10, "held_out": True}
+    x = torch.cat([source.batch(i, 100) for i in (10, 11, 12)])  # the rows it must have read
+    with torch.no_grad():
+        assert report["reconstruction"]["fvu"] == pytest.approx(fvu64(x, sae(x)), rel=1e-5)
+    explicit = evaluate(sae, source, EvalConfig(**{**small.__dict__, "start_batch": 3})).report
+    assert explicit["data"] == {"start_batch": 3, "held_out": False}  # batch 3 was trained on: said so
+    other = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3, seed=5))
+    with pytest.raises(
+        ValueError, match=r"trained on a synthetic source with source\.seed=4, .* has source\.seed=5"
+    ):
+        evaluate(sae, other, small)
+    unknown = evaluate(TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4)), source, small).report  # no record
+    assert unknown["data"] == {"start_batch": 0, "held_out": None}
+
+
+def test_eval_dead_window_longer_than_the_data_counts_latents_silent_throughout():
+    torch.manual_seed(2)
+    sae = TopKSAE(TopKConfig(d_in=16, d_sae=256, k=1)).eval()
+    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=8, mean_active=1))
+    report = evaluate(
+        sae,
+        source,
+        EvalConfig(total_tokens=512, batch_size=256, dead_window_tokens=100_000, cooccurrence_latents=0),
+    ).report["dead"]
+    x = torch.cat(list(islice(source.batches(256), 2)))
+    with torch.no_grad():
+        silent = ~sae.encode(x).ne(0).any(dim=0)
+    assert silent.double().mean().item() > 0.1  # some latents never fire on these 512 rows
+    assert report["window_tokens"] == 512
+    assert report["dead_frac"] == pytest.approx(silent.double().mean().item())

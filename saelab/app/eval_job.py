@@ -79,4 +79,7 @@ def _print_summary(result: EvalResult, out: Path) -> None:
             table.add_row(key, f"{flat[key]:.4g}")
     console = Console()
     console.print(table)
+    data = result.report["data"]
+    held_out = {True: "held out", False: "NOT held out: the SAE trained on it", None: "held out: unknown"}
+    console.print(f"data from source batch {data['start_batch']} ({held_out[data['held_out']]})")
     console.print(f"report and plots: {out}")

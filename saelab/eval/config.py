@@ -14,7 +14,8 @@ class EvalConfig:
     total_tokens: activation rows (tokens at the hook) to evaluate, exactly (a model source's last batch of
     contexts is cut at that many non-special positions). batch_size: rows per batch of an
     activation source; lm_batch_size: sequences per forward pass of a language-model source.
-    start_batch: first source batch; pick one past the training batches to evaluate on held-out data.
+    start_batch: first source batch; -1 (default): past the SAE's training batches when its metadata shows it
+    trained on this synthetic source, else 0 (pick one past the training data to evaluate on held-out data).
     dead_window_tokens: a latent is dead when silent for this many of the last tokens (0: all evaluated tokens).
     cosine_threshold: decoder pairs at or above this cosine are reported as duplicates.
     spectrum_first_rank / spectrum_last_rank: ranks of the power-law fit to the spectrum of cov(W_dec).
@@ -24,7 +25,7 @@ class EvalConfig:
     total_tokens: int = 262_144
     batch_size: int = 4096
     lm_batch_size: int = 8
-    start_batch: int = 0
+    start_batch: int = -1
     dead_window_tokens: int = 0
     cosine_threshold: float = 0.9
     cosine_chunk: int = 4096
@@ -45,9 +46,13 @@ class EvalConfig:
         for name in ("total_tokens", "batch_size", "lm_batch_size", "cosine_chunk", "n_shuffles"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be > 0.")
-        for name in ("start_batch", "dead_window_tokens", "cooccurrence_latents", "min_fires"):
+        for name in ("dead_window_tokens", "cooccurrence_latents", "min_fires"):
             if getattr(self, name) < 0:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 0.")
+        if self.start_batch < -1:
+            raise ValueError(
+                f"eval.start_batch={self.start_batch} must be >= 0, or -1 (past the training data)."
+            )
         if not -1 <= self.cosine_threshold <= 1:
             raise ValueError(f"eval.cosine_threshold={self.cosine_threshold} must be in [-1, 1].")
         if not 1 <= self.spectrum_first_rank < self.spectrum_last_rank:

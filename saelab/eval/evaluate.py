@@ -5,12 +5,17 @@ latent co-occurrence; with a language model also CE clean / spliced / zero-ablat
 From the weights: nearest-neighbour decoder cosines and duplicates, spectrum of cov(W_dec), and recovery of
 planted features when the source has them (`source.features`).
 
+Data: an SAE trained on a synthetic source is refused against another synthetic source, and by default
+(start_batch -1) the evaluation starts past its training batches when it trained on this one; the report's
+`data` says where it started and whether that data is held out (`saelab.eval.provenance`).
+
 A live "model" source (`saelab.sources.harvested.ModelSource`) also gets the language-model metrics: its
 harvest pipeline supplies the model, the hook, the token contexts and the special token ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -28,6 +33,7 @@ from saelab.eval.config import EvalConfig
 from saelab.eval.cooccurrence import CooccurrenceStats, cooccurrence_vs_geometry
 from saelab.eval.geometry import decoder_cosines, decoder_spectrum, power_law_slope
 from saelab.eval.lm import LMEvaluator
+from saelab.eval.provenance import check_same_synthetic_source, evaluation_start
 from saelab.metrics.codes import decode_codes, encode_codes
 from saelab.metrics.dead import DeadLatentTracker, dead_latent_report
 from saelab.metrics.reconstruction import ReconstructionStats
@@ -110,6 +116,10 @@ def evaluate(sae: SAE, source: Any, cfg: EvalConfig | None = None, progress: boo
             f"the source yields vectors of size {source.d_in} but the SAE has d_in={sae.d_in}; "
             "evaluate on the source (model and hook) the SAE was trained on."
         )
+    trained_on, reads = dict(sae.cfg.metadata), metadata_of(source)
+    check_same_synthetic_source(trained_on, reads)
+    start_batch, held_out = evaluation_start(trained_on, reads, cfg.start_batch)
+    cfg = dataclasses.replace(cfg, start_batch=start_batch)
     tracker = DeadLatentTracker(sae.d_sae, cfg.dead_window_tokens or cfg.total_tokens, device)
     recon = ReconstructionStats()
     cooc = (
@@ -135,12 +145,11 @@ def evaluate(sae: SAE, source: Any, cfg: EvalConfig | None = None, progress: boo
     bar.close()
     if tracker.tokens_seen == 0:
         raise ValueError("the source yielded no activations to evaluate.")
-    if not cfg.dead_window_tokens:  # "all evaluated tokens", also when the source ended early
-        tracker.window = tracker.tokens_seen
 
     report: dict[str, Any] = {
         "sae": {"architecture": sae.cfg.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae},
         "tokens": tracker.tokens_seen,
+        "data": {"start_batch": start_batch, "held_out": held_out},
         "reconstruction": recon.compute(),
         "dead": dead_latent_report(tracker),
     }
@@ -171,6 +180,11 @@ def evaluate(sae: SAE, source: Any, cfg: EvalConfig | None = None, progress: boo
     if features is not None:
         report["recovery"] = recovery_metrics(features, sae.W_dec.detach().cpu(), cfg.recovery_threshold)
     return EvalResult(report=_json_ready(report), max_cos=cos.max_cos.cpu(), eigenvalues=eig.cpu())
+
+
+def metadata_of(source: Any) -> dict[str, Any]:
+    """The source's own description (`metadata()`), or {} for a plain object without one."""
+    return dict(source.metadata()) if hasattr(source, "metadata") else {}
 
 
 def _json_ready(value: Any) -> Any:

@@ -102,7 +102,8 @@ def log10_density_histogram(
 
 
 def dead_latent_report(tracker: DeadLatentTracker, dense_threshold: float = 0.1) -> dict[str, object]:
-    """Summary of a tracker: dead fraction over its window, never-fired fraction, density quantiles and histogram.
+    """Summary of a tracker: dead fraction over its window (or over every token seen, when fewer: see
+    `DeadLatentTracker.reported_dead`), never-fired fraction, density quantiles and histogram.
 
     dense_threshold: latents firing on more than this fraction of tokens are counted as `dense_frac`.
     """
@@ -113,10 +114,11 @@ def dead_latent_report(tracker: DeadLatentTracker, dense_threshold: float = 0.1)
         if alive.numel()
         else {}
     )
+    dead, window = tracker.reported_dead()
     return {
         "tokens": tracker.tokens_seen,
-        "window_tokens": tracker.window,
-        "dead_frac": tracker.dead_fraction(),
+        "window_tokens": window,
+        "dead_frac": dead,
         "never_fired_frac": (density == 0).double().mean().item(),
         "dense_frac": (density > dense_threshold).double().mean().item(),
         **quantiles,

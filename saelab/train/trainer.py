@@ -120,6 +120,16 @@ def check_fresh_output_dir(output_dir: Path | None) -> None:
         )
 
 
+def data_metadata(source: object, heldout_offset: int, batch_size: int) -> dict[str, Any]:
+    """What the trained SAE records about its data: the source's own description (`metadata()`; the SAE's own
+    metadata wins) and, for a source of indexed batches, the indices trained on, `training_batches` {start,
+    end, batch_size} (end filled in at the end), so that an evaluation can start past them."""
+    meta = dict(source.metadata()) if hasattr(source, "metadata") else {}
+    if hasattr(source, "batches"):
+        meta["training_batches"] = {"start": heldout_offset, "end": heldout_offset, "batch_size": batch_size}
+    return meta
+
+
 class BatchesExhausted(ValueError):
     """A plain batch iterator ran out before the run's last step."""
 
@@ -333,6 +343,7 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         if self.step == 0:
             check_fresh_output_dir(self.output_dir)
+        self.data_metadata = data_metadata(source, self.heldout_offset, cfg.batch_size)
         total = cfg.total_steps
         stream = self._stream(source)
         self.heldout = self._take_heldout(source, stream)
@@ -508,8 +519,14 @@ class Trainer:
         final = self.inference_sae()
         dead, window = self.tracker.reported_dead()
         last = self.history[-1] if self.history else {}
+        data = dict(self.data_metadata)
+        batches = data.pop("training_batches", None)  # this run's, over any a loaded SAE carried
+        if batches is not None:  # the stream's batch indices trained on: [start, end) at this step
+            batches = {**batches, "end": self.heldout_offset + self.step}
         final.cfg.metadata = {
+            **data,
             **final.cfg.metadata,
+            **({"training_batches": batches} if batches is not None else {}),
             "training_tokens": self.tracker.tokens_seen,
             "final_metrics": {
                 **{k: last[k] for k in ("loss", "l0", "fvu") if k in last},

@@ -136,3 +136,31 @@ def test_saves_loads_and_trains_from_the_cli(tmp_path):
     torch.testing.assert_close(again(x), sae(x))
     with pytest.raises(ValueError, match="threshold_decay"):
         BatchTopKConfig(d_in=4, d_sae=8, k=2, threshold_decay=1.0).validate()
+
+
+def test_summary_figures_are_those_of_the_saved_threshold_encoder(tmp_path):
+    """The saved SAE encodes with its threshold, not the batch top-(B * k) of training (whose L0 is exactly k):
+    summary.json's fvu and l0 are the saved SAE's on the run's last batch, recomputed here in float64 from the
+    saved files."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
+
+    main([
+        "train", "sae=batchtopk", "sae.k=4", "sae.expansion_factor=4", "source.d_in=16", "source.n_features=32",
+        "trainer.total_tokens=4096", "trainer.batch_size=512", "trainer.device=cpu", "logging.progress=false",
+        f"hydra.run.dir={tmp_path}",
+    ])  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    w = {k: v.double() for k, v in load_file(str(tmp_path / "sae" / "sae_weights.safetensors")).items()}
+    last = summary["steps"] - 1  # no held-out batches: training read batches 0 .. steps - 1
+    x = SyntheticSource(SyntheticConfig(d_in=16, n_features=32)).batch(last, 512).double()
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    z = pre * (pre > w["threshold"])
+    x_hat = z @ w["W_dec"] + w["b_dec"]
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert summary["l0"] == pytest.approx((z != 0).sum(1).double().mean().item(), rel=1e-6)
+    assert summary["l0"] != 4.0  # the training rule's figure would be exactly k
+    assert summary["fvu"] == pytest.approx(fvu.item(), rel=1e-4)

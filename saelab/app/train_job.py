@@ -85,22 +85,24 @@ def summary_line(summary: dict[str, Any], out: Path) -> str:
 
 
 def write_summary(path: Path, result: TrainResult, source: Any, run_config: dict[str, Any]) -> dict[str, Any]:
-    """One JSON row per run: final metrics (`lr`: the last scheduled rate; `base_lr`: the rate before the
-    schedule), dead fraction (with its token window), the last held-out evaluation when there was one, recovery
-    when the source has planted features."""
+    """One JSON row per run: the last logged training row, then the saved SAE's fvu and l0 on the last batch
+    (`TrainResult.final_metrics`; `lr`: the last scheduled rate; `base_lr`: the rate before the schedule), dead
+    fraction (with its token window), the last held-out evaluation when there was one, recovery when the source
+    has planted features."""
     last_eval = result.eval_history[-1] if result.eval_history else {}
     summary: dict[str, Any] = {
         "steps": result.steps,
         "tokens": result.tokens,
-        "dead_frac": result.dead_fraction,
-        "dead_window_tokens": result.dead_window_tokens,
-        "input_scale": result.input_scale,
-        "base_lr": result.base_lr,
         **{
             k: v
             for k, v in (result.history[-1] if result.history else {}).items()
             if k not in ("step", "tokens")
-        },
+        },  # the last logged training row; the saved SAE's figures below win
+        **result.final_metrics,
+        "dead_frac": result.dead_fraction,
+        "dead_window_tokens": result.dead_window_tokens,
+        "input_scale": result.input_scale,
+        "base_lr": result.base_lr,
         **{k: v for k, v in last_eval.items() if k != "step"},
     }
     features = getattr(source, "features", None)

@@ -53,6 +53,7 @@ class TrainResult:
     whole run when shorter; `DeadLatentTracker.reported_dead`). A
     check over fewer tokens (e.g. held-out batches, `eval_history`'s heldout/dead_frac) counts more latents
     dead: a latent firing once in 100k tokens is alive here and silent on 32k held-out rows.
+    final_metrics: loss (the last logged), fvu and l0 of the saved SAE on the run's last batch, dead_frac.
     """
 
     sae: SAE
@@ -62,6 +63,7 @@ class TrainResult:
     base_lr: float
     dead_fraction: float
     dead_window_tokens: int
+    final_metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     output_dir: Path | None = None
     eval_history: list[dict[str, float]] = field(default_factory=list)
@@ -356,6 +358,7 @@ class Trainer:
         self.inputs_checked_at = self.weights_checked_at = self.loss_checked_at = self.step
         window_start, window_tokens = time.perf_counter(), 0
         sae.train()
+        x = pending[0] if pending else torch.empty(0)  # the last batch trained on, once the loop has run
         try:
             while self.step < total:
                 try:
@@ -381,7 +384,7 @@ class Trainer:
                     self.check_finite()
                     self.save_checkpoint()
             self.check_finite()
-            result = self._finish(logger)
+            result = self._finish(logger, x)
         finally:
             logger.close()
         return result
@@ -515,10 +518,20 @@ class Trainer:
         folded.cfg.metadata = {**folded.cfg.metadata, "input_scale_folded": self.input_scale}
         return folded.eval()
 
-    def _finish(self, logger: RunLogger) -> TrainResult:
+    def _finish(self, logger: RunLogger, last_batch: Tensor) -> TrainResult:
+        """Fold the input scale into the SAE, record its data and final figures, save it. The final fvu and l0
+        are the saved SAE's on the run's last batch [B, d_in] (raw): for BatchTopK and Matryoshka its inference
+        encoder (a threshold) differs from the training selection that the logged rows describe."""
         final = self.inference_sae()
         dead, window = self.tracker.reported_dead()
         last = self.history[-1] if self.history else {}
+        saved = heldout_metrics(final, [last_batch])
+        final_metrics = {
+            **({"loss": last["loss"]} if "loss" in last else {}),
+            "fvu": saved["heldout/fvu"],
+            "l0": saved["heldout/l0"],
+            "dead_frac": dead,
+        }
         data = dict(self.data_metadata)
         batches = data.pop("training_batches", None)  # this run's, over any a loaded SAE carried
         if batches is not None:  # the stream's batch indices trained on: [start, end) at this step
@@ -528,20 +541,15 @@ class Trainer:
             **final.cfg.metadata,
             **({"training_batches": batches} if batches is not None else {}),
             "training_tokens": self.tracker.tokens_seen,
-            "final_metrics": {
-                **{k: last[k] for k in ("loss", "l0", "fvu") if k in last},
-                "dead_frac": dead,
-            },
+            "final_metrics": final_metrics,
             "dead_window_tokens": window,
         }
         if self.output_dir is not None:
             final.save(self.output_dir / "sae")
         logger.summary(
             {
-                **{
-                    f"final/{k}": v for k, v in last.items()
-                },  # the last logged row; the run's dead figure wins
-                "final/dead_frac": dead,
+                **{f"final/{k}": v for k, v in last.items()},  # the last logged row; the saved SAE's win
+                **{f"final/{k}": v for k, v in final_metrics.items()},
                 "final/dead_window_tokens": window,
                 "final/base_lr": self.lr,
             }
@@ -554,6 +562,7 @@ class Trainer:
             base_lr=self.lr,
             dead_fraction=dead,
             dead_window_tokens=window,
+            final_metrics=final_metrics,
             history=self.history,
             output_dir=self.output_dir,
             eval_history=self.eval_history,

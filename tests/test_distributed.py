@@ -57,8 +57,8 @@ COMPARED = (
     "fvu",
     "auxk",
     "revival",
-    "mse",
-    "l1",
+    "sq_error",
+    "l1_penalty",
     "threshold",
 )
 

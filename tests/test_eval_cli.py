@@ -187,17 +187,25 @@ def test_flatten_report_keeps_the_numeric_leaves_under_slash_joined_names():
     assert flatten_report({"a": 1.5}, prefix="eval/") == {"eval/a": 1.5}
 
 
-def test_eval_reads_past_the_training_batches_of_its_own_synthetic_source_and_refuses_another():
+def test_eval_reads_past_the_training_batches_of_its_own_synthetic_source_and_refuses_another(tmp_path):
     """An SAE trained on batches 2-9 of a synthetic source (0-1 held out by the trainer) is evaluated from batch
-    10 by default: the rows it never saw, whatever the eval's batch size. Another seed is refused."""
+    10 by default (its step-4 checkpoint from batch 6): the rows it never saw, whatever the eval's batch size.
+    Another seed is refused."""
+    from saelab import load_sae
+
     source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3, seed=4))
-    cfg = TrainerConfig(total_tokens=256 * 8, batch_size=256, device="cpu", eval_every=4, eval_batches=2)
+    cfg = TrainerConfig(
+        total_tokens=256 * 8, batch_size=256, device="cpu", eval_every=4, eval_batches=2, checkpoint_every=4
+    )
     torch.manual_seed(0)
-    sae = Trainer(TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4)), cfg).fit(source).sae
+    sae = Trainer(TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4)), cfg, output_dir=tmp_path).fit(source).sae
+    checkpoint = load_sae(tmp_path / "checkpoints" / "step_000000004")
+    assert checkpoint.cfg.metadata["training_batches"] == {"start": 2, "end": 6, "batch_size": 256}
     assert sae.cfg.metadata["training_batches"] == {"start": 2, "end": 10, "batch_size": 256}
     small = EvalConfig(total_tokens=300, batch_size=100, cooccurrence_latents=0)
     report = evaluate(sae, source, small).report
     assert report["data"] == {"start_batch": 10, "held_out": True}
+    assert evaluate(checkpoint, source, small).report["data"] == {"start_batch": 6, "held_out": True}
     x = torch.cat([source.batch(i, 100) for i in (10, 11, 12)])  # the rows it must have read
     with torch.no_grad():
         assert report["reconstruction"]["fvu"] == pytest.approx(fvu64(x, sae(x)), rel=1e-5)

@@ -39,15 +39,18 @@ def inference_copy(sae: SAE, input_scale: float, metadata: dict[str, Any] | None
     return folded.eval()
 
 
-def save_checkpoint(root: Path, step: int, sae: SAE, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    root: Path, step: int, sae: SAE, state: dict[str, Any], keep: int, metadata: dict[str, Any] | None = None
+) -> Path:
     """Write checkpoint `root/step_<step>` atomically and prune all but the newest `keep`.
 
-    sae: the training SAE (training-space weights); state: the trainer state, holding its `input_scale`.
+    sae: the training SAE (training-space weights); state: the trainer state, holding its `input_scale`;
+    metadata: added to the checkpoint SAE's metadata (e.g. the data record, `Trainer.data_record`).
     """
     final = checkpoint_dir(root, step)
     remove_stale_temporaries(root, "step_")
     tokens = state.get("tracker", {}).get("tokens_seen")
-    extra = {"training_tokens": int(tokens)} if tokens is not None else {}
+    extra = {**(metadata or {}), **({"training_tokens": int(tokens)} if tokens is not None else {})}
     inference = inference_copy(sae, float(state["input_scale"]), extra)
     with atomic_directory(final) as tmp:
         inference.save(tmp / "sae")

@@ -164,6 +164,7 @@ class Trainer:
             self.logging = LoggingConfig(wandb_mode="disabled", progress=False)
             self.output_dir = None
         self.run_config = run_config or {}
+        self.data_metadata: dict[str, Any] = {}  # set by `fit` from its source (`data_metadata`)
         self.lr = cfg.lr if cfg.lr is not None else sae.default_lr(cfg.batch_size)
         fused = self.device.type in FUSED_ADAM_DEVICES
         self.optimizer = torch.optim.Adam(
@@ -503,11 +504,26 @@ class Trainer:
         path = self.save_checkpoint()
         return f"The {self.step} steps trained are saved in {path}: resume with trainer.resume_from."
 
+    def data_record(self) -> dict[str, Any]:
+        """What the SAE's metadata records of its data: the source's description and, for a source of indexed
+        batches, `training_batches` {start, end, batch_size}, the indices trained on up to this step."""
+        data = dict(self.data_metadata)
+        if "training_batches" in data:
+            data["training_batches"] = {**data["training_batches"], "end": self.heldout_offset + self.step}
+        return data
+
     def save_checkpoint(self) -> Path | None:
         if self.output_dir is None:
             return None
+        data = self.data_record()
+        record = {k: v for k, v in data.items() if k == "training_batches" or k not in self.sae.cfg.metadata}
         return save_checkpoint(
-            self.output_dir / "checkpoints", self.step, self.sae, self.state_dict(), self.cfg.keep_checkpoints
+            self.output_dir / "checkpoints",
+            self.step,
+            self.sae,
+            self.state_dict(),
+            self.cfg.keep_checkpoints,
+            record,
         )
 
     def inference_sae(self) -> SAE:
@@ -532,10 +548,8 @@ class Trainer:
             "l0": saved["heldout/l0"],
             "dead_frac": dead,
         }
-        data = dict(self.data_metadata)
+        data = self.data_record()
         batches = data.pop("training_batches", None)  # this run's, over any a loaded SAE carried
-        if batches is not None:  # the stream's batch indices trained on: [start, end) at this step
-            batches = {**batches, "end": self.heldout_offset + self.step}
         final.cfg.metadata = {
             **data,
             **final.cfg.metadata,

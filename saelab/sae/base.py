@@ -203,13 +203,7 @@ class SAE(nn.Module):
 
     def check_codes(self, z: Tensor) -> None:
         """Raise naming the problem unless z is float codes [..., d_sae] (as `encode` returns)."""
-        if z.ndim == 0 or z.shape[-1] != self.d_sae:
-            raise ValueError(
-                f"codes have shape {tuple(z.shape)} but this SAE decodes [..., d_sae={self.d_sae}]; pass codes "
-                "from this SAE's encode."
-            )
-        if not z.is_floating_point():
-            raise TypeError(f"codes have dtype {z.dtype}; pass floating-point codes.")
+        check_float_vectors(z, self.d_sae, "codes", "decodes", "pass codes from this SAE's encode.")
 
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
         """x [..., d_in] (cast to the SAE's dtype) -> reconstruction [..., d_in]."""
@@ -225,13 +219,10 @@ class SAE(nn.Module):
         return x.reshape(-1, self.d_in).to(self.dtype)
 
     def check_input(self, x: Tensor) -> None:
-        if x.ndim == 0 or x.shape[-1] != self.d_in:
-            raise ValueError(
-                f"input has shape {tuple(x.shape)} but this SAE takes [..., d_in={self.d_in}]; "
-                "pass activations from the hook the SAE was trained on."
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"input has dtype {x.dtype}; pass floating-point activations.")
+        """Raise naming the problem unless x is float activations [..., d_in]."""
+        check_float_vectors(
+            x, self.d_in, "input", "takes", "pass activations from the hook the SAE was trained on."
+        )
 
     # ------------------------------------------------------------ training
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
@@ -390,6 +381,20 @@ class SparseCodes:
     def reconstruct_rows(self, x: Tensor) -> Tensor:
         """x [B, d_in] -> x_hat [B, d_in] through the sparse codes (O(B * w * d_in) decode)."""
         return self.decode_sparse_rows(*self.encode_sparse_rows(x), with_bias=True)
+
+
+def check_float_vectors(t: Tensor, width: int, noun: str, verb: str, hint: str) -> None:
+    """Raise ValueError / TypeError unless t is floating point [..., width]. noun: "input" (width d_in) or
+    "codes" (width d_sae); verb: what the SAE does with it; hint: the fix."""
+    field = "d_in" if noun == "input" else "d_sae"
+    has = "have" if noun.endswith("s") else "has"
+    if t.ndim == 0 or t.shape[-1] != width:
+        raise ValueError(
+            f"{noun} {has} shape {tuple(t.shape)} but this SAE {verb} [..., {field}={width}]; {hint}"
+        )
+    if not t.is_floating_point():
+        kind = "activations" if noun == "input" else noun
+        raise TypeError(f"{noun} {has} dtype {t.dtype}; pass floating-point {kind}.")
 
 
 def check_sparse_codes(values: Tensor, indices: Tensor, d_sae: int) -> None:

@@ -310,3 +310,35 @@ def test_verify_command_checks_every_file(tiny_cache, tmp_path, capsys):
     with pytest.raises(SystemExit):  # Hydra prints the error and exits 1
         main(["harvest", f"output_dir={out}", "verify=true", f"hydra.run.dir={tmp_path / 'run'}"])
     assert "shard_00000.npy has CRC-32" in capsys.readouterr().err
+
+
+def test_held_out_batches_of_a_cache_are_never_trained_on(tmp_path):
+    """512 distinct rows (column 0 is the row id), 2 held-out batches of 64: a run of 6 training batches never
+    sees a held-out row; a run long enough to repeat the rows would train on them, so it is refused."""
+    from saelab.sae.registry import build_sae
+    from saelab.sae.topk import TopKConfig
+    from saelab.sources.harvested import CacheSource, CacheSourceConfig
+    from saelab.train.config import TrainerConfig
+    from saelab.train.trainer import Trainer
+
+    write_cache(tmp_path / "c", [id_rows(0, 512, 8)], shard_tokens=128)
+    source = CacheSource(CacheSourceConfig(path=str(tmp_path / "c"), hook_name="h.a"))
+    seen = []
+    original = source.batches
+
+    def recording(batch_size, start_batch=0):
+        for x in original(batch_size, start_batch):
+            seen.append(x[:, 0].clone())
+            yield x
+
+    source.batches = recording
+    sae = build_sae(TopKConfig(d_in=8, d_sae=32, k=2))
+    ok = TrainerConfig(total_tokens=64 * 6, batch_size=64, device="cpu", eval_every=3, eval_batches=2)
+    Trainer(sae, ok).fit(source)
+    held, trained = torch.cat(seen[:2]), torch.cat(seen[2:])
+    assert trained.numel() == 64 * 6 and not torch.isin(held, trained).any()
+    long = TrainerConfig(total_tokens=64 * 24, batch_size=64, device="cpu", eval_every=10, eval_batches=2)
+    with pytest.raises(
+        ValueError, match=r"reads 1,664 rows from a source of 512 distinct rows.* at most 384"
+    ):
+        Trainer(build_sae(TopKConfig(d_in=8, d_sae=32, k=2)), long).fit(source)

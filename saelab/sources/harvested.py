@@ -89,6 +89,11 @@ class CacheSource:
         self.hook_name = self.cache.check_hook(cfg.hook_name or None)
         self.d_in = self.cache.d_in(self.hook_name)
 
+    @property
+    def distinct_rows(self) -> int:
+        """Rows of one pass over the cache; the stream repeats them (reshuffled) after that."""
+        return self.cache.total_rows
+
     def metadata(self) -> dict[str, Any]:
         meta = self.cache.manifest["metadata"].get(self.hook_name, {})
         return {"source": "cache", **meta, "cache_path": str(self.cfg.path)}

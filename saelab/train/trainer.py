@@ -313,9 +313,20 @@ class Trainer:
             yield x
 
     def _take_heldout(self, source: BatchSource | Iterator[Tensor], stream: Iterator[Tensor]) -> list[Tensor]:
-        """The first `heldout_offset` batches of the source (never trained on), on the training device."""
+        """The first `heldout_offset` batches of the source (never trained on), on the training device. A source
+        that repeats its rows after `distinct_rows` (an activation cache) must not reach them again."""
         if not self.heldout_offset:
             return []
+        rows = getattr(source, "distinct_rows", None)
+        needed = (self.heldout_offset + self.cfg.total_steps) * self.cfg.batch_size
+        if rows is not None and needed > rows:
+            most = (rows // self.cfg.batch_size - self.heldout_offset) * self.cfg.batch_size
+            raise ValueError(
+                f"trainer.eval_every holds out the first {self.heldout_offset} batches, but this run reads "
+                f"{needed:,} rows from a source of {rows:,} distinct rows, which it then repeats: the held-out "
+                f"rows would be trained on. Lower trainer.total_tokens to at most {max(most, 0):,}, or set "
+                "trainer.eval_every=0 and evaluate afterwards with `saelab eval`."
+            )
         if not hasattr(source, "batches"):
             return [next(stream).to(self.device) for _ in range(self.heldout_offset)]
         held = source.batches(self.cfg.batch_size, start_batch=0)

@@ -342,3 +342,20 @@ def test_held_out_batches_of_a_cache_are_never_trained_on(tmp_path):
         ValueError, match=r"reads 1,664 rows from a source of 512 distinct rows.* at most 384"
     ):
         Trainer(build_sae(TopKConfig(d_in=8, d_sae=32, k=2)), long).fit(source)
+
+
+def test_eval_refuses_a_source_at_another_hook_than_the_sae_trained_at(tmp_path):
+    from saelab.eval import EvalConfig, evaluate
+    from saelab.sae.topk import TopKConfig, TopKSAE
+    from saelab.sources.harvested import CacheSource, CacheSourceConfig
+
+    write_cache(tmp_path / "c", [id_rows(0, 256, 8)])
+    source = CacheSource(CacheSourceConfig(path=str(tmp_path / "c"), hook_name="h.a"))
+    sae = TopKSAE(TopKConfig(d_in=8, d_sae=32, k=2, metadata={"hook_name": "blocks.1.hook_resid_post"}))
+    cfg = EvalConfig(total_tokens=128, batch_size=64, cooccurrence_latents=0)
+    with pytest.raises(
+        ValueError, match=r"trained at hook 'blocks\.1\.hook_resid_post' but source\.hook_name='h\.a'"
+    ):
+        evaluate(sae, source, cfg)
+    sae.cfg.metadata["hook_name"] = "h.a"
+    assert evaluate(sae, source, cfg).report["tokens"] == 128

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from saelab.app.config import InspectRunConfig
 from saelab.app.train_job import hydra_output_dir
 from saelab.core.device import resolve_device
+from saelab.eval.provenance import check_hook
 from saelab.harvest.config import ModelSourceConfig
 from saelab.harvest.pipeline import build_pipeline
 from saelab.inspect.collect import collect_features
@@ -27,14 +28,6 @@ def default_output_dir(sae_path: str) -> Path:
     if local.is_dir():
         return local / "inspect"
     return (hydra_output_dir() or Path("outputs")) / "inspect"
-
-
-def check_hook(sae_hook: str | None, source_hook: str) -> None:
-    if sae_hook and sae_hook != source_hook:
-        raise ValueError(
-            f"the SAE was trained at hook {sae_hook!r} but source.hook_name={source_hook!r}; "
-            f"pass source.hook_name={sae_hook} (or the same hook under the backend you use)."
-        )
 
 
 def inspect_from_config(node: DictConfig) -> FeatureData:

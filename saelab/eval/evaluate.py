@@ -33,7 +33,7 @@ from saelab.eval.config import EvalConfig
 from saelab.eval.cooccurrence import CooccurrenceStats, cooccurrence_vs_geometry
 from saelab.eval.geometry import decoder_cosines, decoder_spectrum, power_law_slope
 from saelab.eval.lm import LMEvaluator
-from saelab.eval.provenance import check_same_synthetic_source, evaluation_start
+from saelab.eval.provenance import check_hook, check_same_synthetic_source, evaluation_start
 from saelab.metrics.codes import decode_codes, encode_codes
 from saelab.metrics.dead import DeadLatentTracker, dead_latent_report
 from saelab.metrics.reconstruction import ReconstructionStats
@@ -117,6 +117,7 @@ def evaluate(sae: SAE, source: Any, cfg: EvalConfig | None = None, progress: boo
             "evaluate on the source (model and hook) the SAE was trained on."
         )
     trained_on, reads = dict(sae.cfg.metadata), metadata_of(source)
+    check_hook(trained_on.get("hook_name"), reads.get("hook_name"))
     check_same_synthetic_source(trained_on, reads)
     start_batch, held_out = evaluation_start(trained_on, reads, cfg.start_batch)
     cfg = dataclasses.replace(cfg, start_batch=start_batch)

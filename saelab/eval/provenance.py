@@ -10,6 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
+
+def check_hook(sae_hook: str | None, source_hook: str | None) -> None:
+    """Refuse a source read at another hook than the SAE was trained at (equal widths would hide it)."""
+    if sae_hook and source_hook and sae_hook != source_hook:
+        raise ValueError(
+            f"the SAE was trained at hook {sae_hook!r} but source.hook_name={source_hook!r}; "
+            f"pass source.hook_name={sae_hook} (or the same hook under the backend you use)."
+        )
+
+
 #: Fields that decide a synthetic source's features and batches.
 SYNTHETIC_IDENTITY = ("structure", "n_features", "seed")
 

@@ -359,3 +359,36 @@ def test_eval_refuses_a_source_at_another_hook_than_the_sae_trained_at(tmp_path)
         evaluate(sae, source, cfg)
     sae.cfg.metadata["hook_name"] = "h.a"
     assert evaluate(sae, source, cfg).report["tokens"] == 128
+
+
+def test_harvest_never_deletes_files_it_did_not_write(tiny, tiny_cache, tmp_path):
+    """overwrite=true replaces a cache whole and a resume cleans up shards past the last recorded one: neither
+    may take a user's files with them, so a cache folder holding some is refused, untouched."""
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache[0], out)
+    (out / "NOTES.txt").write_text("mine")
+    (out / HOOKS[0] / "my_analysis.npy").write_bytes(b"mine too")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"holds files a harvest did not write \(NOTES\.txt, blocks\.0"):
+        harvest(tiny, out, total_tokens=100, overwrite=True, progress=False)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        harvest(tiny, interrupted, fail_at=3, total_tokens=300, progress=False)
+    (interrupted / HOOKS[1] / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"blocks\.1\.hook_mlp_out/notes\.txt"):
+        harvest(tiny, interrupted, total_tokens=300, progress=False)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert (interrupted / HOOKS[1] / "notes.txt").read_text() == "mine"
+
+
+def test_float16_caches_refuse_values_they_cannot_hold(tmp_path):
+    big = id_rows(0, 10, 4)
+    big[3, 1] = 70000.0  # above float16's 65504
+    with pytest.raises(
+        ValueError, match=r"'h\.a' reach \|x\| = 7e\+04, beyond float16's largest value.*bfloat16"
+    ):
+        write_cache(tmp_path / "f16", [big], dtype="float16")
+    write_cache(tmp_path / "bf16", [big], dtype="bfloat16")  # float32's range: stored
+    assert float(ActivationCache(tmp_path / "bf16").read_all("h.a")[3, 1]) == float(torch.tensor(7e4).bfloat16())

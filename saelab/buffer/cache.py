@@ -20,6 +20,7 @@ The reader memory-maps shards and serves rows in a shuffled shard order (see `Ac
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import zlib
@@ -66,8 +67,44 @@ def to_numpy(x: Tensor, dtype: str) -> np.ndarray:
     return x.view(torch.uint16).numpy() if dtype == "bfloat16" else x.numpy()
 
 
+def check_storable(x: Tensor, dtype: str, hook: str) -> None:
+    """Refuse rows of `hook` whose values overflow the storage dtype (float16 tops out at 65504), which would be
+    stored as inf and only found at training time."""
+    if dtype != "float16":
+        return
+    top = float(x.detach().abs().max()) if x.numel() else 0.0
+    if top > torch.finfo(torch.float16).max:
+        raise ValueError(
+            f"activations at {hook!r} reach |x| = {top:.4g}, beyond float16's largest value (65504): they would be "
+            "stored as inf. Harvest with dtype=bfloat16 (float32's range) or dtype=float32."
+        )
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.npy"
+
+
+#: A shard file's name (any number of digits: `shard_name` pads to five).
+SHARD_FILE = re.compile(r"^shard_\d{5,}\.npy$")
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """Files in cache folder `root` that a harvest did not write (paths relative to root): anything but the
+    manifest / progress files and shard files in its folders (hook folders, tokens); dot-files (temporaries)
+    excepted."""
+    found = []
+    for entry in root.iterdir():
+        if entry.name in (MANIFEST, PROGRESS) or entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            found.append(entry.name)
+            continue
+        found += [
+            f"{entry.name}/{e.name}"
+            for e in entry.iterdir()
+            if not SHARD_FILE.match(e.name) and not e.name.startswith(".")
+        ]
+    return sorted(found)
 
 
 def checksum(array: np.ndarray) -> int:
@@ -158,6 +195,13 @@ class CacheWriter:
                 f"output_dir={root} already holds a complete activation cache; "
                 "pass overwrite=true to replace it or choose another output_dir."
             )
+        if is_cache:  # an overwrite replaces the old cache whole; a resume must not meet others' files either
+            foreign = foreign_entries(root)
+            if foreign:
+                raise FileExistsError(
+                    f"output_dir={root} holds files a harvest did not write ({', '.join(foreign[:8])}"
+                    f"{' ...' if len(foreign) > 8 else ''}); move them out of the cache folder first."
+                )
         if overwrite and is_cache:  # build beside the old cache; `finish` swaps it in
             self.root = root = make_temporary_directory(self.final)
         root.mkdir(parents=True, exist_ok=True)
@@ -194,7 +238,7 @@ class CacheWriter:
             path = self.root / folder
             path.mkdir(exist_ok=True)
             for file in path.iterdir():
-                if file.name not in keep:
+                if SHARD_FILE.match(file.name) and file.name not in keep:
                     file.unlink()
 
     # ----------------------------------------------------------- writing
@@ -207,6 +251,7 @@ class CacheWriter:
                     f"rows for {hook!r} have shape {tuple(acts[hook].shape)}, expected ({n}, {width})."
                 )
             self.norm_sums[hook] += acts[hook].double().norm(dim=1).sum().item()
+            check_storable(acts[hook], self.dtype, hook)
         self._pending.append(({h: acts[h].cpu() for h in self.widths}, tokens.cpu()))
         self._pending_rows += n
         self.contexts += contexts

@@ -391,4 +391,16 @@ def test_float16_caches_refuse_values_they_cannot_hold(tmp_path):
     ):
         write_cache(tmp_path / "f16", [big], dtype="float16")
     write_cache(tmp_path / "bf16", [big], dtype="bfloat16")  # float32's range: stored
-    assert float(ActivationCache(tmp_path / "bf16").read_all("h.a")[3, 1]) == float(torch.tensor(7e4).bfloat16())
+    assert float(ActivationCache(tmp_path / "bf16").read_all("h.a")[3, 1]) == float(
+        torch.tensor(7e4).bfloat16()
+    )
+
+
+def test_a_harvest_that_finds_no_rows_writes_no_cache(tmp_path):
+    writer = CacheWriter(tmp_path / "empty", {"h.a": 4}, "float32", 100, {"test": 1})
+    with pytest.raises(ValueError, match=r"found no rows to store: every document was empty or every token"):
+        writer.finish({}, wall_seconds=0.0)
+    assert not (tmp_path / "empty" / "manifest.json").exists()
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"output_dir=.*afile is a file; give a folder path"):
+        CacheWriter(tmp_path / "afile", {"h.a": 4}, "float32", 100, {"test": 1})

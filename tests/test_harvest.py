@@ -262,3 +262,23 @@ def test_harvest_smollm2_then_train_from_the_cache(smollm2, assets, tmp_path, ca
     assert meta["source"] == "cache" and meta["model_name"] == "smollm2"
     assert meta["hook_name"] == "blocks.1.hook_resid_post" and meta["context_size"] == 32
     assert json.loads((run / "summary.json").read_text())["steps"] == 10
+
+
+def test_a_context_longer_than_the_model_takes_and_a_non_text_column_are_named(tmp_path):
+    from harvest_helpers import write_corpus
+
+    from saelab.data.tokens import iter_texts
+
+    model, tokenizer = tiny_tl(n_layers=1), word_tokenizer(WORDS)  # n_ctx 64
+    corpus = write_corpus(tmp_path / "corpus", n_docs=4)
+    too_long = ModelSourceConfig(
+        model="tiny", hook_name="blocks.0.hook_resid_post", dataset=str(corpus), context_size=100
+    )
+    harvester = TransformerLensHarvester(model, ["blocks.0.hook_resid_post"])
+    with pytest.raises(
+        ValueError, match=r"source\.context_size=100 is longer than the model's context \(64 tokens\)"
+    ):
+        HarvestPipeline.from_tokenizer(harvester, tokenizer, too_long)
+    for value, kind in ((5, "int"), (["w1 w2", "w3"], "list")):
+        with pytest.raises(TypeError, match=rf"source\.text_column='text' holds a {kind} .*not text"):
+            list(iter_texts([{"text": "fine"}, {"text": value}], "text"))

@@ -183,6 +183,8 @@ class CacheWriter:
 
     def _prepare_folder(self, overwrite: bool) -> None:
         root = self.root
+        if root.exists() and not root.is_dir():
+            raise FileExistsError(f"output_dir={root} is a file; give a folder path for the cache.")
         remove_stale_temporaries(root.parent, root.name)  # e.g. the new cache of a crashed overwrite
         remove_stale_temporaries(root)  # e.g. a manifest.json a crashed harvest was writing
         is_cache = (root / MANIFEST).exists() or (root / PROGRESS).exists()
@@ -295,7 +297,12 @@ class CacheWriter:
         """Write the last shard and the manifest (last, atomically), then swap a replacement cache into
         place; returns the manifest."""
         self.flush()
-        rows = max(self.rows, 1)
+        if self.rows == 0:
+            raise ValueError(
+                f"the harvest for {self.final} found no rows to store: every document was empty or every "
+                "token special or unknown to the tokenizer; check source.dataset and source.text_column."
+            )
+        rows = self.rows
         manifest = {
             "format": FORMAT,
             "version": VERSION,

@@ -88,13 +88,19 @@ def load_text_dataset(spec: TextSpec) -> Iterable[dict[str, Any]]:
 
 
 def iter_texts(rows: Iterable[dict[str, Any]], column: str) -> Iterator[str]:
-    """The non-empty strings of `column`; a missing column is an error listing the available ones."""
+    """The non-empty strings of `column`; a missing column is an error listing the available ones, a value that
+    is not a string (a number, a list) an error naming the column."""
     for row in rows:
         if column not in row:
             raise KeyError(
                 f"source.text_column={column!r} is not a column of the dataset; it has {sorted(row)}."
             )
         text = row[column]
+        if text and not isinstance(text, str):
+            raise TypeError(
+                f"source.text_column={column!r} holds a {type(text).__name__} ({str(text)[:60]!r}), not text; "
+                "point source.text_column at a column of strings."
+            )
         if text:
             yield text
 

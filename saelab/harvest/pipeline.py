@@ -25,8 +25,29 @@ class HarvestPipeline:
 
     @classmethod
     def from_tokenizer(cls, harvester: Harvester, tokenizer: Any, cfg: ModelSourceConfig) -> HarvestPipeline:
+        longest = context_length(getattr(harvester, "model", None))
+        if longest is not None and cfg.context_size > longest:
+            raise ValueError(
+                f"source.context_size={cfg.context_size} is longer than the model's context ({longest} tokens); "
+                f"set source.context_size to at most {longest}."
+            )
         contexts = ContextStream(cfg.text_spec(), tokenizer, cfg.context_size, cfg.prepend_bos)
         return cls(harvester, contexts, torch.tensor(excluded_token_ids(tokenizer), dtype=torch.long))
+
+
+def context_length(model: Any) -> int | None:
+    """The longest input `model` takes: a TransformerLens model's cfg.n_ctx, a Hugging Face model's
+    max_position_embeddings (or n_positions); None when it does not say."""
+    if model is None:
+        return None
+    tl_cfg = getattr(model, "cfg", None)
+    if isinstance(getattr(tl_cfg, "n_ctx", None), int):
+        return tl_cfg.n_ctx
+    hf_cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(hf_cfg, name, None), int):
+            return getattr(hf_cfg, name)
+    return None
 
 
 def build_pipeline(cfg: ModelSourceConfig, hook_names: list[str], device: torch.device) -> HarvestPipeline:

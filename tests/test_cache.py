@@ -4,6 +4,7 @@ model's own activations, interrupted harvests that resume to the same cache, and
 import itertools
 import json
 from dataclasses import replace
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -404,3 +405,34 @@ def test_a_harvest_that_finds_no_rows_writes_no_cache(tmp_path):
     (tmp_path / "afile").write_text("keep")
     with pytest.raises(FileExistsError, match=r"output_dir=.*afile is a file; give a folder path"):
         CacheWriter(tmp_path / "afile", {"h.a": 4}, "float32", 100, {"test": 1})
+
+
+def test_eval_of_a_cache_trained_sae_reads_rows_it_never_trained_on(tmp_path):
+    """Trained on rows [0, 6 * 64) of a cache's stream (column 0 is the row id), the SAE is evaluated from the
+    first row past them at another batch size; when the pass has no such rows left, the report says so."""
+    from saelab.eval import EvalConfig, evaluate
+    from saelab.sae.registry import build_sae
+    from saelab.sae.topk import TopKConfig
+    from saelab.sources.harvested import CacheSource, CacheSourceConfig
+    from saelab.train.config import TrainerConfig
+    from saelab.train.trainer import Trainer
+
+    write_cache(tmp_path / "c", [id_rows(0, 1000, 8)], shard_tokens=128)
+    source = CacheSource(CacheSourceConfig(path=str(tmp_path / "c"), hook_name="h.a", group_tokens=256))
+    sae = (
+        Trainer(
+            build_sae(TopKConfig(d_in=8, d_sae=32, k=2)),
+            TrainerConfig(total_tokens=64 * 6, batch_size=64, device="cpu"),
+        )
+        .fit(source)
+        .sae
+    )
+    trained = torch.cat(list(islice(source.batches(64), 6)))[:, 0]
+    report = evaluate(
+        sae, source, EvalConfig(total_tokens=300, batch_size=100, cooccurrence_latents=0)
+    ).report
+    assert report["data"] == {"start_batch": 4, "held_out": True}  # rows 400-699 of the stream
+    read = torch.cat(list(islice(source.batches(100, 4), 3)))[:, 0]
+    assert not torch.isin(read, trained).any()
+    long = evaluate(sae, source, EvalConfig(total_tokens=700, batch_size=100, cooccurrence_latents=0)).report
+    assert long["data"] == {"start_batch": 4, "held_out": False}  # rows past 1000 start the pass again

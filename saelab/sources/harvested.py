@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,7 +97,13 @@ class CacheSource:
 
     def metadata(self) -> dict[str, Any]:
         meta = self.cache.manifest["metadata"].get(self.hook_name, {})
-        return {"source": "cache", **meta, "cache_path": str(self.cfg.path)}
+        return {
+            "source": "cache",
+            **meta,
+            "cache_path": str(Path(self.cfg.path).expanduser().resolve()),
+            "reading": {"seed": self.cfg.seed, "group_tokens": self.cfg.group_tokens},
+            "distinct_rows": self.distinct_rows,
+        }
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]:
         return self.cache.batches(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed (issue 12), as one script for a lent GPU session. Stages run in order of
-# importance, each bounded by what is left of DEADLINE seconds; every stage's output lands in $OUT/results
-# (tarred to $OUT/results.tgz after each stage, so a timed-out run still returns what it finished).
+# importance, each bounded by what is left of DEADLINE seconds; every stage's output lands in /tmp/gpu_results,
+# tarred to $OUT/results.tgz after each stage (the device returns at most 8 files, so one archive; a timed-out
+# run still returns what it finished), with $OUT/stages.txt listing each stage's exit status and time.
 #
 # Before: bash ../shared/perf/prepare_device.sh   (fills the git-ignored .gpu/ with wheels and gpu_run.sh)
 # Run (device tool, carry [".gpu"]):   DEADLINE=540 bash .gpu/gpu_run.sh bash scripts/gpu_checks.sh
@@ -17,8 +18,8 @@ set -uo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 DEADLINE=${DEADLINE:-540}
 start=$(date +%s)
-mkdir -p "$OUT/results"
-res="$OUT/results"
+res=/tmp/gpu_results
+rm -rf "$res" && mkdir -p "$res"
 
 left() { echo $((DEADLINE - ($(date +%s) - start))); }
 
@@ -36,7 +37,8 @@ stage() {  # stage NAME SECONDS command...: run with at most min(SECONDS, time l
     timeout "$limit" "$@" > "$res/$name.txt" 2>&1
     echo "   rc=$? after $(($(date +%s) - start))s" | tee -a "$res/stages.txt"
     tail -25 "$res/$name.txt"
-    tar -czf "$OUT/results.tgz" -C "$OUT" results
+    tar -czf "$OUT/results.tgz" -C "$(dirname "$res")" "$(basename "$res")"
+    cp "$res/stages.txt" "$OUT/stages.txt"
 }
 
 stage gpu_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests

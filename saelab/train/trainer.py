@@ -108,9 +108,8 @@ def check_batch(x: Tensor, d_in: int, step: int) -> None:
 
 def check_fresh_output_dir(output_dir: Path | None) -> None:
     """A new run (not a resume) refuses a directory holding another run's complete checkpoints (a crashed
-    write's temporaries do not count) or final SAE: its
-    checkpoints would be mixed and pruned with the new ones, and `load_sae` / a resume would pick up the wrong
-    run's."""
+    write's temporaries do not count) or final SAE: they would be mixed and pruned with the new run's, and
+    `load_sae` or a resume would pick up the wrong run's."""
     if output_dir is None:
         return
     found = [f"checkpoints/{path.name}" for path in list_checkpoints(output_dir / "checkpoints")[-1:]]
@@ -133,7 +132,7 @@ def data_metadata(source: object, heldout_offset: int, batch_size: int) -> dict[
 
 
 class BatchesExhausted(ValueError):
-    """A plain batch iterator ran out before the run's last step."""
+    """The batch iterator or source ran out before the run's last step."""
 
 
 class Trainer:

@@ -235,3 +235,48 @@ def test_eval_dead_window_longer_than_the_data_counts_latents_silent_throughout(
     assert silent.double().mean().item() > 0.1  # some latents never fire on these 512 rows
     assert report["window_tokens"] == 512
     assert report["dead_frac"] == pytest.approx(silent.double().mean().item())
+
+
+def test_eval_of_a_model_trained_sae_starts_on_text_training_did_not_read(tmp_path):
+    """Trained on 4 batches of 64 rows of a live model source, the SAE's evaluation skips every context the
+    training stream can have read (its rows, its mixing buffer and a model batch: `contexts_before`); when the
+    run read more than the whole text, nothing is held out and the report says so."""
+    from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
+
+    from saelab.harvest.config import ModelSourceConfig
+    from saelab.harvest.pipeline import HarvestPipeline
+    from saelab.harvest.tlens import TransformerLensHarvester
+    from saelab.sources.harvested import ModelSource
+
+    hook = "blocks.0.hook_resid_post"
+    cfg = ModelSourceConfig(
+        model="tiny", hook_name=hook, dataset=str(write_corpus(tmp_path / "corpus", n_docs=40)), context_size=16,
+        model_batch_size=4, buffer_tokens=128,
+    )  # fmt: skip
+    pipeline = HarvestPipeline.from_tokenizer(
+        TransformerLensHarvester(tiny_tl(n_layers=1), [hook]), word_tokenizer(WORDS), cfg
+    )
+    source = ModelSource(cfg, torch.device("cpu"), pipeline=pipeline)
+    trainer_cfg = TrainerConfig(total_tokens=64 * 4, batch_size=64, device="cpu")
+    torch.manual_seed(0)
+    sae = Trainer(TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)), trainer_cfg).fit(source).sae
+    # by hand: 4 * 64 rows + 128 in the buffer + 4 contexts of 16 tokens, counted on non-special tokens
+    drop, kept, read = set(pipeline.excluded.tolist()), 0, 0
+    for context in pipeline.contexts.contexts():
+        read, kept = read + 1, kept + sum(t not in drop for t in context)
+        if kept >= 4 * 64 + 128 + 4 * 16:
+            break
+    per_pass = sum(1 for _ in pipeline.contexts.contexts())
+    assert read < per_pass
+    report = evaluate(
+        sae, source, EvalConfig(total_tokens=64, lm_batch_size=4, cooccurrence_latents=0)
+    ).report
+    assert report["data"] == {"start_batch": -(-read // 4), "held_out": True}
+    long_cfg = TrainerConfig(
+        total_tokens=64 * 40, batch_size=64, device="cpu"
+    )  # more rows than the text holds
+    long = Trainer(TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)), long_cfg).fit(source).sae
+    report = evaluate(
+        long, source, EvalConfig(total_tokens=64, lm_batch_size=4, cooccurrence_latents=0)
+    ).report
+    assert report["data"] == {"start_batch": 0, "held_out": False}

@@ -15,7 +15,8 @@ class EvalConfig:
     contexts is cut at that many non-special positions). batch_size: rows per batch of an
     activation source; lm_batch_size: sequences per forward pass of a language-model source.
     start_batch: first source batch; -1 (default): past the SAE's training data when its metadata shows it
-    trained on this synthetic source or cache, else 0 (pick one past the training data to evaluate held out).
+    trained on this source (synthetic, cache or model), else 0 (pick one past the training data to evaluate
+    held out).
     dead_window_tokens: a latent is dead when silent for this many of the last tokens (0: all evaluated tokens).
     cosine_threshold: decoder pairs at or above this cosine are reported as duplicates.
     spectrum_first_rank / spectrum_last_rank: ranks of the power-law fit to the spectrum of cov(W_dec).

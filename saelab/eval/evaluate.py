@@ -6,8 +6,8 @@ From the weights: nearest-neighbour decoder cosines and duplicates, spectrum of 
 planted features when the source has them (`source.features`).
 
 Data: an SAE trained on a synthetic source is refused against another synthetic source, and by default
-(start_batch -1) the evaluation starts past its training data when it trained on this synthetic source or
-cache; a source at another hook than the SAE's is refused; the report's
+(start_batch -1) the evaluation starts past its training data when it trained on this source (synthetic,
+cache or model); a source at another hook than the SAE's is refused; the report's
 `data` says where it started and whether that data is held out (`saelab.eval.provenance`).
 
 A live "model" source (`saelab.sources.harvested.ModelSource`) also gets the language-model metrics: its
@@ -120,9 +120,9 @@ def evaluate(sae: SAE, source: Any, cfg: EvalConfig | None = None, progress: boo
     trained_on, reads = dict(sae.cfg.metadata), metadata_of(source)
     check_hook(trained_on.get("hook_name"), reads.get("hook_name"))
     check_same_synthetic_source(trained_on, reads)
-    start_batch, held_out = evaluation_start(
-        trained_on, reads, cfg.start_batch, cfg.batch_size, cfg.total_tokens
-    )
+    lm, model = None, language_model_of(source)
+    per_batch = cfg.lm_batch_size if model is not None else cfg.batch_size  # contexts for a model source
+    start_batch, held_out = evaluation_start(trained_on, source, cfg.start_batch, per_batch, cfg.total_tokens)
     cfg = dataclasses.replace(cfg, start_batch=start_batch)
     tracker = DeadLatentTracker(sae.d_sae, cfg.dead_window_tokens or cfg.total_tokens, device)
     recon = ReconstructionStats()
@@ -131,7 +131,6 @@ def evaluate(sae: SAE, source: Any, cfg: EvalConfig | None = None, progress: boo
         if cfg.cooccurrence_latents >= 2
         else None
     )
-    lm, model = None, language_model_of(source)
     if model is not None:
         lm = LMEvaluator(model.model, sae, model.hook_name, model.special_token_ids)
         stream = _lm_stream(lm, model, cfg)

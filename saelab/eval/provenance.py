@@ -22,6 +22,19 @@ def check_hook(sae_hook: str | None, source_hook: str | None) -> None:
 #: Fields that decide a synthetic source's features and batches, and a cache source's rows and their order.
 SYNTHETIC_IDENTITY = ("structure", "n_features", "seed")
 CACHE_IDENTITY = ("cache_path", "hook_name", "reading")
+#: ... and a live model source's text and how far a run's batches reach into it.
+MODEL_IDENTITY = (
+    "model_name",
+    "model_backend",
+    "hook_name",
+    "context_size",
+    "prepend_bos",
+    "dataset_path",
+    "dataset_name",
+    "dataset_split",
+    "reading",
+)
+IDENTITY = {"synthetic": SYNTHETIC_IDENTITY, "cache": CACHE_IDENTITY, "model": MODEL_IDENTITY}
 
 
 def check_same_synthetic_source(trained_on: dict[str, Any], source: dict[str, Any]) -> None:
@@ -40,40 +53,51 @@ def check_same_synthetic_source(trained_on: dict[str, Any], source: dict[str, An
 
 
 def same_source(trained_on: dict[str, Any], source: dict[str, Any]) -> str | None:
-    """ "synthetic" or "cache" when the SAE trained on this very source (the same synthetic features and seed,
-    or the same cache read in the same order) and recorded the batches it trained on; else None."""
+    """ "synthetic", "cache" or "model" when the SAE trained on this very source (the same synthetic features
+    and seed, the same cache read in the same order, the same model, hook and text) and recorded the batches
+    it trained on; else None."""
+    kind = source.get("source")
+    if kind not in IDENTITY or trained_on.get("source") != kind:
+        return None
     if not isinstance(trained_on.get("training_batches"), dict):
         return None
-    kind = source.get("source")
-    if kind == trained_on.get("source") == "synthetic":
-        same = all(trained_on.get(k) == source.get(k) for k in SYNTHETIC_IDENTITY)
-    elif kind == trained_on.get("source") == "cache":
-        same = all(trained_on.get(k) == source.get(k) for k in CACHE_IDENTITY)
-    else:
-        return None
-    return kind if same else None
+    return kind if all(trained_on.get(k) == source.get(k) for k in IDENTITY[kind]) else None
 
 
 def evaluation_start(
-    trained_on: dict[str, Any], source: dict[str, Any], start_batch: int, batch_size: int, tokens: int
+    trained_on: dict[str, Any], source: Any, start_batch: int, batch_size: int, tokens: int
 ) -> tuple[int, bool | None]:
-    """(first batch of `batch_size` rows to read, whether the `tokens` rows read from there are held out: True,
-    False, or None when unknown).
+    """(first batch to read, whether the data read from there is held out: True, False, or None when unknown).
 
-    start_batch -1 (the default) starts past the SAE's training data when it trained on this source, else at
-    0; an explicit start_batch is kept and judged. A synthetic batch is a function of its index alone, so the
-    data past index `training_batches.end` is new at any batch size. A cache is one shuffled pass of
-    `distinct_rows` rows, read as a row stream (batch b = rows [b * size, (b + 1) * size)) that starts its
-    pass again after the last row: the rows past the training rows are new up to the end of the pass."""
-    kind = same_source(trained_on, source)
+    source: the evaluation's source object; batch_size: rows per batch (contexts per batch for a model
+    source, whose evaluation reads token contexts). start_batch -1 (the default) starts past the SAE's training
+    data when it trained on this source, else at 0; an explicit start_batch is kept and judged.
+    - synthetic: a batch is a function of its index alone, so the data past index `training_batches.end` is
+      new at any batch size.
+    - cache: one shuffled pass of `distinct_rows` rows, read as a row stream (batch b = rows [b * size,
+      (b + 1) * size)) that starts its pass again after the last row: rows past the training rows are new up
+      to the end of the pass.
+    - model: training read the text up to `ModelSource.contexts_before(end)`; the evaluation reads contexts
+      without repeating the text, so it is held out when it starts past them within the first pass.
+    """
+    reads = dict(source.metadata()) if hasattr(source, "metadata") else {}
+    kind = same_source(trained_on, reads)
     if kind is None:
         return max(start_batch, 0), None
-    batches = trained_on["training_batches"]
+    end, trained_batch = (
+        int(trained_on["training_batches"]["end"]),
+        int(trained_on["training_batches"]["batch_size"]),
+    )
     if kind == "synthetic":
-        end = int(batches["end"])
         start = end if start_batch < 0 else start_batch
         return start, start >= end
-    end_row = int(batches["end"]) * int(batches["batch_size"])
-    start = -(-end_row // batch_size) if start_batch < 0 else start_batch
-    first = start * batch_size
-    return start, end_row <= first and first + tokens <= int(source.get("distinct_rows", 0))
+    if kind == "cache":
+        end_row = end * trained_batch
+        start = -(-end_row // batch_size) if start_batch < 0 else start_batch
+        first = start * batch_size
+        return start, end_row <= first and first + tokens <= int(reads.get("distinct_rows", 0))
+    end_context, per_pass = source.contexts_before(end, trained_batch), source.contexts_per_pass()
+    start = -(-end_context // batch_size) if start_batch < 0 else start_batch
+    if start_batch < 0 and start * batch_size >= per_pass:  # no text left that training did not read
+        return 0, False
+    return start, end_context <= start * batch_size < per_pass

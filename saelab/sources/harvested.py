@@ -39,7 +39,27 @@ class ModelSource:
         self.d_in = hook_widths(self.pipeline.harvester)[cfg.hook_name]
 
     def metadata(self) -> dict[str, Any]:
-        return {"source": "model", **self.cfg.metadata(self.cfg.hook_name)}
+        cfg = self.cfg
+        reading = {
+            "text_column": cfg.text_column,
+            "sample_by": cfg.sample_by,
+            "buffer_tokens": cfg.buffer_tokens,
+            "model_batch_size": cfg.model_batch_size,
+        }
+        return {"source": "model", **cfg.metadata(cfg.hook_name), "reading": reading}
+
+    def contexts_before(self, start_batch: int, batch_size: int) -> int:
+        """Contexts from the start of the text that the stream from batch 0 can have served in its first
+        start_batch batches of batch_size rows (counted on the tokens, the dataset repeating)."""
+        if start_batch == 0:
+            return 0
+        cfg = self.cfg
+        used = start_batch * batch_size + cfg.buffer_tokens + cfg.model_batch_size * cfg.context_size
+        return self.pipeline.contexts.contexts_holding(used, self.pipeline.excluded)
+
+    def contexts_per_pass(self) -> int:
+        """Contexts in one pass over the dataset (tokenizes it once)."""
+        return sum(1 for _ in self.pipeline.contexts.contexts())
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]:
         """Endless batches [batch_size, d_in] from the mixing buffer."""
@@ -47,8 +67,7 @@ class ModelSource:
         from saelab.harvest.pipeline import harvest_rows
 
         cfg = self.cfg
-        used = start_batch * batch_size + cfg.buffer_tokens + cfg.model_batch_size * cfg.context_size
-        skip = self.pipeline.contexts.contexts_holding(used if start_batch else 0, self.pipeline.excluded)
+        skip = self.contexts_before(start_batch, batch_size)
         rows = harvest_rows(self.pipeline, cfg.model_batch_size, skip=skip, repeat=True)
         nbytes = cfg.buffer_tokens * self.d_in * 4
         device = buffer_device(cfg.buffer_device, self.train_device, nbytes)

@@ -96,8 +96,9 @@ def evaluation_start(
         start = -(-end_row // batch_size) if start_batch < 0 else start_batch
         first = start * batch_size
         return start, end_row <= first and first + tokens <= int(reads.get("distinct_rows", 0))
-    end_context, per_pass = source.contexts_before(end, trained_batch), source.contexts_per_pass()
+    end_context = source.contexts_before(end, trained_batch)
     start = -(-end_context // batch_size) if start_batch < 0 else start_batch
-    if start_batch < 0 and start * batch_size >= per_pass:  # no text left that training did not read
+    text_left = source.text_holds(start * batch_size)
+    if start_batch < 0 and not text_left:  # no text left that training did not read
         return 0, False
-    return start, end_context <= start * batch_size < per_pass
+    return start, end_context <= start * batch_size and text_left

@@ -5,6 +5,7 @@ Heavy libraries (transformers, TransformerLens, datasets) are imported only when
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +58,10 @@ class ModelSource:
         used = start_batch * batch_size + cfg.buffer_tokens + cfg.model_batch_size * cfg.context_size
         return self.pipeline.contexts.contexts_holding(used, self.pipeline.excluded)
 
-    def contexts_per_pass(self) -> int:
-        """Contexts in one pass over the dataset (tokenizes it once)."""
-        return sum(1 for _ in self.pipeline.contexts.contexts())
+    def text_holds(self, contexts: int) -> bool:
+        """Whether one pass over the text holds more than `contexts` contexts (tokenizes at most that many + 1,
+        not the whole of a large dataset)."""
+        return next(itertools.islice(self.pipeline.contexts.contexts(), contexts, None), None) is not None
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]:
         """Endless batches [batch_size, d_in] from the mixing buffer."""

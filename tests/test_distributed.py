@@ -25,7 +25,7 @@ from saelab import load_sae
 from saelab.app.cli import main
 from saelab.app.hydra_callbacks import SharedRunDir
 from saelab.parallel import global_batch
-from saelab.parallel.distributed import Distributed, env_world_size, setup
+from saelab.parallel.distributed import Distributed, env_world_size, finish, setup
 from saelab.sae import build_sae
 from saelab.sae.batchtopk import BatchTopKConfig
 from saelab.sae.losses import fraction_of_variance_unexplained
@@ -108,6 +108,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
     results = {arch: train(arch, output_dir=out / f"rank{rank}" / arch) for arch in CASES}
     results["checks"] = global_batch_checks(Distributed(rank, WORLD))
     torch.save(results, out / f"results{rank}.pt")
+    finish()  # as `saelab train` ends: a barrier, then the group destroyed (no rank exits under another's feet)
 
 
 def planted_batches() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -268,10 +268,12 @@ def test_torchrun_cli_run_writes_one_output_dir_with_the_single_process_sae(tmp_
         torch.testing.assert_close(ddp.state_dict()[name], value, rtol=1e-4, atol=2e-5, msg=name)
 
 
-def test_a_multirun_under_torchrun_is_refused(monkeypatch):
+def test_a_multirun_under_torchrun_is_refused_before_any_job(monkeypatch, tmp_path):
+    """Refused by the command itself: Hydra would turn a callback's error into a warning and run the sweep."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="cannot run under torchrun"):
-        SharedRunDir().on_multirun_start(config=None)
+    with pytest.raises(SystemExit, match="cannot run under torchrun"):
+        main(["train", "-m", "sae.k=4,8", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_a_slurm_job_with_several_tasks_exports_the_torchrun_environment(monkeypatch):

@@ -295,3 +295,36 @@ def test_job_states_come_from_squeue_after_one_line_about_sacct(tmp_path, monkey
     assert [watcher.is_done(f"9_{i}", mode="cache") for i in range(3)] == [True, True, False]
     notes = [r.getMessage() for r in caplog.records]
     assert len(notes) == 1 and "accounting storage is disabled" in notes[0] and "squeue" in notes[0]
+
+
+def test_sweep_job_folders_stay_flat_and_short_whatever_the_overrides(tmp_path):
+    """A '/' in a value would nest a job's folder (and lose its number); a long command line would pass the file
+    system's 255-byte limit. Folder names are flat, at most 200 characters, and keep the job number."""
+    from saelab.app.resolvers import MAX_DIRNAME, safe_dirname
+
+    sweep = tmp_path / "sweep"
+    many = [
+        "source.noise_std=0.01",
+        "logging.project=team/project",
+        "trainer.lr_warmup_frac=0.05",
+        "trainer.lr_decay_frac=0.3",
+        "sae.aux_k_coef=0.05",
+        "trainer.dead_window_tokens=512",
+        "source.mean_active=3.0",
+        "trainer.seed=3",
+        "trainer.log_every=2",
+        "trainer.dead_check_every=2",
+        "source.seed=2",
+        "trainer.adam_beta1=0.9",
+    ]  # fmt: skip  (about 300 characters of overrides, one with a '/')
+    main(["train", "-m", "sae.d_sae=64", "sae.k=2,4", "source.d_in=16", "trainer.total_tokens=1024",
+          "trainer.batch_size=256", "trainer.device=cpu", "logging.progress=false", *many,
+          f"hydra.sweep.dir={sweep}"])  # fmt: skip
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name[:2] for p in runs] == ["0_", "1_"] and all(len(p.name) <= MAX_DIRNAME + 2 for p in runs)
+    assert all((p / "summary.json").is_file() for p in runs)  # flat: the run is the folder itself
+    rows = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [(r["job"], r["status"]) for r in rows] == [(0, "done"), (1, "done")]
+    assert safe_dirname("a=x/y,b=1") == "a=x_y,b=1"
+    long = ",".join(f"key{i}=value{i}" for i in range(40))
+    assert len(safe_dirname(long)) == MAX_DIRNAME and safe_dirname(long) != safe_dirname(long + "x")

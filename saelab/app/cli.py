@@ -9,6 +9,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import saelab.app.resolvers  # noqa: F401  (registers the resolvers the configs use)
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
@@ -18,6 +20,7 @@ def hydra_app(config_name: str, task: Callable[[DictConfig], object]) -> Callabl
     def command(argv: list[str]) -> None:
         from saelab.app.config import register_configs
 
+        check_not_multirun_under_torchrun(argv)
         register_configs()
         app = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base=None)(task)
         saved = sys.argv
@@ -31,6 +34,20 @@ def hydra_app(config_name: str, task: Callable[[DictConfig], object]) -> Callabl
             sys.argv = saved
 
     return command
+
+
+def check_not_multirun_under_torchrun(argv: list[str]) -> None:
+    """Refuse `-m` under torchrun before Hydra starts (Hydra turns a callback's error into a warning): every rank
+    would launch the whole sweep."""
+    from saelab.parallel.distributed import env_world_size
+
+    if env_world_size() > 1 and any(a in ("-m", "--multirun") for a in argv):
+        raise SystemExit(
+            "a Hydra multirun (-m) cannot run under torchrun: every rank would launch the whole sweep. Run the "
+            "sweep with one process per job (locally, or on SLURM with hydra/launcher=slurm and "
+            "hydra.launcher.tasks_per_node=hydra.launcher.gpus_per_node for data-parallel jobs), or call "
+            "torchrun once per configuration."
+        )
 
 
 def _train(cfg: DictConfig) -> object:

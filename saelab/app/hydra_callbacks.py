@@ -94,17 +94,6 @@ class SharedRunDir(Callback):
             lock.release(self.locked)
             self.locked = None
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from saelab.parallel import distributed
-
-        if distributed.env_world_size() > 1:
-            raise ValueError(
-                "a Hydra multirun (-m) cannot run under torchrun: every rank would launch the whole sweep. "
-                "Run the sweep with one process per job (locally, or on SLURM with hydra/launcher=slurm and "
-                "hydra.launcher.tasks_per_node=hydra.launcher.gpus_per_node for data-parallel jobs), or call "
-                "torchrun once per configuration."
-            )
-
 
 class SlurmJobStates(Callback):
     """With submitit's SLURM launcher, poll job states with sacct while it works, then with squeue."""

@@ -38,14 +38,14 @@ TABLE_METRICS = ("loss", "fvu", "l0", "dead_frac", "mmcs", "frac_recovered")
 
 def sweep_logging(cfg: LoggingConfig) -> LoggingConfig:
     """Inside a Hydra multirun, default the wandb group to the sweep directory and the run name to the job's
-    number and overrides; explicit logging.group / logging.run_name win. Unchanged outside a multirun."""
+    folder name (its number and overrides, `saelab.app.resolvers.safe_dirname`); explicit logging.group / logging.run_name win. Unchanged outside a multirun."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return cfg
     hydra = HydraConfig.get()
-    name = "_".join(str(p) for p in (hydra.job.num, hydra.job.override_dirname) if p != "")
+    name = Path(hydra.runtime.output_dir).name  # the job's folder: its number and flat, short overrides
     return dataclasses.replace(cfg, group=cfg.group or str(hydra.sweep.dir), run_name=cfg.run_name or name)
 
 

@@ -328,3 +328,25 @@ def test_sweep_job_folders_stay_flat_and_short_whatever_the_overrides(tmp_path):
     assert safe_dirname("a=x/y,b=1") == "a=x_y,b=1"
     long = ",".join(f"key{i}=value{i}" for i in range(40))
     assert len(safe_dirname(long)) == MAX_DIRNAME and safe_dirname(long) != safe_dirname(long + "x")
+
+
+def test_sweep_summary_says_a_local_job_still_training_is_running(tmp_path, capsys):
+    """A run folder without summary.json whose lock a live process holds is `running`, not `missing`."""
+    run = tmp_path / "sweep" / "0_sae.k=2"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- sae.k=2\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from saelab.train.lock import acquire; acquire(sys.argv[1]); "
+         "print('held', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        main(["sweep-summary", str(tmp_path / "sweep")])
+        rows = [json.loads(line) for line in (tmp_path / "sweep" / "summary.jsonl").read_text().splitlines()]
+        assert [(r["job"], r["status"]) for r in rows] == [(0, "running")]
+    finally:
+        holder.communicate("")  # the holder exits, and its lock with it
+    main(["sweep-summary", str(tmp_path / "sweep")])
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "summary.jsonl").read_text().splitlines()]
+    assert [(r["job"], r["status"]) for r in rows] == [(0, "missing")]

@@ -8,7 +8,8 @@ sweep every run's wandb group defaults to the sweep directory and its name to th
 `job` (its number), `run` (its folder), `status`, `overrides` and the run's final metrics. Status: "done" (it
 wrote summary.json); for a SLURM job (hydra-submitit-launcher's `.submitit/` folder) "pending", "running" or
 "failed" by squeue and submitit's result file, with `slurm_job_id`, `slurm_state` and the job's `error`;
-"missing" where neither tells (a local run that failed, or no squeue here). It runs when a multirun ends, also
+"running" for a local run whose process still holds its run directory's lock; "missing" where none of these
+tells (a local run that failed, or no squeue here). It runs when a multirun ends, also
 with an error (the SweepSummary callback in configs/config.yaml), and as `saelab sweep-summary DIR`, for a
 sweep whose SLURM jobs outlived the process that submitted them.
 """
@@ -28,6 +29,7 @@ from omegaconf import OmegaConf
 from saelab.app.slurm_jobs import ACTIVE, SUBMITIT, WAITING, SubmittedJob, queue_states, submitted_jobs
 from saelab.core.atomic import atomic_file
 from saelab.train.config import LoggingConfig
+from saelab.train.lock import held_elsewhere
 
 RUN_SUMMARY = "summary.json"
 SWEEP_SUMMARY = "summary.jsonl"
@@ -78,6 +80,8 @@ def _run_row(root: Path, run: Path) -> dict[str, Any]:
         summary = json.loads((run / RUN_SUMMARY).read_text())
         summary.pop("config", None)
         row.update(status="done", **summary)
+    elif held_elsewhere(run):  # a job still training there holds its run directory's lock
+        row["status"] = "running"
     return row
 
 

@@ -81,6 +81,24 @@ def release(run_dir: str | Path) -> None:
     os.close(fd)
 
 
+def held_elsewhere(run_dir: str | Path) -> bool:
+    """Whether a live process other than this one holds run_dir's lock (a job still training there)."""
+    root = Path(run_dir).resolve()
+    if root in _held:
+        return False
+    try:
+        fd = os.open(root / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: nobody holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a shared lock taken just now
+    return False
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str | Path | None) -> Iterator[None]:
     """Hold run_dir's lock inside the block (no-op for None)."""

@@ -350,3 +350,30 @@ def test_sweep_summary_says_a_local_job_still_training_is_running(tmp_path, caps
     main(["sweep-summary", str(tmp_path / "sweep")])
     rows = [json.loads(line) for line in (tmp_path / "sweep" / "summary.jsonl").read_text().splitlines()]
     assert [(r["job"], r["status"]) for r in rows] == [(0, "missing")]
+
+
+def test_a_sweep_stopped_by_sigterm_still_writes_its_summary_and_frees_the_run(tmp_path):
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saelab.app.cli", "train", "-m", "sae.d_sae=64", "sae.k=2,4", "source.d_in=16",
+         "trainer.total_tokens=50000000", "trainer.batch_size=256", "trainer.device=cpu",
+         "logging.progress=false", f"hydra.sweep.dir={sweep}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not list(sweep.glob("0_*/.lock")) and time.time() < deadline:  # job 0 is training
+            time.sleep(0.2)
+        assert list(sweep.glob("0_*/.lock")), "job 0 never started"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    rows = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [(r["job"], r["status"]) for r in rows] == [(0, "missing")]
+    assert not list(sweep.glob("*/.lock"))  # the job's lock was released on the way out

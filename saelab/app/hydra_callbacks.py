@@ -12,7 +12,8 @@ SlurmJobStates: with a SLURM launcher, poll job states with squeue once sacct fa
 accounting), instead of a warning every poll and a wait without end for a cancelled job (saelab.app.slurm_watcher).
 
 SweepSummary: when a multirun ends, gather the runs' summary.json files into the sweep's summary.jsonl
-(saelab.app.sweep), also when it ends with an error (a failed or cancelled job) or is interrupted.
+(saelab.app.sweep), also when it ends with an error (a failed or cancelled job) or is interrupted (Ctrl-C, or
+SIGTERM, which it turns into a normal exit).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +110,17 @@ class SlurmJobStates(Callback):
             slurm_watcher.install()
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (`kill`, a scheduler's stop) into SystemExit(143) in the main thread, so that a sweep still
+    runs its `finally` blocks (the job's run-directory lock) and atexit hooks (the sweep summary) as it stops.
+    A handler someone else installed is left in place."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 class SweepSummary(Callback):
     """Write <sweep dir>/summary.jsonl (one row per run) and log its table when a multirun ends: from
     on_multirun_end, or at exit where the multirun raised (Hydra skips on_multirun_end then)."""
@@ -113,6 +128,7 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         atexit.register(self.write)
+        exit_on_sigterm()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         atexit.unregister(self.write)

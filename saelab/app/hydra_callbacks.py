@@ -110,15 +110,16 @@ class SlurmJobStates(Callback):
             slurm_watcher.install()
 
 
-def exit_on_sigterm() -> None:
+def exit_on_sigterm() -> bool:
     """Turn SIGTERM (`kill`, a scheduler's stop) into SystemExit(143) in the main thread, so that a sweep still
     runs its `finally` blocks (the job's run-directory lock) and atexit hooks (the sweep summary) as it stops.
-    A handler someone else installed is left in place."""
-    if (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    ):
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    A handler someone else installed is left in place. Returns whether it installed one."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    return True
 
 
 class SweepSummary(Callback):
@@ -128,10 +129,12 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         atexit.register(self.write)
-        exit_on_sigterm()
+        self.sigterm_installed = exit_on_sigterm()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         atexit.unregister(self.write)
+        if getattr(self, "sigterm_installed", False):  # the sweep is over: SIGTERM acts as before again
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self.write()
 
     def write(self) -> None:

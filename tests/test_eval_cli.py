@@ -280,3 +280,60 @@ def test_eval_of_a_model_trained_sae_starts_on_text_training_did_not_read(tmp_pa
         long, source, EvalConfig(total_tokens=64, lm_batch_size=4, cooccurrence_latents=0)
     ).report
     assert report["data"] == {"start_batch": 0, "held_out": False}
+
+
+def test_held_out_text_of_a_live_model_source_stays_out_of_training_when_the_text_repeats(tmp_path):
+    """A run that reads its text several times never trains on the contexts of its held-out batches: every
+    pass after the first skips them. Reference: the token contexts the model ran on for each stream."""
+    from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
+
+    from saelab.harvest.config import ModelSourceConfig
+    from saelab.harvest.pipeline import HarvestPipeline
+    from saelab.harvest.tlens import TransformerLensHarvester
+    from saelab.sources.harvested import ModelSource
+
+    class RecordingSource(ModelSource):
+        """Notes which of its streams (0: held out, 1: training) is running when the model reads contexts."""
+
+        def batches(self, *args, **kwargs):
+            stream_id, batches = self.streams, super().batches(*args, **kwargs)
+            self.streams += 1
+            while True:
+                self.active = stream_id
+                x = next(batches, None)
+                if x is None:
+                    return
+                yield x
+
+    class RecordingHarvester:
+        def __init__(self, inner):
+            self.inner, self.device = inner, inner.device
+
+        def __call__(self, tokens):
+            read[source.active].update(map(tuple, tokens.tolist()))
+            calls[source.active] += 1
+            return self.inner(tokens)
+
+    hook = "blocks.0.hook_resid_post"
+    cfg = ModelSourceConfig(
+        model="tiny", hook_name=hook, dataset=str(write_corpus(tmp_path / "corpus", n_docs=12)), context_size=16,
+        model_batch_size=4, buffer_tokens=128,
+    )  # fmt: skip
+    pipeline = HarvestPipeline.from_tokenizer(
+        TransformerLensHarvester(tiny_tl(n_layers=1), [hook]), word_tokenizer(WORDS), cfg
+    )
+    source = RecordingSource(cfg, torch.device("cpu"), pipeline=pipeline)
+    source.streams, read, calls = 0, {0: set(), 1: set()}, [0, 0]
+    pipeline.harvester = RecordingHarvester(pipeline.harvester)
+    text = [tuple(context) for context in pipeline.contexts.contexts()]
+    trainer_cfg = TrainerConfig(
+        total_tokens=64 * 30, batch_size=64, device="cpu", eval_every=10, eval_batches=2
+    )
+    torch.manual_seed(0)
+    Trainer(TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)), trainer_cfg).fit(source)
+    reserved = source.contexts_before(
+        2, 64
+    )  # what the held-out stream can read: 128 rows, buffer, model batch
+    assert len(read[0]) >= 4 and read[0] <= set(text[:reserved]) and reserved < len(text) / 2
+    assert read[1] == set(text[reserved:])  # training read the rest of the text, never the held-out part
+    assert calls[1] * 4 > 2 * len(text)  # ... at least twice

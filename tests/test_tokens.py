@@ -1,6 +1,7 @@
 """Token pipeline: dataset loading (local text/json/jsonl/parquet), packing with BOS, special-token masks."""
 
 import json
+from itertools import islice
 
 import pytest
 import torch
@@ -145,3 +146,27 @@ def test_contexts_holding_counts_kept_tokens_across_passes(tmp_path):
     for rows in [0, 1, 4, 5, 9, int(kept[len(one_pass) - 1]), int(kept[len(one_pass)]), int(kept[-1]) - 2]:
         want = 0 if rows == 0 else int((kept < rows).sum()) + 1  # first context where the count reaches rows
         assert stream.contexts_holding(rows, excluded) == want, rows
+
+
+def test_repeated_passes_skip_the_reserved_contexts(tmp_path):
+    """With reserved=r the passes after the first leave out the first r contexts (held-out text), and
+    contexts_holding counts on that same sequence; the reference is the sequence written out by hand."""
+    for i, doc in enumerate(DOCS):
+        (tmp_path / f"doc{i}.txt").write_text(doc + " zzz")
+    tok = word_tokenizer(" ".join(DOCS).split())
+    stream = ContextStream(TextSpec(str(tmp_path)), tok, context_size=5)
+    excluded = torch.tensor(excluded_token_ids(tok))
+    one_pass = list(stream.contexts())
+    for reserved in [0, 1, 2]:
+        served = one_pass + one_pass[reserved:] * 5  # the first pass whole, later ones without the reserved
+        for skip in [0, 3, len(one_pass) + 1]:
+            got = torch.cat(list(islice(stream.batches(2, skip=skip, repeat=True, reserved=reserved), 4)))
+            assert torch.equal(got, torch.tensor(served[skip : skip + 8])), (reserved, skip)
+        kept = keep_mask(torch.tensor(served), excluded).sum(1).cumsum(0)
+        for rows in [1, int(kept[len(one_pass) - 1]), int(kept[len(one_pass)]), int(kept[-1]) - 3]:
+            want = int((kept < rows).sum()) + 1
+            assert stream.contexts_holding(rows, excluded, reserved) == want, (reserved, rows)
+    with pytest.raises(ValueError, match="all of them held out.*trainer.eval_batches"):
+        list(islice(stream.batches(2, repeat=True, reserved=len(one_pass)), 4))
+    with pytest.raises(ValueError, match="all of them held out"):
+        stream.contexts_holding(10**6, excluded, len(one_pass))

@@ -188,34 +188,55 @@ class ContextStream:
         texts = iter_texts(load_text_dataset(self.spec), self.spec.text_column)
         return pack_contexts(tokenize_documents(texts, self.tokenizer), self.context_size, self.bos_id)
 
-    def contexts_holding(self, rows: int, excluded: Tensor) -> int:
+    def contexts_holding(self, rows: int, excluded: Tensor, reserved: int = 0) -> int:
         """How many contexts from the start (the dataset repeating) it takes to hold `rows` kept tokens
-        (tokens not in `excluded`). Tokenizes at most two passes over the dataset."""
+        (tokens not in `excluded`), counted as `batches(..., reserved=reserved)` counts them: the first
+        `reserved` contexts of every pass after the first are not read. Tokenizes at most two passes."""
         if rows <= 0:
             return 0
         drop = set(excluded.tolist())
-        seen = kept = 0
+        seen = kept = kept_reserved = 0
         for ctx in self.contexts():
             seen += 1
             kept += sum(t not in drop for t in ctx)
+            if seen == reserved:
+                kept_reserved = kept
             if kept >= rows:
                 return seen
-        if kept == 0:
-            raise ValueError(f"source.dataset={self.spec.dataset!r} yields no non-special tokens.")
-        epochs, rest = divmod(rows, kept)  # whole passes hold `kept` rows in `seen` contexts each
-        return epochs * seen + self.contexts_holding(rest, excluded)
+        per_pass, contexts_per_pass = kept - kept_reserved, seen - min(reserved, seen)
+        if per_pass == 0:
+            raise self._nothing_after(reserved, seen)
+        epochs, rest = divmod(rows - kept, per_pass)  # later passes hold `per_pass` rows each
+        if rest == 0:
+            return seen + epochs * contexts_per_pass
+        within = self.contexts_holding(rest + kept_reserved, excluded) - min(reserved, seen)
+        return seen + epochs * contexts_per_pass + within
 
-    def batches(self, batch_size: int, skip: int = 0, repeat: bool = False) -> Iterator[Tensor]:
+    def _nothing_after(self, reserved: int, contexts: int) -> ValueError:
+        what = "no non-special tokens" if reserved == 0 else f"{contexts} contexts, all of them held out"
+        return ValueError(
+            f"source.dataset={self.spec.dataset!r} yields {what}: nothing is left to repeat for training; "
+            "use more text" + (" or fewer held-out batches (trainer.eval_batches)." if reserved else ".")
+        )
+
+    def batches(
+        self, batch_size: int, skip: int = 0, repeat: bool = False, reserved: int = 0
+    ) -> Iterator[Tensor]:
         """Token batches [batch_size, context_size] (int64), after skipping `skip` contexts.
 
         repeat: start over at the end of the dataset (for training runs longer than the corpus); otherwise
-        a final partial batch is yielded. Raises if the dataset holds no complete context.
+        a final partial batch is yielded. reserved: contexts at the start of the text (held out for
+        evaluation) that the passes after the first skip; they do not count towards `skip`. Raises if the
+        dataset holds no complete context, or none past the reserved ones to repeat.
         """
-        seen = 0
+        seen = passes = 0
         batch: list[list[int]] = []
         while True:
-            produced = 0
-            for ctx in self.contexts():
+            produced = length = 0
+            for position, ctx in enumerate(self.contexts()):
+                length = position + 1
+                if passes and position < reserved:
+                    continue
                 produced += 1
                 seen += 1
                 if seen <= skip:
@@ -224,12 +245,15 @@ class ContextStream:
                 if len(batch) == batch_size:
                     yield torch.tensor(batch, dtype=torch.long)
                     batch = []
-            if produced == 0:
+            if produced == 0 and passes == 0:
                 raise ValueError(
                     f"source.dataset={self.spec.dataset!r} yields no complete context of {self.context_size} "
                     "tokens; use more text or a smaller source.context_size."
                 )
+            if produced == 0:
+                raise self._nothing_after(reserved, length)
             if not repeat:
                 break
+            passes += 1
         if batch:
             yield torch.tensor(batch, dtype=torch.long)

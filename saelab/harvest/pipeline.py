@@ -58,11 +58,12 @@ def build_pipeline(cfg: ModelSourceConfig, hook_names: list[str], device: torch.
 
 
 def harvest_rows(
-    pipeline: HarvestPipeline, batch_size: int, skip: int = 0, repeat: bool = False
+    pipeline: HarvestPipeline, batch_size: int, skip: int = 0, repeat: bool = False, reserved: int = 0
 ) -> Iterator[tuple[dict[str, Tensor], Tensor, int]]:
-    """Per model batch of `batch_size` contexts (after skipping `skip` contexts): ({hook: rows [N, d]} on the
-    model's device, token ids [N] on the CPU, contexts used). Rows are kept positions in (context, pos) order."""
-    for tokens in pipeline.contexts.batches(batch_size, skip=skip, repeat=repeat):
+    """Per model batch of `batch_size` contexts (after skipping `skip` contexts; `ContextStream.batches` for
+    repeat and reserved): ({hook: rows [N, d]} on the model's device, token ids [N] on the CPU, contexts
+    used). Rows are kept positions in (context, pos) order."""
+    for tokens in pipeline.contexts.batches(batch_size, skip=skip, repeat=repeat, reserved=reserved):
         acts = pipeline.harvester(tokens)
         keep = keep_mask(tokens, pipeline.excluded)
         keep_dev = keep.to(pipeline.harvester.device)

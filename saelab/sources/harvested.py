@@ -24,9 +24,13 @@ class ModelSource:
 
     batches(B, start_batch=b > 0) starts on the text after everything that the stream from batch 0 can have
     served in its first b batches (b * B rows, plus a buffer and a model batch of rows, counted on the
-    tokens without running the model). So held-out batches 0..b-1 never reappear in training, and a resumed
-    run sees fresh text, though not the exact rows of the uninterrupted run (train from a cache for that).
+    tokens without running the model). So held-out batches 0..h-1 never reappear in training (passes after
+    the first skip their text: reserved_batches=h), and a resumed run sees fresh text, though not the exact
+    rows of the uninterrupted run (train from a cache for that).
     """
+
+    #: the text repeats: the trainer passes its held-out batch count as `reserved_batches`
+    repeats_text = True
 
     def __init__(self, cfg: ModelSourceConfig, device: torch.device, pipeline: Any = None):
         from saelab.harvest.base import hook_widths
@@ -49,28 +53,31 @@ class ModelSource:
         }
         return {"source": "model", **cfg.metadata(cfg.hook_name), "reading": reading}
 
-    def contexts_before(self, start_batch: int, batch_size: int) -> int:
+    def contexts_before(self, start_batch: int, batch_size: int, reserved: int = 0) -> int:
         """Contexts from the start of the text that the stream from batch 0 can have served in its first
-        start_batch batches of batch_size rows (counted on the tokens, the dataset repeating)."""
+        start_batch batches of batch_size rows (counted on the tokens, the dataset repeating without its first
+        `reserved` contexts)."""
         if start_batch == 0:
             return 0
         cfg = self.cfg
         used = start_batch * batch_size + cfg.buffer_tokens + cfg.model_batch_size * cfg.context_size
-        return self.pipeline.contexts.contexts_holding(used, self.pipeline.excluded)
+        return self.pipeline.contexts.contexts_holding(used, self.pipeline.excluded, reserved)
 
     def text_holds(self, contexts: int) -> bool:
         """Whether one pass over the text holds more than `contexts` contexts (tokenizes at most that many + 1,
         not the whole of a large dataset)."""
         return next(itertools.islice(self.pipeline.contexts.contexts(), contexts, None), None) is not None
 
-    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]:
-        """Endless batches [batch_size, d_in] from the mixing buffer."""
+    def batches(self, batch_size: int, start_batch: int = 0, reserved_batches: int = 0) -> Iterator[Tensor]:
+        """Endless batches [batch_size, d_in] from the mixing buffer. reserved_batches: the first batches of
+        the stream, held out for evaluation; their text is not read again when the dataset repeats."""
         from saelab.buffer.mixing import MixingBuffer, buffer_device
         from saelab.harvest.pipeline import harvest_rows
 
         cfg = self.cfg
-        skip = self.contexts_before(start_batch, batch_size)
-        rows = harvest_rows(self.pipeline, cfg.model_batch_size, skip=skip, repeat=True)
+        reserved = self.contexts_before(reserved_batches, batch_size)
+        skip = self.contexts_before(start_batch, batch_size, reserved)
+        rows = harvest_rows(self.pipeline, cfg.model_batch_size, skip=skip, repeat=True, reserved=reserved)
         nbytes = cfg.buffer_tokens * self.d_in * 4
         device = buffer_device(cfg.buffer_device, self.train_device, nbytes)
         seed = derive_seed(cfg.seed, "mixing.shuffle", start_batch)

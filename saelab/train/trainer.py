@@ -274,10 +274,18 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
     def _stream(self, source: BatchSource | Iterator[Tensor]) -> Iterator[Tensor]:
-        if hasattr(source, "batches"):
-            start = self.step + self.heldout_offset
-            return self._checked(iter(source.batches(self.cfg.batch_size, start_batch=start)), plain=False)
-        return self._checked(iter(source), plain=True)
+        if not hasattr(source, "batches"):
+            return self._checked(iter(source), plain=True)
+        start = self.step + self.heldout_offset
+        if getattr(
+            source, "repeats_text", False
+        ):  # a live model source: held-out text stays out of every pass
+            batches = source.batches(
+                self.cfg.batch_size, start_batch=start, reserved_batches=self.heldout_offset
+            )
+        else:
+            batches = source.batches(self.cfg.batch_size, start_batch=start)
+        return self._checked(iter(batches), plain=False)
 
     def _checked(self, batches: Iterator[Tensor], plain: bool) -> Iterator[Tensor]:
         """The run's batches; running out before the last step raises BatchesExhausted naming how many were

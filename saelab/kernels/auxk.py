@@ -9,6 +9,9 @@ pads every row with empty slots (slow on CPU). Here the C candidate dead latents
     e_hat    = Z @ W_dec[dead]                   [B, d]  (dense GEMM)
 
 and backward is three more dense GEMMs of the same size (grad Z, grad W_dec[dead], grad W_enc[:, dead]).
+Those sub-dictionary gradients go into `AuxGradients`, which the sparse decode and encoder backwards (run after
+this one) add into the full-size gradient buffers they build anyway: no zero-filled [n, d] gradient per
+parameter and no extra full-size addition in autograd's accumulation.
 
 The candidate list comes from the trainer: `dead_latent_list` runs at its periodic dead-latent check (the
 one host sync that check already makes) and pads the list to a bucketed capacity, so a step uses device
@@ -65,63 +68,93 @@ def dead_codes(pre_dead: Tensor, aux_k: int) -> Tensor:
     return torch.zeros_like(pre_dead).scatter_(1, positions, values.relu())
 
 
+@dataclass
+class AuxGradients:
+    """AuxK's gradients on the gathered latents [C], handed from the gathered AuxK backward to the sparse
+    kernels' backwards, which add them into their full-size gradient buffers (`add_to`). W_dec_rows [C, d]
+    (rows of grad W_dec), W_enc_columns [d, C] (columns of grad W_enc), b_enc [C]; None until written."""
+
+    latents: Tensor
+    W_dec_rows: Tensor | None = None
+    W_enc_columns: Tensor | None = None
+    b_enc: Tensor | None = None
+
+    def add_to(self, grad: Tensor, part: str) -> Tensor:
+        """grad with the `part` ("W_dec_rows": grad [n, d], "W_enc_columns": [d, n], "b_enc": [n]) added at the
+        latents, in place; then that part is released. grad is unchanged when the part was not written."""
+        rows = getattr(self, part)
+        if rows is None:
+            return grad
+        setattr(self, part, None)
+        return grad.index_add_(1 if part == "W_enc_columns" else 0, self.latents, rows.to(grad.dtype))
+
+
 class _GatheredAuxDecode(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: FunctionCtx,
         codes: Tensor,
-        latents: Tensor,
         x: Tensor,
         W_enc: Tensor,
-        b_enc: Tensor,
         b_dec: Tensor,
         W_dec: Tensor,
+        gradients: AuxGradients,
+        after: Tensor,
     ) -> Tensor:
-        ctx.save_for_backward(codes, latents, x, W_enc, b_dec, W_dec)
-        return (codes @ W_dec.index_select(0, latents).to(codes.dtype)).to(W_dec.dtype)
+        ctx.gradients = gradients
+        ctx.save_for_backward(codes, x, W_enc, b_dec, W_dec)
+        return (codes @ W_dec.index_select(0, gradients.latents).to(codes.dtype)).to(W_dec.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        codes, latents, x, W_enc, b_dec, W_dec = ctx.saved_tensors
-        dtype = codes.dtype
+        codes, x, W_enc, b_dec, W_dec = ctx.saved_tensors
+        out, latents, dtype = ctx.gradients, ctx.gradients.latents, codes.dtype
         grad_out = grad_out.to(dtype)
-        grad_W_dec = torch.zeros_like(W_dec).index_add_(0, latents, (codes.T @ grad_out).to(W_dec.dtype))
         # gradient of the kept pre-activations: through the ReLU and the selection, as in plain autograd
         g = torch.where(codes != 0, grad_out @ W_dec.index_select(0, latents).to(dtype).T, 0)
-        centred = (x - b_dec).to(dtype)
-        grad_W_enc = torch.zeros_like(W_enc).index_add_(1, latents, (centred.T @ g).to(W_enc.dtype))
-        grad_b_enc = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device)
-        grad_b_enc.index_add_(0, latents, g.sum(dim=0, dtype=W_enc.dtype))
-        grad_b_dec = -(W_enc @ grad_b_enc).to(b_dec.dtype)
+        out.W_dec_rows = codes.T @ grad_out
+        out.W_enc_columns = (x - b_dec).to(dtype).T @ g
+        out.b_enc = g.sum(dim=0, dtype=W_enc.dtype)
         grad_x = None
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1]:
             grad_x = (g @ W_enc.index_select(1, latents).to(dtype).T).to(x.dtype)
-        return None, None, grad_x, grad_W_enc, grad_b_enc, grad_b_dec, grad_W_dec
+        return None, grad_x, None, None, None, None, None
 
 
 def gathered_auxk_decode(
-    codes: Tensor, latents: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor
+    codes: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor,
+    W_dec: Tensor,
+    gradients: AuxGradients,
+    after: Tensor,
 ) -> Tensor:
-    """AuxK's reconstruction of the residual, e_hat = codes @ W_dec[latents] -> [B, d] in W_dec's dtype.
+    """AuxK's reconstruction of the residual, e_hat = codes @ W_dec[latents] -> [B, d] in W_dec's dtype, for
+    the latents [C] of `gradients`.
 
-    codes [B, C] (detached, from `dead_codes` on pre = (x - b_dec) @ W_enc + b_enc gathered at latents [C]):
-    each entry is that pre-activation or exactly 0. Gradients reach W_dec[latents] and, through the nonzero
-    codes, W_enc[:, latents], b_enc[latents], b_dec and x, exactly as dense autograd would send them; the
-    GEMMs run in codes' dtype (bf16 under autocast)."""
-    return _GatheredAuxDecode.apply(codes.detach(), latents, x, W_enc, b_enc, b_dec, W_dec)
+    codes [B, C] (detached, from `dead_codes` on pre = (x - b_dec) @ W_enc + b_enc gathered at the latents):
+    each entry is that pre-activation or exactly 0. The gradient of x is returned; those of W_dec[latents] and,
+    through the nonzero codes, W_enc[:, latents] and b_enc[latents] (and so b_dec's share) are written into
+    `gradients`, which the same step's `sparse_encoder_values` and `sparse_decode_groups` were given: their
+    backwards add them into the full-size gradients they build, exactly as dense autograd would send them.
+    after: the sparse decode's output, which makes this backward run before theirs. The GEMMs run in codes'
+    dtype (bf16 under autocast)."""
+    return _GatheredAuxDecode.apply(codes.detach(), x, W_enc, b_dec, W_dec, gradients, after)
 
 
 @dataclass
 class AuxSelection:
-    """AuxK's codes for one batch. Dense: codes [B, C] over latents [C] (for `gathered_auxk_decode`). Sparse:
-    values, indices [B, w] that join the TopK codes in the sparse kernels. n_dead: scalar count of dead latents."""
+    """AuxK's codes for one batch. Dense: codes [B, C] over the latents [C] of `gradients`, the AuxGradients
+    that `gathered_auxk_decode` hands to the sparse kernels. Sparse: values, indices [B, w] that join the TopK
+    codes in the sparse kernels. n_dead: scalar count of dead latents."""
 
     n_dead: Tensor
     codes: Tensor | None = None
-    latents: Tensor | None = None
     values: Tensor | None = None
     indices: Tensor | None = None
+    gradients: AuxGradients | None = None
 
     @property
     def dense(self) -> bool:
@@ -139,6 +172,7 @@ def select_auxk(pre: Tensor, dead_mask: Tensor, dead_latents: Tensor | None, aux
         return AuxSelection(dead_mask.sum(), values=values.relu(), indices=indices)
     pre_dead, latents, n_dead = gather_dead(pre, dead_latents, dead_mask)
     if auxk_dense(pre.device, latents.numel(), aux_k):
-        return AuxSelection(n_dead, codes=dead_codes(pre_dead, aux_k), latents=latents)
+        codes = dead_codes(pre_dead, aux_k)
+        return AuxSelection(n_dead, codes=codes, gradients=AuxGradients(latents))
     values, positions = topk_select(pre_dead, min(aux_k, latents.numel()))
     return AuxSelection(n_dead, values=values.relu(), indices=latents[positions])

@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from saelab.kernels.auxk import AuxGradients
 from saelab.kernels.backend import rows_dtype, sparse_backend, triton_kernels
 from saelab.kernels.rows import SlotPlan, accumulate_rows, gather_dot, group_bags
 
@@ -27,10 +28,11 @@ class _SparseDecode(torch.autograd.Function):
         weight: Tensor,
         sizes: tuple[int, ...],
         plan: SlotPlan,
+        aux: AuxGradients | None,
     ) -> Tensor:
         # table: the rows the kernels gather, weight itself or its copy in backend.rows_dtype (kept for backward)
         table = weight.to(rows_dtype(weight.device, weight.dtype))
-        ctx.sizes, ctx.plan, ctx.weight_dtype = sizes, plan, weight.dtype
+        ctx.sizes, ctx.plan, ctx.weight_dtype, ctx.aux = sizes, plan, weight.dtype, aux
         ctx.save_for_backward(values, indices, table)
         if sparse_backend(weight.device) == "triton":
             return triton_kernels().decode_rows(values, indices, table, sizes).to(weight.dtype)
@@ -49,7 +51,9 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:
+    def backward(
+        ctx: FunctionCtx, grad_out: Tensor
+    ) -> tuple[Tensor | None, None, Tensor | None, None, None, None]:
         values, indices, table = ctx.saved_tensors
         batch, groups = values.shape[0], len(ctx.sizes)
         grad_rows = rearrange(grad_out, "b g d -> (b g) d").to(table.dtype)
@@ -64,7 +68,9 @@ class _SparseDecode(torch.autograd.Function):
             grad_weight = accumulate_rows(
                 ctx.plan, values, grad_rows, row_of_slot, out_dtype=ctx.weight_dtype
             )
-        return grad_values, None, grad_weight, None, None
+            if ctx.aux is not None:
+                grad_weight = ctx.aux.add_to(grad_weight, "W_dec_rows")
+        return grad_values, None, grad_weight, None, None, None
 
 
 def check_codes(values: Tensor, indices: Tensor) -> None:
@@ -76,15 +82,21 @@ def check_codes(values: Tensor, indices: Tensor) -> None:
 
 
 def sparse_decode_groups(
-    values: Tensor, indices: Tensor, weight: Tensor, sizes: tuple[int, ...], plan: SlotPlan | None = None
+    values: Tensor,
+    indices: Tensor,
+    weight: Tensor,
+    sizes: tuple[int, ...],
+    plan: SlotPlan | None = None,
+    aux: AuxGradients | None = None,
 ) -> Tensor:
     """Codes (values [B, K], indices [B, K] into weight [n, d]) whose K columns form consecutive groups of
-    `sizes` -> [B, G, d], group g decoded on its own. plan: a SlotPlan of `indices` to share its sort."""
+    `sizes` -> [B, G, d], group g decoded on its own. plan: a SlotPlan of `indices` to share its sort. aux:
+    the step's gathered AuxK gradients, whose decoder rows the weight gradient takes in (`saelab.kernels.auxk`)."""
     check_codes(values, indices)
     if sum(sizes) != values.shape[1]:
         raise ValueError(f"column groups {sizes} must add up to the codes' width K={values.shape[1]}.")
     return _SparseDecode.apply(
-        values, indices, weight, tuple(sizes), plan or SlotPlan(indices, weight.shape[0])
+        values, indices, weight, tuple(sizes), plan or SlotPlan(indices, weight.shape[0]), aux
     )
 
 

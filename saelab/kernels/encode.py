@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from saelab.kernels.auxk import AuxGradients
 from saelab.kernels.backend import encoder_grad_dense, rows_dtype
 from saelab.kernels.decode import check_codes
 from saelab.kernels.rows import SlotPlan, accumulate_rows
@@ -35,8 +36,9 @@ class _SparseEncoderValues(torch.autograd.Function):
         b_enc: Tensor,
         b_dec: Tensor,
         plan: SlotPlan,
+        aux: AuxGradients | None,
     ) -> Tensor:
-        ctx.plan, ctx.rows_dtype = plan, rows_dtype(W_enc.device, W_enc.dtype)
+        ctx.plan, ctx.rows_dtype, ctx.aux = plan, rows_dtype(W_enc.device, W_enc.dtype), aux
         ctx.save_for_backward(values, indices, x, W_enc, b_dec)
         return values.view_as(values)
 
@@ -49,16 +51,20 @@ class _SparseEncoderValues(torch.autograd.Function):
         grad_b_enc = torch.zeros(n, dtype=W_enc.dtype, device=W_enc.device).index_add_(
             0, indices.reshape(-1), g.reshape(-1)
         )
+        if ctx.aux is not None:  # AuxK's share, before grad b_dec is taken from grad b_enc
+            grad_b_enc = ctx.aux.add_to(grad_b_enc, "b_enc")
         grad_x = grad_W_enc = grad_b_dec = None
         if ctx.needs_input_grad[2]:
             grad_x = F.embedding_bag(indices, W_enc.T, mode="sum", per_sample_weights=g).to(x.dtype)
         if ctx.needs_input_grad[3]:
             centred = (x - b_dec).to(ctx.rows_dtype)
             grad_W_enc = encoder_weight_grad(ctx.plan, g, centred, grad_values.dtype, W_enc.dtype)
+            if ctx.aux is not None:
+                grad_W_enc = ctx.aux.add_to(grad_W_enc, "W_enc_columns")
         if ctx.needs_input_grad[5]:
             grad_b_dec = -(W_enc @ grad_b_enc).to(b_dec.dtype)
         grad_b_enc = grad_b_enc if ctx.needs_input_grad[4] else None
-        return None, None, grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None
+        return None, None, grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None
 
 
 def encoder_weight_grad(
@@ -83,12 +89,14 @@ def sparse_encoder_values(
     b_enc: Tensor,
     b_dec: Tensor,
     plan: SlotPlan | None = None,
+    aux: AuxGradients | None = None,
 ) -> Tensor:
     """Differentiable copy of selected code values [B, K] (see the module docstring for the contract).
 
     values, indices: [B, K] from a no-grad selection on pre = (x - b_dec) @ W_enc + b_enc; x [B, d_in];
     W_enc [d_in, n]; b_enc [n]; b_dec [d_in]. Gradients flow to x, W_enc, b_enc and b_dec only.
-    plan: a SlotPlan of `indices` to share its sort with the decoder's backward.
+    plan: a SlotPlan of `indices` to share its sort with the decoder's backward. aux: the step's gathered
+    AuxK gradients, whose encoder columns and b_enc entries (and so b_dec's share) this backward takes in.
     """
     check_codes(values, indices)
     if values.shape[0] != x.shape[0]:
@@ -96,4 +104,4 @@ def sparse_encoder_values(
             f"codes have {values.shape[0]} rows but x has {x.shape[0]}; pass the batch they encode."
         )
     plan = plan or SlotPlan(indices, W_enc.shape[1])
-    return _SparseEncoderValues.apply(values.detach(), indices, x, W_enc, b_enc, b_dec, plan)
+    return _SparseEncoderValues.apply(values.detach(), indices, x, W_enc, b_enc, b_dec, plan, aux)

@@ -230,14 +230,15 @@ class TopKSAE(SparseCodes, SAE):
             indices = torch.cat([indices, aux.indices], dim=1)
             widths = (*widths, aux.values.shape[1])
         plan = SlotPlan(indices, self.d_sae)  # one sort of the slots serves every sparse backward below
-        codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec, plan)
-        return codes, indices, sparse_decode_groups(codes, indices, self.W_dec, widths, plan)
+        handoff = aux.gradients if aux is not None else None  # dense AuxK's gradients join these backwards
+        codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec, plan, handoff)
+        return codes, indices, sparse_decode_groups(codes, indices, self.W_dec, widths, plan, handoff)
 
     def auxk_decode(self, aux: AuxSelection, x: Tensor, decoded: Tensor) -> Tensor:
         """AuxK's residual reconstruction [B, d]: the dense product over the gathered dead latents, or the last
         column group of `decoded` [B, G', d] (sparse AuxK codes decoded with the others, `decode_code_groups`)."""
         if aux.dense:
             return gathered_auxk_decode(
-                aux.codes, aux.latents, x, self.W_enc, self.b_enc, self.b_dec, self.W_dec
+                aux.codes, x, self.W_enc, self.b_dec, self.W_dec, aux.gradients, decoded
             )
         return decoded[:, -1]

@@ -375,5 +375,29 @@ def test_a_sweep_stopped_by_sigterm_still_writes_its_summary_and_frees_the_run(t
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
     rows = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
-    assert [(r["job"], r["status"]) for r in rows] == [(0, "missing")]
+    assert [(r["job"], r["status"]) for r in rows] == [(0, "missing"), (1, "not started")]
+    assert rows[1]["run"] is None and "sae.k=4" in rows[1]["overrides"] and "sae.k=2" in rows[0]["overrides"]
     assert not list(sweep.glob("*/.lock"))  # the job's lock was released on the way out
+
+
+def test_planned_jobs_expand_the_recorded_sweep_as_hydras_basic_sweeper_numbers_them(tmp_path):
+    """Jobs in Hydra's order (the last swept key varies fastest; sweeper params first); None where the order
+    cannot be told again (a shuffled sweep) or the sweeper is another one."""
+    from omegaconf import OmegaConf
+
+    from saelab.app.sweep import planned_jobs
+
+    def record(task: list[str], sweeper: dict) -> Path:
+        OmegaConf.save({"hydra": {"overrides": {"task": task}, "sweeper": sweeper}}, tmp_path / "multirun.yaml")
+        return tmp_path
+
+    basic = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "max_batch_size": None}
+    jobs = planned_jobs(record(["sae.k=2,4", "trainer.lr=range(1,3)", "x=1"], {**basic, "params": {"y": "5,6"}}))
+    want = [
+        [f"y={y}", f"sae.k={k}", f"trainer.lr={lr}", "x=1"] for y in (5, 6) for k in (2, 4) for lr in (1, 2)
+    ]
+    assert jobs == want
+    assert planned_jobs(record(["sae.k=shuffle(2,4)"], basic)) is None
+    assert planned_jobs(record(["sae.k=2,4"], {"_target_": "hydra_plugins.optuna.OptunaSweeper"})) is None
+    (tmp_path / "multirun.yaml").unlink()
+    assert planned_jobs(tmp_path) is None

@@ -8,8 +8,9 @@ sweep every run's wandb group defaults to the sweep directory and its name to th
 `job` (its number), `run` (its folder), `status`, `overrides` and the run's final metrics. Status: "done" (it
 wrote summary.json); for a SLURM job (hydra-submitit-launcher's `.submitit/` folder) "pending", "running" or
 "failed" by squeue and submitit's result file, with `slurm_job_id`, `slurm_state` and the job's `error`;
-"running" for a local run whose process still holds its run directory's lock; "missing" where none of these
-tells (a local run that failed, or no squeue here). It runs when a multirun ends, also
+"running" for a local run whose process still holds its run directory's lock; "not started" for a job of the
+sweep (as Hydra's basic sweeper expands the `multirun.yaml` it wrote) with no run folder yet, e.g. after the
+sweep was stopped; "missing" where none of these tells (a local run that failed, or no squeue here). It runs when a multirun ends, also
 with an error (the SweepSummary callback in configs/config.yaml), and as `saelab sweep-summary DIR`, for a
 sweep whose SLURM jobs outlived the process that submitted them.
 """
@@ -31,6 +32,7 @@ from saelab.core.atomic import atomic_file
 from saelab.train.config import LoggingConfig
 from saelab.train.lock import held_elsewhere
 
+MULTIRUN_CONFIG = "multirun.yaml"
 RUN_SUMMARY = "summary.json"
 SWEEP_SUMMARY = "summary.jsonl"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
@@ -90,6 +92,33 @@ def _not_started_row(job: SubmittedJob) -> dict[str, Any]:
     return {"job": num, "run": None, "status": "missing", "overrides": overrides}
 
 
+def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """Every job's overrides, in job order, as Hydra's basic sweeper expands the sweep recorded in
+    <sweep_dir>/multirun.yaml; None where that cannot be told (no such file, another sweeper, a shuffled sweep,
+    or an override that needs the config loader, e.g. glob)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    path = sweep_dir / MULTIRUN_CONFIG
+    if not path.is_file():
+        return None
+    hydra = OmegaConf.load(path).get("hydra", {})
+    if not str(OmegaConf.select(hydra, "sweeper._target_", default="")).endswith(".BasicSweeper"):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = OmegaConf.select(hydra, "sweeper.params", default=None) or {}
+    arguments = [f"{k}={v}" for k, v in params.items()]
+    arguments += list(OmegaConf.select(hydra, "overrides.task", default=None) or [])
+    try:
+        overrides = OverridesParser.create().parse_overrides(arguments)
+    except HydraException:
+        return None
+    if any(getattr(o.value(), "shuffle", False) for o in overrides if o.is_sweep_override()):
+        return None
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
 def _slurm_job_id(run: Path) -> str | None:
     """The SLURM job id the submitit launcher recorded in the run's .hydra/hydra.yaml (hydra.job.id)."""
     hydra_yaml = run / OVERRIDES.parent / "hydra.yaml"
@@ -118,7 +147,8 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per run of the sweep: job (number), run (folder; None for a job that has not started),
     status, overrides and the run's summary.json (without its config). A run without summary.json that was
     submitted to SLURM is pending, running or failed (by squeue and submitit's result file; slurm_state and
-    error say more); otherwise, or where squeue is unavailable, it is missing."""
+    error say more); otherwise, or where squeue is unavailable, it is missing. A job of the sweep that neither
+    has a folder nor was submitted is not started (`planned_jobs`)."""
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory {str(root)!r} does not exist.")
@@ -136,6 +166,12 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     for job in unfinished:
         job_rows[job.job_id].update(_unfinished_status(job, states))
     not_started = [row for row in job_rows.values() if row["run"] is None]
+    listed = {row["job"] for row in [*runs.values(), *not_started]}
+    not_started += [
+        {"job": num, "run": None, "status": "not started", "overrides": overrides}
+        for num, overrides in enumerate(planned_jobs(root) or [])
+        if num not in listed
+    ]
     return sorted([*runs.values(), *not_started], key=lambda row: _order(row["job"], row["run"]))
 
 
@@ -174,7 +210,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def summary_counts(rows: list[dict[str, Any]]) -> str:
     """e.g. "4 runs (2 done): 1 running, 1 pending"."""
     counts = Counter(row["status"] for row in rows)
-    rest = ", ".join(f"{counts[s]} {s}" for s in ("running", "pending", "failed", "missing") if counts[s])
+    statuses = ("running", "pending", "not started", "failed", "missing")
+    rest = ", ".join(f"{counts[s]} {s}" for s in statuses if counts[s])
     return f"{len(rows)} runs ({counts['done']} done)" + (f": {rest}" if rest else "")
 
 

@@ -388,11 +388,15 @@ def test_planned_jobs_expand_the_recorded_sweep_as_hydras_basic_sweeper_numbers_
     from saelab.app.sweep import planned_jobs
 
     def record(task: list[str], sweeper: dict) -> Path:
-        OmegaConf.save({"hydra": {"overrides": {"task": task}, "sweeper": sweeper}}, tmp_path / "multirun.yaml")
+        OmegaConf.save(
+            {"hydra": {"overrides": {"task": task}, "sweeper": sweeper}}, tmp_path / "multirun.yaml"
+        )
         return tmp_path
 
     basic = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "max_batch_size": None}
-    jobs = planned_jobs(record(["sae.k=2,4", "trainer.lr=range(1,3)", "x=1"], {**basic, "params": {"y": "5,6"}}))
+    jobs = planned_jobs(
+        record(["sae.k=2,4", "trainer.lr=range(1,3)", "x=1"], {**basic, "params": {"y": "5,6"}})
+    )
     want = [
         [f"y={y}", f"sae.k={k}", f"trainer.lr={lr}", "x=1"] for y in (5, 6) for k in (2, 4) for lr in (1, 2)
     ]

@@ -237,10 +237,9 @@ def test_eval_dead_window_longer_than_the_data_counts_latents_silent_throughout(
     assert report["dead_frac"] == pytest.approx(silent.double().mean().item())
 
 
-def test_eval_of_a_model_trained_sae_starts_on_text_training_did_not_read(tmp_path):
-    """Trained on 4 batches of 64 rows of a live model source, the SAE's evaluation skips every context the
-    training stream can have read (its rows, its mixing buffer and a model batch: `contexts_before`); when the
-    run read more than the whole text, nothing is held out and the report says so."""
+def tiny_model_source(folder, n_docs: int, source_class: type | None = None):
+    """A live model source (1-layer TransformerLens model, word tokenizer) over n_docs random text files:
+    contexts of 16 tokens, model batches of 4, a 128-row mixing buffer. Returns (source, pipeline)."""
     from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
 
     from saelab.harvest.config import ModelSourceConfig
@@ -250,13 +249,20 @@ def test_eval_of_a_model_trained_sae_starts_on_text_training_did_not_read(tmp_pa
 
     hook = "blocks.0.hook_resid_post"
     cfg = ModelSourceConfig(
-        model="tiny", hook_name=hook, dataset=str(write_corpus(tmp_path / "corpus", n_docs=40)), context_size=16,
+        model="tiny", hook_name=hook, dataset=str(write_corpus(folder, n_docs=n_docs)), context_size=16,
         model_batch_size=4, buffer_tokens=128,
     )  # fmt: skip
     pipeline = HarvestPipeline.from_tokenizer(
         TransformerLensHarvester(tiny_tl(n_layers=1), [hook]), word_tokenizer(WORDS), cfg
     )
-    source = ModelSource(cfg, torch.device("cpu"), pipeline=pipeline)
+    return (source_class or ModelSource)(cfg, torch.device("cpu"), pipeline=pipeline), pipeline
+
+
+def test_eval_of_a_model_trained_sae_starts_on_text_training_did_not_read(tmp_path):
+    """Trained on 4 batches of 64 rows of a live model source, the SAE's evaluation skips every context the
+    training stream can have read (its rows, its mixing buffer and a model batch: `contexts_before`); when the
+    run read more than the whole text, nothing is held out and the report says so."""
+    source, pipeline = tiny_model_source(tmp_path / "corpus", n_docs=40)
     trainer_cfg = TrainerConfig(total_tokens=64 * 4, batch_size=64, device="cpu")
     torch.manual_seed(0)
     sae = Trainer(TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)), trainer_cfg).fit(source).sae
@@ -285,11 +291,6 @@ def test_eval_of_a_model_trained_sae_starts_on_text_training_did_not_read(tmp_pa
 def test_held_out_text_of_a_live_model_source_stays_out_of_training_when_the_text_repeats(tmp_path):
     """A run that reads its text several times never trains on the contexts of its held-out batches: every
     pass after the first skips them. Reference: the token contexts the model ran on for each stream."""
-    from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
-
-    from saelab.harvest.config import ModelSourceConfig
-    from saelab.harvest.pipeline import HarvestPipeline
-    from saelab.harvest.tlens import TransformerLensHarvester
     from saelab.sources.harvested import ModelSource
 
     class RecordingSource(ModelSource):
@@ -314,15 +315,7 @@ def test_held_out_text_of_a_live_model_source_stays_out_of_training_when_the_tex
             calls[source.active] += 1
             return self.inner(tokens)
 
-    hook = "blocks.0.hook_resid_post"
-    cfg = ModelSourceConfig(
-        model="tiny", hook_name=hook, dataset=str(write_corpus(tmp_path / "corpus", n_docs=12)), context_size=16,
-        model_batch_size=4, buffer_tokens=128,
-    )  # fmt: skip
-    pipeline = HarvestPipeline.from_tokenizer(
-        TransformerLensHarvester(tiny_tl(n_layers=1), [hook]), word_tokenizer(WORDS), cfg
-    )
-    source = RecordingSource(cfg, torch.device("cpu"), pipeline=pipeline)
+    source, pipeline = tiny_model_source(tmp_path / "corpus", n_docs=12, source_class=RecordingSource)
     source.streams, read, calls = 0, {0: set(), 1: set()}, [0, 0]
     pipeline.harvester = RecordingHarvester(pipeline.harvester)
     text = [tuple(context) for context in pipeline.contexts.contexts()]

@@ -237,15 +237,41 @@ def test_eval_dead_window_longer_than_the_data_counts_latents_silent_throughout(
     assert report["dead_frac"] == pytest.approx(silent.double().mean().item())
 
 
-def tiny_model_source(folder, n_docs: int, source_class: type | None = None):
+def recording_model_source(folder, n_docs: int):
     """A live model source (1-layer TransformerLens model, word tokenizer) over n_docs random text files:
-    contexts of 16 tokens, model batches of 4, a 128-row mixing buffer. Returns (source, pipeline)."""
+    contexts of 16 tokens, model batches of 4, a 128-row mixing buffer. It records, per stream it made
+    (`batches` call), the token contexts the model ran on, in order: `source.reads[stream]`."""
     from harvest_helpers import WORDS, tiny_tl, word_tokenizer, write_corpus
 
     from saelab.harvest.config import ModelSourceConfig
     from saelab.harvest.pipeline import HarvestPipeline
     from saelab.harvest.tlens import TransformerLensHarvester
     from saelab.sources.harvested import ModelSource
+
+    class RecordingSource(ModelSource):
+        def batches(self, *args, **kwargs):
+            stream = super().batches(*args, **kwargs)
+
+            def tagged(batches=stream._batches):  # numbered when it first runs; the reader while it runs
+                number = len(self.reads)
+                self.reads.append([])
+                while True:
+                    self.active = number
+                    x = next(batches, None)
+                    if x is None:
+                        return
+                    yield x
+
+            stream._batches = tagged()
+            return stream
+
+    class RecordingHarvester:
+        def __init__(self, inner):
+            self.inner, self.device, self.model = inner, inner.device, inner.model
+
+        def __call__(self, tokens):
+            source.reads[source.active] += map(tuple, tokens.tolist())
+            return self.inner(tokens)
 
     hook = "blocks.0.hook_resid_post"
     cfg = ModelSourceConfig(
@@ -255,78 +281,80 @@ def tiny_model_source(folder, n_docs: int, source_class: type | None = None):
     pipeline = HarvestPipeline.from_tokenizer(
         TransformerLensHarvester(tiny_tl(n_layers=1), [hook]), word_tokenizer(WORDS), cfg
     )
-    return (source_class or ModelSource)(cfg, torch.device("cpu"), pipeline=pipeline), pipeline
+    source = RecordingSource(cfg, torch.device("cpu"), pipeline=pipeline)
+    source.reads = []
+    pipeline.harvester = RecordingHarvester(pipeline.harvester)
+    return source
+
+
+def text_of(source) -> list[tuple[int, ...]]:
+    """One pass over the source's text: its token contexts, in order."""
+    return [tuple(context) for context in source.pipeline.contexts.contexts()]
 
 
 def test_eval_of_a_model_trained_sae_starts_on_text_training_did_not_read(tmp_path):
-    """Trained on 4 batches of 64 rows of a live model source, the SAE's evaluation skips every context the
-    training stream can have read (its rows, its mixing buffer and a model batch: `contexts_before`); when the
-    run read more than the whole text, nothing is held out and the report says so."""
-    source, pipeline = tiny_model_source(tmp_path / "corpus", n_docs=40)
+    """Trained on 4 batches of 64 rows of a live model source, the SAE's evaluation starts past every context
+    the training stream read (the model batches it ran, recorded); when the run read more than the whole text,
+    nothing is held out and the report says so."""
+    source = recording_model_source(tmp_path / "corpus", n_docs=40)
+    text = text_of(source)
     trainer_cfg = TrainerConfig(total_tokens=64 * 4, batch_size=64, device="cpu")
     torch.manual_seed(0)
     sae = Trainer(TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)), trainer_cfg).fit(source).sae
-    # by hand: 4 * 64 rows + 128 in the buffer + 4 contexts of 16 tokens, counted on non-special tokens
-    drop, kept, read = set(pipeline.excluded.tolist()), 0, 0
-    for context in pipeline.contexts.contexts():
-        read, kept = read + 1, kept + sum(t not in drop for t in context)
-        if kept >= 4 * 64 + 128 + 4 * 16:
-            break
-    per_pass = sum(1 for _ in pipeline.contexts.contexts())
-    assert read < per_pass
-    report = evaluate(
-        sae, source, EvalConfig(total_tokens=64, lm_batch_size=4, cooccurrence_latents=0)
-    ).report
-    assert report["data"] == {"start_batch": -(-read // 4), "held_out": True}
-    long_cfg = TrainerConfig(
-        total_tokens=64 * 40, batch_size=64, device="cpu"
-    )  # more rows than the text holds
+    (read,) = source.reads
+    assert read == text[: len(read)] and len(read) < len(text)  # the start of the text, in order, not all
+    small = EvalConfig(total_tokens=64, lm_batch_size=4, cooccurrence_latents=0)
+    report = evaluate(sae, source, small).report
+    assert report["data"] == {"start_batch": -(-len(read) // 4), "held_out": True}
+    long_cfg = TrainerConfig(total_tokens=64 * 40, batch_size=64, device="cpu")  # more rows than the text
     long = Trainer(TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)), long_cfg).fit(source).sae
-    report = evaluate(
-        long, source, EvalConfig(total_tokens=64, lm_batch_size=4, cooccurrence_latents=0)
-    ).report
-    assert report["data"] == {"start_batch": 0, "held_out": False}
+    assert evaluate(long, source, small).report["data"] == {"start_batch": 0, "held_out": False}
 
 
 def test_held_out_text_of_a_live_model_source_stays_out_of_training_when_the_text_repeats(tmp_path):
     """A run that reads its text several times never trains on the contexts of its held-out batches: every
     pass after the first skips them. Reference: the token contexts the model ran on for each stream."""
-    from saelab.sources.harvested import ModelSource
-
-    class RecordingSource(ModelSource):
-        """Notes which of its streams (0: held out, 1: training) is running when the model reads contexts."""
-
-        def batches(self, *args, **kwargs):
-            stream_id, batches = self.streams, super().batches(*args, **kwargs)
-            self.streams += 1
-            while True:
-                self.active = stream_id
-                x = next(batches, None)
-                if x is None:
-                    return
-                yield x
-
-    class RecordingHarvester:
-        def __init__(self, inner):
-            self.inner, self.device = inner, inner.device
-
-        def __call__(self, tokens):
-            read[source.active].update(map(tuple, tokens.tolist()))
-            calls[source.active] += 1
-            return self.inner(tokens)
-
-    source, pipeline = tiny_model_source(tmp_path / "corpus", n_docs=12, source_class=RecordingSource)
-    source.streams, read, calls = 0, {0: set(), 1: set()}, [0, 0]
-    pipeline.harvester = RecordingHarvester(pipeline.harvester)
-    text = [tuple(context) for context in pipeline.contexts.contexts()]
-    trainer_cfg = TrainerConfig(
-        total_tokens=64 * 30, batch_size=64, device="cpu", eval_every=10, eval_batches=2
-    )
+    source = recording_model_source(tmp_path / "corpus", n_docs=12)
+    text = text_of(source)
+    cfg = TrainerConfig(total_tokens=64 * 30, batch_size=64, device="cpu", eval_every=10, eval_batches=2)
     torch.manual_seed(0)
-    Trainer(TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)), trainer_cfg).fit(source)
+    Trainer(TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)), cfg).fit(source)
+    held, trained = source.reads
     reserved = source.contexts_before(
         2, 64
     )  # what the held-out stream can read: 128 rows, buffer, model batch
-    assert len(read[0]) >= 4 and read[0] <= set(text[:reserved]) and reserved < len(text) / 2
-    assert read[1] == set(text[reserved:])  # training read the rest of the text, never the held-out part
-    assert calls[1] * 4 > 2 * len(text)  # ... at least twice
+    assert len(held) >= 4 and set(held) <= set(text[:reserved]) and reserved < len(text) / 2
+    assert set(trained) == set(text[reserved:])  # training read the rest of the text, never the held-out part
+    assert len(trained) > 2 * len(text)  # ... at least twice
+
+
+def test_a_resumed_model_source_run_reads_no_text_its_checkpointed_run_had_read(tmp_path, monkeypatch):
+    """Resumed from its step-4 checkpoint, a run starts in the text after every context the first run had read
+    by then (recorded in the checkpoint), and its held-out text stays out; the final SAE's evaluation starts
+    past all of it. Reference: the contexts the model ran on, per stream."""
+    source = recording_model_source(tmp_path / "corpus", n_docs=40)
+    text = text_of(source)
+    cfg = TrainerConfig(
+        total_tokens=64 * 8, batch_size=64, device="cpu", eval_every=4, eval_batches=1, checkpoint_every=4
+    )
+    read_by_checkpoint = []
+    save = Trainer.save_checkpoint
+
+    def noting_save(trainer):
+        read_by_checkpoint.append(list(source.reads[1]))
+        return save(trainer)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", noting_save)
+    torch.manual_seed(0)
+    Trainer(TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)), cfg, output_dir=tmp_path / "first").fit(source)
+    checkpoint = tmp_path / "first" / "checkpoints" / "step_000000004"
+    resumed = Trainer.from_checkpoint(checkpoint, cfg, output_dir=tmp_path / "second")
+    sae = resumed.fit(source).sae
+    held, first, held_again, second = source.reads
+    assert held_again == held and not set(held) & set(first + second)
+    assert read_by_checkpoint[0] and not set(read_by_checkpoint[0]) & set(second)  # none of it read again
+    last = max(text.index(context) for context in second)
+    assert last < len(text) - 4  # the runs did not reach the end of the text
+    small = EvalConfig(total_tokens=64, lm_batch_size=4, cooccurrence_latents=0)
+    report = evaluate(sae, source, small).report
+    assert report["data"]["held_out"] is True and report["data"]["start_batch"] * 4 > last

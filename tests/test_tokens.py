@@ -166,7 +166,10 @@ def test_repeated_passes_skip_the_reserved_contexts(tmp_path):
         for rows in [1, int(kept[len(one_pass) - 1]), int(kept[len(one_pass)]), int(kept[-1]) - 3]:
             want = int((kept < rows).sum()) + 1
             assert stream.contexts_holding(rows, excluded, reserved) == want, (reserved, rows)
-    with pytest.raises(ValueError, match="all of them held out.*trainer.eval_batches"):
-        list(islice(stream.batches(2, repeat=True, reserved=len(one_pass)), 4))
-    with pytest.raises(ValueError, match="all of them held out"):
-        stream.contexts_holding(10**6, excluded, len(one_pass))
+    for reserved in [len(one_pass), len(one_pass) + 2]:  # the held-out part reaches the end of the text
+        with pytest.raises(
+            ValueError, match=r"no non-special token past the first \d+, held out.*eval_every=0"
+        ):
+            list(islice(stream.batches(2, repeat=True, reserved=reserved), 4))
+        with pytest.raises(ValueError, match="held out for evaluation: nothing is left"):
+            stream.contexts_holding(10**6, excluded, reserved)

@@ -203,20 +203,25 @@ class ContextStream:
                 kept_reserved = kept
             if kept >= rows:
                 return seen
-        per_pass, contexts_per_pass = kept - kept_reserved, seen - min(reserved, seen)
-        if per_pass == 0:
+        per_pass, contexts_per_pass = kept - kept_reserved, seen - reserved
+        if reserved >= seen or per_pass == 0:
             raise self._nothing_after(reserved, seen)
         epochs, rest = divmod(rows - kept, per_pass)  # later passes hold `per_pass` rows each
         if rest == 0:
             return seen + epochs * contexts_per_pass
-        within = self.contexts_holding(rest + kept_reserved, excluded) - min(reserved, seen)
+        within = self.contexts_holding(rest + kept_reserved, excluded) - reserved
         return seen + epochs * contexts_per_pass + within
 
     def _nothing_after(self, reserved: int, contexts: int) -> ValueError:
-        what = "no non-special tokens" if reserved == 0 else f"{contexts} contexts, all of them held out"
+        """The error for a text with no kept token to repeat past its first `reserved` of `contexts` contexts."""
+        if reserved == 0:
+            return ValueError(
+                f"source.dataset={self.spec.dataset!r} yields no non-special tokens; use more text."
+            )
         return ValueError(
-            f"source.dataset={self.spec.dataset!r} yields {what}: nothing is left to repeat for training; "
-            "use more text" + (" or fewer held-out batches (trainer.eval_batches)." if reserved else ".")
+            f"source.dataset={self.spec.dataset!r} holds {contexts} contexts and no non-special token past the "
+            f"first {reserved}, held out for evaluation: nothing is left to repeat for training. Use more text, a "
+            "smaller source.buffer_tokens or trainer.eval_batches, or set trainer.eval_every=0."
         )
 
     def batches(

@@ -25,8 +25,9 @@ class ModelSource:
     batches(B, start_batch=b > 0) starts on the text after everything that the stream from batch 0 can have
     served in its first b batches (b * B rows, plus a buffer and a model batch of rows, counted on the
     tokens without running the model). So held-out batches 0..h-1 never reappear in training (passes after
-    the first skip their text: reserved_batches=h), and a resumed run sees fresh text, though not the exact
-    rows of the uninterrupted run (train from a cache for that).
+    the first skip their text: reserved_batches=h). A resumed run starts after the text position its
+    checkpoint recorded (`ModelBatches.contexts_read`, skip_contexts): fresh text, though not the exact rows
+    of the uninterrupted run (train from a cache for that).
     """
 
     #: the text repeats: the trainer passes its held-out batch count as `reserved_batches`
@@ -68,21 +69,69 @@ class ModelSource:
         not the whole of a large dataset)."""
         return next(itertools.islice(self.pipeline.contexts.contexts(), contexts, None), None) is not None
 
-    def batches(self, batch_size: int, start_batch: int = 0, reserved_batches: int = 0) -> Iterator[Tensor]:
+    def batches(
+        self,
+        batch_size: int,
+        start_batch: int = 0,
+        reserved_batches: int = 0,
+        skip_contexts: int | None = None,
+    ) -> ModelBatches:
         """Endless batches [batch_size, d_in] from the mixing buffer. reserved_batches: the first batches of
-        the stream, held out for evaluation; their text is not read again when the dataset repeats."""
+        the stream, held out for evaluation; their text is not read again when the dataset repeats.
+        skip_contexts: where to start in the text (a resumed run's recorded `contexts_read`) instead of
+        `contexts_before(start_batch)`."""
         from saelab.buffer.mixing import MixingBuffer, buffer_device
         from saelab.harvest.pipeline import harvest_rows
 
         cfg = self.cfg
         reserved = self.contexts_before(reserved_batches, batch_size)
-        skip = self.contexts_before(start_batch, batch_size, reserved)
+        if reserved and not self.text_holds(reserved):
+            raise ValueError(
+                f"source.dataset={cfg.dataset!r}: the {reserved_batches} held-out batches of {batch_size} rows, "
+                f"with the mixing buffer (source.buffer_tokens={cfg.buffer_tokens:,}) and a model batch, can "
+                "read the whole text, so training would read held-out text. Use more text, a smaller "
+                "source.buffer_tokens or trainer.eval_batches, or set trainer.eval_every=0 and evaluate "
+                "afterwards with `saelab eval`."
+            )
+        skip = (
+            self.contexts_before(start_batch, batch_size, reserved)
+            if skip_contexts is None
+            else skip_contexts
+        )
         rows = harvest_rows(self.pipeline, cfg.model_batch_size, skip=skip, repeat=True, reserved=reserved)
         nbytes = cfg.buffer_tokens * self.d_in * 4
         device = buffer_device(cfg.buffer_device, self.train_device, nbytes)
         seed = derive_seed(cfg.seed, "mixing.shuffle", start_batch)
         buffer = MixingBuffer(cfg.buffer_tokens, self.d_in, batch_size, device, seed=seed)
-        return buffer.batches(acts[cfg.hook_name] for acts, _, _ in rows)
+        return ModelBatches(rows, skip, cfg.hook_name, buffer)
+
+
+class ModelBatches:
+    """A live source's batches [B, d_in] (an iterator), and `contexts_read`: the text position after every
+    context read so far (from the start of the text, passes after the first counted without their reserved
+    contexts), so the batches served came from text before it. Starts at the stream's skip."""
+
+    def __init__(
+        self, rows: Iterator[tuple[dict[str, Tensor], Tensor, int]], skip: int, hook: str, buffer: Any
+    ):
+        self.contexts_read = skip
+        self._batches = buffer.batches(self._activations(rows, hook))
+
+    def _activations(
+        self, rows: Iterator[tuple[dict[str, Tensor], Tensor, int]], hook: str
+    ) -> Iterator[Tensor]:
+        for acts, _, contexts in rows:
+            self.contexts_read += contexts
+            yield acts[hook]
+
+    def __iter__(self) -> ModelBatches:
+        return self
+
+    def __next__(self) -> Tensor:
+        return next(self._batches)
+
+    def close(self) -> None:
+        self._batches.close()
 
 
 @dataclass

@@ -164,6 +164,10 @@ class Trainer:
             self.output_dir = None
         self.run_config = run_config or {}
         self.data_metadata: dict[str, Any] = {}  # set by `fit` from its source (`data_metadata`)
+        # a live model source's training stream (its `contexts_read`: the text it has read), and where a
+        # resumed run starts in the text (the checkpoint's record of that position)
+        self.source_stream: Any = None
+        self.resume_contexts: int | None = None
         self.lr = cfg.lr if cfg.lr is not None else sae.default_lr(cfg.batch_size)
         fused = self.device.type in FUSED_ADAM_DEVICES
         self.optimizer = torch.optim.Adam(
@@ -212,6 +216,7 @@ class Trainer:
             "tracker": self.tracker.state_dict(),
             "cpu_rng": torch.get_rng_state(),
             "heldout_offset": self.heldout_offset,
+            "contexts_read": self.contexts_read(),
             # every buffer, the non-persistent ones too (e.g. GBA's bias-update window), so a resume is exact
             "sae_buffers": {name: buf.detach().cpu() for name, buf in self.sae.named_buffers()},
             # what `from_checkpoint` compares a resumed run's settings with
@@ -230,6 +235,7 @@ class Trainer:
                 "trainer.eval_every / trainer.eval_batches hold out a different number of batches than the "
                 "checkpointed run did; resume with the original settings."
             )
+        self.resume_contexts = state.get("contexts_read")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.tracker.load_state_dict(state["tracker"])
@@ -277,15 +283,17 @@ class Trainer:
         if not hasattr(source, "batches"):
             return self._checked(iter(source), plain=True)
         start = self.step + self.heldout_offset
-        if getattr(
-            source, "repeats_text", False
-        ):  # a live model source: held-out text stays out of every pass
-            batches = source.batches(
-                self.cfg.batch_size, start_batch=start, reserved_batches=self.heldout_offset
-            )
-        else:
-            batches = source.batches(self.cfg.batch_size, start_batch=start)
-        return self._checked(iter(batches), plain=False)
+        if not getattr(source, "repeats_text", False):
+            return self._checked(iter(source.batches(self.cfg.batch_size, start_batch=start)), plain=False)
+        # a live model source: held-out text stays out of every pass, and a resumed run starts past all the
+        # text the checkpointed run read
+        self.source_stream = source.batches(
+            self.cfg.batch_size,
+            start_batch=start,
+            reserved_batches=self.heldout_offset,
+            skip_contexts=self.resume_contexts,
+        )
+        return self._checked(iter(self.source_stream), plain=False)
 
     def _checked(self, batches: Iterator[Tensor], plain: bool) -> Iterator[Tensor]:
         """The run's batches; running out before the last step raises BatchesExhausted naming how many were
@@ -524,11 +532,19 @@ class Trainer:
 
     def data_record(self) -> dict[str, Any]:
         """What the SAE's metadata records of its data: the source's description and, for a source of indexed
-        batches, `training_batches` {start, end, batch_size}, the indices trained on up to this step."""
+        batches, `training_batches` {start, end, batch_size}, the indices trained on up to this step (and, for a
+        live model source, contexts_read: the text read up to here)."""
         data = dict(self.data_metadata)
         if "training_batches" in data:
             data["training_batches"] = {**data["training_batches"], "end": self.heldout_offset + self.step}
+            if self.contexts_read() is not None:
+                data["training_batches"]["contexts_read"] = self.contexts_read()
         return data
+
+    def contexts_read(self) -> int | None:
+        """For a live model source, the text position (contexts) after everything this run's training stream has
+        read, `ModelBatches.contexts_read` (None for other sources, or before the stream has been made)."""
+        return getattr(self.source_stream, "contexts_read", None)
 
     def save_checkpoint(self) -> Path | None:
         if self.output_dir is None:

@@ -358,3 +358,36 @@ def test_a_resumed_model_source_run_reads_no_text_its_checkpointed_run_had_read(
     small = EvalConfig(total_tokens=64, lm_batch_size=4, cooccurrence_latents=0)
     report = evaluate(sae, source, small).report
     assert report["data"]["held_out"] is True and report["data"]["start_batch"] * 4 > last
+
+
+def test_runs_and_saes_from_before_the_text_count_use_a_bound_past_what_training_read(tmp_path):
+    """A checkpoint and an SAE that do not record `contexts_read` (written before the trainer counted the text):
+    the resume and the evaluation start past a bound that counts the read-ahead of both the held-out and the
+    training stream. Reference: the contexts the model ran on."""
+    from saelab.io.layout import STATE_FILE
+
+    source = recording_model_source(tmp_path / "corpus", n_docs=40)
+    text = text_of(source)
+    cfg = TrainerConfig(
+        total_tokens=64 * 8, batch_size=64, device="cpu", eval_every=4, eval_batches=1, checkpoint_every=4
+    )
+    torch.manual_seed(0)
+    sae = (
+        Trainer(TopKSAE(TopKConfig(d_in=32, d_sae=64, k=4)), cfg, output_dir=tmp_path / "first")
+        .fit(source)
+        .sae
+    )
+    held, first = source.reads
+    sae.cfg.metadata["training_batches"].pop("contexts_read")
+    report = evaluate(
+        sae, source, EvalConfig(total_tokens=64, lm_batch_size=4, cooccurrence_latents=0)
+    ).report
+    assert report["data"]["held_out"] is True
+    assert report["data"]["start_batch"] * 4 > max(text.index(context) for context in first)
+    checkpoint = tmp_path / "first" / "checkpoints" / "step_000000004"
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    read_at_checkpoint = state.pop("contexts_read")
+    torch.save(state, checkpoint / STATE_FILE)
+    Trainer.from_checkpoint(checkpoint, cfg, output_dir=tmp_path / "second").fit(source)
+    _, second = source.reads[2:]
+    assert min(text.index(context) for context in second) >= read_at_checkpoint

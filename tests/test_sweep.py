@@ -401,7 +401,36 @@ def test_planned_jobs_expand_the_recorded_sweep_as_hydras_basic_sweeper_numbers_
         [f"y={y}", f"sae.k={k}", f"trainer.lr={lr}", "x=1"] for y in (5, 6) for k in (2, 4) for lr in (1, 2)
     ]
     assert jobs == want
+    escaped = "c=$\\{hydra\\:job.name\\}"  # as Hydra's sweeper writes an interpolation into a job's overrides
+    assert planned_jobs(record(["sae.k=2,4", "c=${hydra:job.name}"], basic)) == [
+        ["sae.k=2", escaped],
+        ["sae.k=4", escaped],
+    ]
     assert planned_jobs(record(["sae.k=shuffle(2,4)"], basic)) is None
+    assert planned_jobs(record(["db=glob(*)"], basic)) is None  # needs the sweep's config loader
     assert planned_jobs(record(["sae.k=2,4"], {"_target_": "hydra_plugins.optuna.OptunaSweeper"})) is None
     (tmp_path / "multirun.yaml").unlink()
     assert planned_jobs(tmp_path) is None
+
+
+def test_sweep_summary_adds_no_planned_rows_where_run_folders_carry_no_job_number(tmp_path):
+    """Run folders named by their overrides alone (hydra.sweep.subdir=${hydra.job.override_dirname}): which
+    planned job each is cannot be told by number, so the summary lists the runs and nothing more."""
+    from omegaconf import OmegaConf
+
+    from saelab.app.sweep import collect_sweep
+
+    basic = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "max_batch_size": None}
+    OmegaConf.save(
+        {"hydra": {"overrides": {"task": ["a=1,2"]}, "sweeper": basic}}, tmp_path / "multirun.yaml"
+    )
+    for value in (1, 2):
+        (tmp_path / f"a={value}" / ".hydra").mkdir(parents=True)
+        OmegaConf.save(
+            OmegaConf.create([f"a={value}"]), tmp_path / f"a={value}" / ".hydra" / "overrides.yaml"
+        )
+    rows = collect_sweep(tmp_path)
+    assert [(r["job"], r["status"], r["overrides"]) for r in rows] == [
+        (None, "missing", ["a=1"]),
+        (None, "missing", ["a=2"]),
+    ]

@@ -94,10 +94,12 @@ def _not_started_row(job: SubmittedJob) -> dict[str, Any]:
 
 def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """Every job's overrides, in job order, as Hydra's basic sweeper expands the sweep recorded in
-    <sweep_dir>/multirun.yaml; None where that cannot be told (no such file, another sweeper, a shuffled sweep,
-    or an override that needs the config loader, e.g. glob)."""
+    <sweep_dir>/multirun.yaml (the command line's overrides unresolved, as Hydra keeps them); None where that
+    cannot be told (no such file, another sweeper, a shuffled sweep, or an override that needs what only the
+    running sweep had, e.g. glob's config loader or a ${hydra:...} interpolation)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     path = sweep_dir / MULTIRUN_CONFIG
     if not path.is_file():
@@ -107,16 +109,17 @@ def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
         return None
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    params = OmegaConf.select(hydra, "sweeper.params", default=None) or {}
-    arguments = [f"{k}={v}" for k, v in params.items()]
-    arguments += list(OmegaConf.select(hydra, "overrides.task", default=None) or [])
     try:
+        params = OmegaConf.select(hydra, "sweeper.params", default=None) or {}
+        task = OmegaConf.select(hydra, "overrides.task", default=None)
+        arguments = [f"{k}={v}" for k, v in params.items()]
+        arguments += OmegaConf.to_container(task, resolve=False) if task is not None else []
         overrides = OverridesParser.create().parse_overrides(arguments)
-    except HydraException:
+        if any(getattr(o.value(), "shuffle", False) for o in overrides if o.is_sweep_override()):
+            return None
+        return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    except (HydraException, OmegaConfBaseException):
         return None
-    if any(getattr(o.value(), "shuffle", False) for o in overrides if o.is_sweep_override()):
-        return None
-    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
 def _slurm_job_id(run: Path) -> str | None:
@@ -166,12 +169,14 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     for job in unfinished:
         job_rows[job.job_id].update(_unfinished_status(job, states))
     not_started = [row for row in job_rows.values() if row["run"] is None]
-    listed = {row["job"] for row in [*runs.values(), *not_started]}
-    not_started += [
-        {"job": num, "run": None, "status": "not started", "overrides": overrides}
-        for num, overrides in enumerate(planned_jobs(root) or [])
-        if num not in listed
-    ]
+    listed = [*runs.values(), *not_started]
+    numbers, overrides = {row["job"] for row in listed}, {tuple(row["overrides"]) for row in listed}
+    if None not in numbers:  # where some run has no number, which planned job it is cannot be told
+        not_started += [
+            {"job": num, "run": None, "status": "not started", "overrides": job}
+            for num, job in enumerate(planned_jobs(root) or [])
+            if num not in numbers and tuple(job) not in overrides
+        ]
     return sorted([*runs.values(), *not_started], key=lambda row: _order(row["job"], row["run"]))
 
 

@@ -78,8 +78,8 @@ def evaluation_start(
       (b + 1) * size)) that starts its pass again after the last row: rows past the training rows are new up
       to the end of the pass.
     - model: training read the text up to `training_batches.contexts_read` (recorded by the trainer; for older
-      SAEs `ModelSource.contexts_before(end)`); the evaluation reads contexts without repeating the text, so it
-      is held out when it starts past them within the first pass.
+      SAEs the bound `ModelSource.contexts_before`, which a resumed older run may exceed); the evaluation reads
+      contexts without repeating the text, so it is held out when it starts past them within the first pass.
     """
     reads = dict(source.metadata()) if hasattr(source, "metadata") else {}
     kind = same_source(trained_on, reads)
@@ -98,7 +98,11 @@ def evaluation_start(
         first = start * batch_size
         return start, end_row <= first and first + tokens <= int(reads.get("distinct_rows", 0))
     recorded = trained_on["training_batches"].get("contexts_read")  # the training stream's own count
-    end_context = int(recorded) if recorded is not None else source.contexts_before(end, trained_batch)
+    if recorded is not None:
+        end_context = int(recorded)
+    else:  # an SAE from before the count: a bound (its training stream followed a held-out one if start > 0)
+        streams = 2 if int(trained_on["training_batches"].get("start", 0)) > 0 else 1
+        end_context = source.contexts_before(end, trained_batch, streams=streams)
     start = -(-end_context // batch_size) if start_batch < 0 else start_batch
     text_left = source.text_holds(start * batch_size)
     if start_batch < 0 and not text_left:  # no text left that training did not read

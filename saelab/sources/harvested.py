@@ -54,14 +54,16 @@ class ModelSource:
         }
         return {"source": "model", **cfg.metadata(cfg.hook_name), "reading": reading}
 
-    def contexts_before(self, start_batch: int, batch_size: int, reserved: int = 0) -> int:
-        """Contexts from the start of the text that the stream from batch 0 can have served in its first
-        start_batch batches of batch_size rows (counted on the tokens, the dataset repeating without its first
-        `reserved` contexts)."""
+    def contexts_before(self, start_batch: int, batch_size: int, reserved: int = 0, streams: int = 1) -> int:
+        """Contexts from the start of the text that `streams` streams, one after the other, can have read in
+        serving start_batch batches of batch_size rows in all (counted on the tokens, the dataset repeating
+        without its first `reserved` contexts): each reads ahead up to a buffer and a model batch of rows
+        and ends inside a context. Two for a training stream that started after held-out batches."""
         if start_batch == 0:
             return 0
         cfg = self.cfg
-        used = start_batch * batch_size + cfg.buffer_tokens + cfg.model_batch_size * cfg.context_size
+        ahead = cfg.buffer_tokens + (cfg.model_batch_size + 1) * cfg.context_size
+        used = start_batch * batch_size + streams * ahead
         return self.pipeline.contexts.contexts_holding(used, self.pipeline.excluded, reserved)
 
     def text_holds(self, contexts: int) -> bool:
@@ -79,7 +81,7 @@ class ModelSource:
         """Endless batches [batch_size, d_in] from the mixing buffer. reserved_batches: the first batches of
         the stream, held out for evaluation; their text is not read again when the dataset repeats.
         skip_contexts: where to start in the text (a resumed run's recorded `contexts_read`) instead of
-        `contexts_before(start_batch)`."""
+        `contexts_before(start_batch)` (the bound for checkpoints that do not record it)."""
         from saelab.buffer.mixing import MixingBuffer, buffer_device
         from saelab.harvest.pipeline import harvest_rows
 
@@ -93,11 +95,11 @@ class ModelSource:
                 "source.buffer_tokens or trainer.eval_batches, or set trainer.eval_every=0 and evaluate "
                 "afterwards with `saelab eval`."
             )
-        skip = (
-            self.contexts_before(start_batch, batch_size, reserved)
-            if skip_contexts is None
-            else skip_contexts
-        )
+        if skip_contexts is not None:
+            skip = skip_contexts
+        else:  # past a resumed held-out run, both the held-out and the training stream read ahead
+            streams = 2 if 0 < reserved_batches < start_batch else 1
+            skip = self.contexts_before(start_batch, batch_size, reserved, streams)
         rows = harvest_rows(self.pipeline, cfg.model_batch_size, skip=skip, repeat=True, reserved=reserved)
         nbytes = cfg.buffer_tokens * self.d_in * 4
         device = buffer_device(cfg.buffer_device, self.train_device, nbytes)

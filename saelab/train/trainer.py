@@ -543,8 +543,9 @@ class Trainer:
 
     def contexts_read(self) -> int | None:
         """For a live model source, the text position (contexts) after everything this run's training stream has
-        read, `ModelBatches.contexts_read` (None for other sources, or before the stream has been made)."""
-        return getattr(self.source_stream, "contexts_read", None)
+        read, `ModelBatches.contexts_read`; before `fit` makes the stream, a resumed run's recorded position
+        (None for other sources)."""
+        return getattr(self.source_stream, "contexts_read", self.resume_contexts)
 
     def save_checkpoint(self) -> Path | None:
         if self.output_dir is None:

@@ -10,9 +10,9 @@ wrote summary.json); for a SLURM job (hydra-submitit-launcher's `.submitit/` fol
 "failed" by squeue and submitit's result file, with `slurm_job_id`, `slurm_state` and the job's `error`;
 "running" for a local run whose process still holds its run directory's lock; "not started" for a job of the
 sweep (as Hydra's basic sweeper expands the `multirun.yaml` it wrote) with no run folder yet, e.g. after the
-sweep was stopped; "missing" where none of these tells (a local run that failed, or no squeue here). It runs when a multirun ends, also
-with an error (the SweepSummary callback in configs/config.yaml), and as `saelab sweep-summary DIR`, for a
-sweep whose SLURM jobs outlived the process that submitted them.
+sweep was stopped; "missing" where none of these tells (a local run that failed, or no squeue here). It runs
+when a multirun ends, also with an error (the SweepSummary callback in configs/config.yaml), and as
+`saelab sweep-summary DIR`, for a sweep whose SLURM jobs outlived the process that submitted them.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from saelab.metrics.codes import decode_codes, encode_codes
 from saelab.metrics.dead import DeadLatentTracker, dead_latent_report
 from saelab.metrics.reconstruction import ReconstructionStats
 from saelab.sae.base import SAE
+from saelab.sources.registry import source_metadata
 from saelab.sources.synthetic import recovery_metrics
 
 REPORT_FILE = "report.json"
@@ -117,12 +118,14 @@ def evaluate(sae: SAE, source: Any, cfg: EvalConfig | None = None, progress: boo
             f"the source yields vectors of size {source.d_in} but the SAE has d_in={sae.d_in}; "
             "evaluate on the source (model and hook) the SAE was trained on."
         )
-    trained_on, reads = dict(sae.cfg.metadata), metadata_of(source)
+    trained_on, reads = dict(sae.cfg.metadata), source_metadata(source)
     check_hook(trained_on.get("hook_name"), reads.get("hook_name"))
     check_same_synthetic_source(trained_on, reads)
     lm, model = None, language_model_of(source)
     per_batch = cfg.lm_batch_size if model is not None else cfg.batch_size  # contexts for a model source
-    start_batch, held_out = evaluation_start(trained_on, source, cfg.start_batch, per_batch, cfg.total_tokens)
+    start_batch, held_out = evaluation_start(
+        trained_on, reads, source, cfg.start_batch, per_batch, cfg.total_tokens
+    )
     cfg = dataclasses.replace(cfg, start_batch=start_batch)
     tracker = DeadLatentTracker(sae.d_sae, cfg.dead_window_tokens or cfg.total_tokens, device)
     recon = ReconstructionStats()
@@ -183,11 +186,6 @@ def evaluate(sae: SAE, source: Any, cfg: EvalConfig | None = None, progress: boo
     if features is not None:
         report["recovery"] = recovery_metrics(features, sae.W_dec.detach().cpu(), cfg.recovery_threshold)
     return EvalResult(report=_json_ready(report), max_cos=cos.max_cos.cpu(), eigenvalues=eig.cpu())
-
-
-def metadata_of(source: Any) -> dict[str, Any]:
-    """The source's own description (`metadata()`), or {} for a plain object without one."""
-    return dict(source.metadata()) if hasattr(source, "metadata") else {}
 
 
 def _json_ready(value: Any) -> Any:

@@ -65,12 +65,18 @@ def same_source(trained_on: dict[str, Any], source: dict[str, Any]) -> str | Non
 
 
 def evaluation_start(
-    trained_on: dict[str, Any], source: Any, start_batch: int, batch_size: int, tokens: int
+    trained_on: dict[str, Any],
+    reads: dict[str, Any],
+    source: Any,
+    start_batch: int,
+    batch_size: int,
+    tokens: int,
 ) -> tuple[int, bool | None]:
     """(first batch to read, whether the data read from there is held out: True, False, or None when unknown).
 
-    source: the evaluation's source object; batch_size: rows per batch (contexts per batch for a model
-    source, whose evaluation reads token contexts). start_batch -1 (the default) starts past the SAE's training
+    trained_on: the SAE's metadata; reads: the evaluation source's (`source_metadata`); source: the
+    evaluation's source object; batch_size: rows per batch (contexts per batch for a model source, whose
+    evaluation reads token contexts). start_batch -1 (the default) starts past the SAE's training
     data when it trained on this source, else at 0; an explicit start_batch is kept and judged.
     - synthetic: a batch is a function of its index alone, so the data past index `training_batches.end` is
       new at any batch size.
@@ -81,7 +87,6 @@ def evaluation_start(
       SAEs the bound `ModelSource.contexts_before`, which a resumed older run may exceed); the evaluation reads
       contexts without repeating the text, so it is held out when it starts past them within the first pass.
     """
-    reads = dict(source.metadata()) if hasattr(source, "metadata") else {}
     kind = same_source(trained_on, reads)
     if kind is None:
         return max(start_batch, 0), None

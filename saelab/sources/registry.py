@@ -41,6 +41,12 @@ def register_source(kind: str, config_class: type) -> Callable[[Builder], Builde
     return add
 
 
+def source_metadata(source: object) -> dict[str, Any]:
+    """A source's own description (`metadata()`: model / hook / dataset facts), or {} for a plain iterator or
+    any object without one."""
+    return dict(source.metadata()) if hasattr(source, "metadata") else {}
+
+
 def _load_plugins() -> None:
     for name in _PLUGIN_MODULES:
         importlib.import_module(name)

@@ -26,6 +26,7 @@ from saelab.metrics.dead import DeadLatentTracker
 from saelab.metrics.heldout import heldout_metrics
 from saelab.parallel import distributed
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
+from saelab.sources.registry import source_metadata
 from saelab.train.config import AUTOCAST_DTYPES, LoggingConfig, TrainerConfig
 from saelab.train.lock import run_dir_lock
 from saelab.train.logger import RunLogger
@@ -125,7 +126,7 @@ def data_metadata(source: object, heldout_offset: int, batch_size: int) -> dict[
     """What the trained SAE records about its data: the source's own description (`metadata()`; the SAE's own
     metadata wins) and, for a source of indexed batches, the indices trained on, `training_batches` {start,
     end, batch_size} (end filled in at the end), so that an evaluation can start past them."""
-    meta = dict(source.metadata()) if hasattr(source, "metadata") else {}
+    meta = source_metadata(source)
     if hasattr(source, "batches"):
         meta["training_batches"] = {"start": heldout_offset, "end": heldout_offset, "batch_size": batch_size}
     return meta
@@ -537,8 +538,9 @@ class Trainer:
         data = dict(self.data_metadata)
         if "training_batches" in data:
             data["training_batches"] = {**data["training_batches"], "end": self.heldout_offset + self.step}
-            if self.contexts_read() is not None:
-                data["training_batches"]["contexts_read"] = self.contexts_read()
+            contexts = self.contexts_read()
+            if contexts is not None:
+                data["training_batches"]["contexts_read"] = contexts
         return data
 
     def contexts_read(self) -> int | None:

@@ -42,7 +42,8 @@ TABLE_METRICS = ("loss", "fvu", "l0", "dead_frac", "mmcs", "frac_recovered")
 
 def sweep_logging(cfg: LoggingConfig) -> LoggingConfig:
     """Inside a Hydra multirun, default the wandb group to the sweep directory and the run name to the job's
-    folder name (its number and overrides, `saelab.app.resolvers.safe_dirname`); explicit logging.group / logging.run_name win. Unchanged outside a multirun."""
+    folder name (its number and overrides, `saelab.app.resolvers.safe_dirname`); explicit logging.group /
+    logging.run_name win. Unchanged outside a multirun."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

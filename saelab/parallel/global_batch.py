@@ -69,8 +69,8 @@ def centred_sumsq(v: Tensor) -> Tensor:
     """sum over the batch's rows of ||row - mean row||^2, from this rank's rows v [b, d]; scalar in v's dtype
     promoted to at least float32 (a float16 sum of squares overflows at 65504).
 
-    Outside `sharded`: (v - v.mean(0)).pow(2).sum() of v itself, in that dtype. Inside: of the global batch, which must not
-    depend on the parameters (data, or detached values). Each rank's row count n_r, row mean m_r (float64) and
+    Outside `sharded`: (v - v.mean(0)).pow(2).sum() of v itself, in that dtype. Inside: of the global batch,
+    which must not depend on the parameters (data, or detached values). Each rank's row count n_r, row mean m_r (float64) and
     sum of squares about it q_r are gathered (one collective of W * (d + 2) float64 values) and combined as
     sum_r q_r + sum_r n_r ||m_r - m||^2, m the global mean: no cancellation when the mean is large.
     """

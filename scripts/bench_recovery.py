@@ -1,21 +1,26 @@
-"""Feature recovery of every SAE variant on the same planted-feature data sets, with default settings.
+"""Every SAE variant at its defaults, at matched L0: planted-feature recovery, and FVU / CE loss on a real model.
 
-Data sets (`saelab.sources.synthetic`):
+Planted data sets (`saelab.sources.synthetic`):
   uniform       d_in 64, 512 features, power-law frequencies, 5 active per row, uniform magnitudes
-  gba_toy       the GBA paper's toy: d_in 42, 128 features, half the rows 3-sparse and half 20-sparse,
-                exponential magnitudes (`saelab.sources.synthetic.gba_toy_config`)
   hierarchical  d_in 64, 100 parents with 4 mutually exclusive children each (500 features), 4 parents
                 per row, an active parent switches on one child with probability 0.75
+  gba_toy       the GBA paper's toy: d_in 42, 128 features, half the rows 3-sparse and half 20-sparse,
+                exponential magnitudes (`saelab.sources.synthetic.gba_toy_config`)
 
-Each variant trains with the Trainer's defaults (lr=None: the variant's default rate) for the same steps
-and batch size; k for the k-sparse variants is the true mean L0 (uniform 5, hierarchical 7) and, on
-gba_toy, the paper's k=20 (the densest rows' L0), plus TopK k=30. Metrics are on held-out batches: L0,
-FVU, MMCS (mean over true features of the best cosine to a decoder row), fraction of true features
-recovered at cosine >= 0.9, dead fraction (latents that never fire on the held-out rows) and training
-samples/s; on hierarchical the JSON also splits recovery into parents and children. A second table times
-one MP pursuit (forward + backward) with Gram-matrix selection against recomputed correlations.
+Each variant trains with the Trainer's and its config's defaults (lr=None: the variant's default rate) for the
+same steps and batch size, with one setting matched across variants: the L0 (`--l0`, per data set), which is k for
+the k-sparse variants (topk, batchtopk, matryoshka, mp) and target_l0 for the target-L0 variants (relu, jumprelu);
+gba sets its own L0. A variant whose config has neither (an older saelab: the "before" rows) runs at its defaults.
+Metrics on held-out rows, all of the trained SAE's inference encoder (BatchTopK / Matryoshka: their threshold):
+L0, FVU, dead fraction (latents that never fire on the held-out rows); MMCS and the fraction of planted features
+recovered at cosine >= 0.9 (hierarchical: also parents and children apart); training samples/s.
 
-    python scripts/bench_recovery.py --steps 3000 --batch-size 512 --json recovery.json
+`--real CACHE` instead trains each variant on a `saelab harvest` cache (one hook of a language model) at
+`--real-l0`, saves it, and judges it as `scripts/bench_real.py` does: CE loss recovered, KL and FVU with the SAE
+spliced into the live model on text after the cache, FVU and dead fraction on `--dead-tokens` more rows.
+
+    python scripts/bench_recovery.py --steps 3000 --batch-size 512 --seed 3 --json recovery.json
+    python scripts/bench_recovery.py --real caches/smol --hook blocks.6.hook_resid_post --out runs/rec --json real.json
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import argparse
 import dataclasses
 import datetime
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,31 +48,28 @@ from saelab.train.trainer import Trainer
 
 HELD_OUT = 10**7  # batch indices from here on are never trained on
 
-#: name -> (data set, SAE width, k for the k-sparse variants)
-DATASETS: dict[str, tuple[SyntheticConfig, int, int]] = {
-    "uniform": (SyntheticConfig(), 1024, 5),
-    "gba_toy": (gba_toy_config(), 512, 20),
-    "hierarchical": (SyntheticConfig(structure="hierarchical", n_features=500, mean_active=4.0), 1024, 7),
+#: name -> (data set, SAE width, matched L0 values)
+DATASETS: dict[str, tuple[SyntheticConfig, int, tuple[int, ...]]] = {
+    "uniform": (SyntheticConfig(), 1024, (8, 16)),
+    "hierarchical": (SyntheticConfig(structure="hierarchical", n_features=500, mean_active=4.0), 1024, (8,)),
+    "gba_toy": (gba_toy_config(), 512, (20,)),
 }
+#: Variants whose config has neither k nor target_l0 set their own L0: trained once per data set.
+DEFAULT_VARIANTS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
 
 
-def default_rows() -> dict[str, tuple[str, dict[str, Any]]]:
-    """One row per trainable registered variant at its defaults, k from the data set where the config has a k."""
-    rows = {}
-    for cls in variant_classes():
-        if cls.trainable:
-            has_k = "k" in {f.name for f in dataclasses.fields(cls.config_class)}
-            rows[cls.architecture] = (cls.architecture, {"k": "{k}"} if has_k else {})
-    return rows
+def config_fields(arch: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(get_sae_class(arch).config_class)}
 
 
-#: name -> (architecture, config overrides); "{k}" is replaced by the data set's k.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    **default_rows(),
-    "topk-k30": ("topk", {"k": 30}),
-    "gba-jumprelu": ("gba", {"activation": "jumprelu"}),
-}
-ONLY_ON = {"topk-k30": ("gba_toy",)}
+def sparsity_setting(arch: str, l0: int) -> dict[str, Any]:
+    """The field that sets the variant's L0 to `l0`: k, target_l0, or none (the variant sets its own)."""
+    names = config_fields(arch)
+    if "k" in names:
+        return {"k": l0}
+    if "target_l0" in names:
+        return {"target_l0": float(l0)}
+    return {}
 
 
 def held_out_metrics(sae: Any, source: SyntheticSource, rows: int, batch_size: int) -> dict[str, float]:
@@ -92,15 +96,19 @@ def held_out_metrics(sae: Any, source: SyntheticSource, rows: int, batch_size: i
     }
 
 
-def run_one(
-    dataset: str, variant: str, steps: int, batch_size: int, eval_rows: int, seed: int
-) -> dict[str, Any]:
-    data_cfg, width, k = DATASETS[dataset]
-    arch, overrides = VARIANTS[variant]
-    source = SyntheticSource(data_cfg)
+def build(arch: str, d_in: int, width: int, l0: int, seed: int) -> Any:
     cls = get_sae_class(arch)
-    fields = {name: (k if value == "{k}" else value) for name, value in overrides.items()}
-    sae = cls(cls.config_class(d_in=data_cfg.d_in, d_sae=width, **fields), generator(seed, "sae.init"))
+    return cls(
+        cls.config_class(d_in=d_in, d_sae=width, **sparsity_setting(arch, l0)), generator(seed, "sae.init")
+    )
+
+
+def run_one(
+    dataset: str, arch: str, l0: int, steps: int, batch_size: int, eval_rows: int, seed: int
+) -> dict[str, Any]:
+    data_cfg, width, _ = DATASETS[dataset]
+    source = SyntheticSource(data_cfg)
+    sae = build(arch, data_cfg.d_in, width, l0, seed)
     trainer = Trainer(
         sae,
         TrainerConfig(
@@ -121,12 +129,135 @@ def run_one(
         ]
     return {
         "dataset": dataset,
-        "variant": variant,
-        "k": fields.get("k"),
+        "variant": arch,
+        "matched_l0": l0 if sparsity_setting(arch, l0) else None,
+        "setting": sparsity_setting(arch, l0),
         "lr": trainer.lr,
         **metrics,
+        "summary_dead_frac": result.dead_fraction,
         "samples_per_s": result.tokens / seconds,
     }
+
+
+def planted(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for dataset in args.datasets:
+        levels = args.l0 or DATASETS[dataset][2]
+        for arch in args.variants:
+            for l0 in levels if sparsity_setting(arch, 1) else levels[:1]:
+                rows.append(
+                    run_one(dataset, arch, l0, args.steps, args.batch_size, args.eval_rows, args.seed)
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def planted_table(rows: list[dict[str, Any]], steps: int, batch_size: int) -> Table:
+    table = Table(title=f"feature recovery: {steps} steps x {batch_size} rows, each variant at its defaults")
+    for col in (
+        "data set",
+        "variant",
+        "matched L0",
+        "L0",
+        "FVU",
+        "MMCS",
+        "recovered @0.9",
+        "dead",
+        "samples/s",
+    ):
+        table.add_column(col, justify="left" if col in ("data set", "variant") else "right")
+    for r in rows:
+        recovered = f"{r['frac_recovered']:.1%}"
+        if "frac_recovered_parents" in r:
+            recovered += f" ({r['frac_recovered_parents']:.0%}, {r['frac_recovered_children']:.1%})"
+        table.add_row(
+            r["dataset"],
+            r["variant"],
+            str(r["matched_l0"] or "-"),
+            f"{r['l0']:.1f}",
+            f"{r['fvu']:.3f}",
+            f"{r['mmcs']:.3f}",
+            recovered,
+            f"{r['dead_frac']:.1%}",
+            f"{r['samples_per_s']:,.0f}",
+        )
+    return table
+
+
+def real(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each variant trained on the cache at --real-l0 (same batches, same tokens), saved, then evaluated spliced
+    into the live model (bench_real's evaluation)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_real
+
+    from saelab.eval.config import EvalConfig
+    from saelab.sources.harvested import CacheSource, CacheSourceConfig
+
+    cache = CacheSource(CacheSourceConfig(path=args.real, hook_name=args.hook, seed=args.data_seed))
+    out = Path(args.out)
+    rows = []
+    for arch in args.variants:
+        sae = build(arch, cache.d_in, args.expansion * cache.d_in, args.real_l0, args.seed)
+        cfg = TrainerConfig(
+            total_tokens=args.tokens,
+            batch_size=args.batch_size,
+            device="cpu",
+            log_every=10**9,
+            seed=args.seed,
+        )
+        trainer = Trainer(sae, cfg, output_dir=out / arch)
+        start = time.perf_counter()
+        result = trainer.fit(cache)
+        rows.append(
+            {
+                "variant": arch,
+                "matched_l0": args.real_l0 if sparsity_setting(arch, 1) else None,
+                "lr": trainer.lr,
+                "summary_dead_frac": result.dead_fraction,
+                "train_s": time.perf_counter() - start,
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    source = bench_real.model_source_of(cache.cache, cache.hook_name, torch.device("cpu"))
+    start_batch = bench_real.heldout_start_batch(cache.cache, args.lm_batch_size)
+    eval_cfg = EvalConfig(
+        total_tokens=args.eval_tokens,
+        lm_batch_size=args.lm_batch_size,
+        start_batch=start_batch,
+        cooccurrence_latents=0,
+        plots=False,
+    )
+    held = bench_real.heldout_rows(source, start_batch * args.lm_batch_size, args.dead_tokens)
+    for row in rows:
+        print(f"evaluating {row['variant']}", file=sys.stderr, flush=True)
+        row.update(
+            bench_real.evaluate_saved(
+                out / row["variant"] / "sae", source, eval_cfg, held, torch.device("cpu")
+            )
+        )
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def real_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> Table:
+    table = Table(
+        title=f"{args.real} ({args.hook or 'its hook'}): {args.expansion}x, {args.tokens:,} tokens, at its defaults"
+    )
+    for col in ("variant", "matched L0", "L0", "CE loss recovered", "KL", "FVU", f"FVU ({args.dead_tokens:,} rows)",
+                f"dead ({args.dead_tokens:,} rows)"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        table.add_row(
+            r["variant"],
+            str(r["matched_l0"] or "-"),
+            f"{r['l0']:.1f}",
+            f"{r['ce_loss_score']:.3f}",
+            f"{r['kl_div']:.3f}",
+            f"{r['fvu']:.3f}",
+            f"{r['fvu_wide']:.3f}",
+            f"{r['dead_wide']:.1%}",
+        )
+    return table
 
 
 def time_pursuit(width: int, d_in: int, k: int, batch: int, rounds: int) -> dict[str, float]:
@@ -157,47 +288,12 @@ def time_pursuit(width: int, d_in: int, k: int, batch: int, rounds: int) -> dict
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--eval-rows", type=int, default=16384)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: runs stay comparable)")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    rows = []
-    for dataset in args.datasets:
-        for variant in args.variants:
-            if dataset in ONLY_ON.get(variant, (dataset,)):
-                rows.append(run_one(dataset, variant, args.steps, args.batch_size, args.eval_rows, args.seed))
-                print(json.dumps(rows[-1]), flush=True)
-    speed = [time_pursuit(n, d, 16, 1024, rounds=3) for n, d in ((512, 64), (2048, 256), (4096, 768))]
-
-    table = Table(title=f"feature recovery: {args.steps} steps x {args.batch_size} rows, default settings")
-    for col in ("data set", "variant", "k", "L0", "FVU", "MMCS", "recovered @0.9", "dead", "samples/s"):
-        table.add_column(col, justify="left" if col in ("data set", "variant") else "right")
-    for r in rows:
-        table.add_row(
-            r["dataset"],
-            r["variant"],
-            str(r["k"] or "-"),
-            f"{r['l0']:.1f}",
-            f"{r['fvu']:.3f}",
-            f"{r['mmcs']:.3f}",
-            f"{r['frac_recovered']:.1%}",
-            f"{r['dead_frac']:.1%}",
-            f"{r['samples_per_s']:,.0f}",
-        )
-    pursuit = Table(title="MP pursuit, forward + backward (median of 3 interleaved rounds, same process)")
+def pursuit_table(speed: list[dict[str, float]]) -> Table:
+    table = Table(title="MP pursuit, forward + backward (median of 3 interleaved rounds, same process)")
     for col in ("n", "d_in", "k", "batch", "Gram (ms)", "recompute (ms)", "Gram speedup"):
-        pursuit.add_column(col, justify="right")
+        table.add_column(col, justify="right")
     for s in speed:
-        pursuit.add_row(
+        table.add_row(
             str(s["width"]),
             str(s["d_in"]),
             str(s["k"]),
@@ -206,15 +302,57 @@ def main() -> None:
             f"{1e3 * s['recompute_s']:.1f}",
             f"{s['speedup']:.2f}x",
         )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--eval-rows", type=int, default=16384)
+    parser.add_argument("--datasets", nargs="+", default=["uniform", "hierarchical"], choices=list(DATASETS))
+    trainable = sorted(cls.architecture for cls in variant_classes() if cls.trainable)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=trainable)
+    parser.add_argument(
+        "--l0", type=int, nargs="+", default=[], help="matched L0 values (default: per data set)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the SAE initialisation stream")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: runs stay comparable)")
+    parser.add_argument(
+        "--real", default="", help="a `saelab harvest` cache: train and judge on a real model"
+    )
+    parser.add_argument("--hook", default="", help="--real: the hook ('' when the cache holds one)")
+    parser.add_argument("--out", default="runs/bench_recovery", help="--real: folder for the trained SAEs")
+    parser.add_argument("--real-l0", type=int, default=32, help="--real: the matched L0")
+    parser.add_argument("--expansion", type=int, default=8, help="--real: SAE width / d_in")
+    parser.add_argument("--tokens", type=int, default=409600, help="--real: training tokens per SAE")
+    parser.add_argument("--data-seed", type=int, default=0, help="--real: the cache's reading order")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="--real: tokens spliced into the model")
+    parser.add_argument("--lm-batch-size", type=int, default=8)
+    parser.add_argument("--dead-tokens", type=int, default=32768, help="--real: held-out rows for FVU / dead")
+    parser.add_argument("--no-pursuit", action="store_true", help="skip the MP pursuit timing table")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     console = Console()
-    console.print(table)
-    console.print(pursuit)
+    speed: list[dict[str, float]] = []
+    if args.real:
+        rows = real(args)
+        console.print(real_table(rows, args))
+    else:
+        rows = planted(args)
+        console.print(planted_table(rows, args.steps, args.batch_size))
+        if not args.no_pursuit:
+            speed = [time_pursuit(n, d, 16, 1024, rounds=3) for n, d in ((512, 64), (2048, 256), (4096, 768))]
+            console.print(pursuit_table(speed))
     out = {
         "date": datetime.date.today().isoformat(),
+        "command": " ".join(sys.argv),
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "seed": args.seed,
         "threads": args.threads,
-        "recovery": rows,
+        "results": rows,
         "mp_pursuit": speed,
     }
     print(json.dumps(out))

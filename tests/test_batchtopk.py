@@ -9,18 +9,21 @@ from saelab.sae.base import TrainContext
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 
 
-def make_sae(k=3, decay=0.9, seed=0) -> BatchTopKSAE:
+def make_sae(k=3, decay=0.9, seed=0, warmup=0.0) -> BatchTopKSAE:
     torch.manual_seed(seed)
-    sae = BatchTopKSAE(BatchTopKConfig(d_in=6, d_sae=20, k=k, threshold_decay=decay, dtype="float64"))
+    cfg = BatchTopKConfig(
+        d_in=6, d_sae=20, k=k, threshold_decay=decay, dtype="float64", topk_warmup_frac=warmup
+    )
+    sae = BatchTopKSAE(cfg)
     with torch.no_grad():
         sae.b_enc.normal_(0.0, 0.3)
         sae.b_dec.normal_()
     return sae
 
 
-def context(dead=None) -> TrainContext:
+def context(dead=None, step=0) -> TrainContext:
     dead = torch.zeros(20, dtype=torch.bool) if dead is None else dead
-    return TrainContext(step=0, total_steps=100, dead_mask=dead, any_dead=bool(dead.any()))
+    return TrainContext(step=step, total_steps=100, dead_mask=dead, any_dead=bool(dead.any()))
 
 
 def reference_batch_codes(sae, x, k):
@@ -45,6 +48,40 @@ def test_training_keeps_the_batch_top_b_times_k_and_decodes_them():
     assert torch.equal(out.fired, (z > 0).any(dim=0))
     out.loss.backward()  # gradients reach the encoder only through kept latents
     assert torch.equal(sae.W_enc.grad.abs().sum(dim=0) > 0, (z > 0).any(dim=0))
+
+
+def test_topk_warmup_keeps_each_rows_top_k_then_the_batch_top():
+    """topk_warmup_frac 0.3 of 100 steps: steps 0-29 keep each row's k largest (sorted in Python), from step 30
+    the batch's B*k largest; the threshold moves only in the batch-level steps."""
+    sae = make_sae(k=3, warmup=0.3)
+    sae.threshold.fill_(0.25)
+    x = torch.randn(8, 6, dtype=torch.float64) * 2
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    rows = torch.zeros_like(pre)
+    for b, row in enumerate(pre.tolist()):
+        for i in sorted(range(20), key=lambda i: -row[i])[:3]:
+            rows[b, i] = max(row[i], 0.0)
+    out = sae.training_forward(x, context(step=29))
+    torch.testing.assert_close(out.x_hat, rows @ sae.W_dec.detach() + sae.b_dec.detach())
+    assert float(sae.threshold) == 0.25
+    out = sae.training_forward(x, context(step=30))
+    batch = reference_batch_codes(sae, x, 3)
+    torch.testing.assert_close(out.x_hat, batch @ sae.W_dec.detach() + sae.b_dec.detach())
+    assert float(sae.threshold) == pytest.approx(0.9 * 0.25 + 0.1 * batch[batch > 0].min().item(), rel=1e-12)
+
+
+def test_init_sets_the_threshold_at_the_samples_batch_cutoff():
+    """After the data-dependent init every checkpoint has a threshold: the N * k-th largest pre-activation of
+    the sample (computed after the init's encoder scaling)."""
+    sae = make_sae(k=2)
+    x = torch.randn(30, 6, dtype=torch.float64) + 1.0
+    sae.initialize_from_sample(x)
+    with torch.no_grad():
+        pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).reshape(-1)
+    assert float(sae.threshold) == pytest.approx(
+        pre.sort(descending=True).values[30 * 2 - 1].item(), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("heavy", [12, 40])
@@ -164,3 +201,38 @@ def test_summary_figures_are_those_of_the_saved_threshold_encoder(tmp_path):
     assert summary["l0"] == pytest.approx((z != 0).sum(1).double().mean().item(), rel=1e-6)
     assert summary["l0"] != 4.0  # the training rule's figure would be exactly k
     assert summary["fvu"] == pytest.approx(fvu.item(), rel=1e-4)
+
+
+def test_reported_dead_fraction_is_that_of_the_saved_threshold_encoder():
+    """TrainResult.dead_fraction (summary.json's dead_frac) counts latents the saved SAE's threshold encoder leaves
+    silent over the dead window, not the training selection's. Per-row selection throughout (topk_warmup_frac 1)
+    with a rate too small to move the weights keeps the threshold at its initial cutoff; the reference replays the
+    window's batches through the saved SAE (float64 pre-activations)."""
+    from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
+    from saelab.train.config import TrainerConfig
+    from saelab.train.trainer import Trainer
+
+    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=64, mean_active=3, seed=4))
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(BatchTopKConfig(d_in=16, d_sae=128, k=4, topk_warmup_frac=1.0))
+    cfg = TrainerConfig(
+        total_tokens=12 * 256,
+        batch_size=256,
+        lr=1e-12,
+        dead_window_tokens=4 * 256,
+        device="cpu",
+        log_every=100,
+    )
+    trainer = Trainer(sae, cfg)
+    result = trainer.fit(source)
+    saved = {k: v.double() for k, v in result.sae.state_dict().items()}
+    fired = torch.zeros(128, dtype=torch.bool)
+    for step in range(8, 12):  # the window: the last 4 batches (no held-out batches, so batch index = step)
+        x = source.batch(step, 256).double()
+        pre = (x - saved["b_dec"]) @ saved["W_enc"] + saved["b_enc"]
+        fired |= (pre > saved["threshold"]).any(dim=0)
+    want = 1.0 - fired.double().mean().item()
+    assert result.dead_fraction == pytest.approx(want, abs=1 / 128 + 1e-9)
+    assert result.final_metrics["dead_frac"] == result.dead_fraction
+    training_rule, _ = trainer.tracker.reported_dead()  # what the summary reported before
+    assert abs(training_rule - want) > 0.1, (training_rule, want)

@@ -112,7 +112,7 @@ def test_ste_gradients_equal_saelens_estimators(gen, to_input):
 
 def training_sae(gen: torch.Generator, **fields) -> JumpReLUSAE:
     """A float64 SAE with random weights and thresholds near typical pre-activations."""
-    cfg = JumpReLUConfig(d_in=D_IN, d_sae=D_SAE, dtype="float64", bandwidth=0.05, **fields)
+    cfg = JumpReLUConfig(d_in=D_IN, d_sae=D_SAE, dtype="float64", bandwidth=0.05, target_l0=None, **fields)
     sae = JumpReLUSAE(cfg)
     with torch.no_grad():
         for p in sae.parameters():
@@ -162,12 +162,15 @@ def test_loss_gradients_match_a_float64_formula(gen, penalty):
     torch.testing.assert_close(out.l0, (z > 0).double().sum(1).mean().float())
 
 
-def test_sparsity_coefficient_warms_up_linearly():
-    sae = JumpReLUSAE(JumpReLUConfig(d_in=4, d_sae=8, sparsity_coefficient=2.0, sparsity_warmup_frac=0.1))
-    assert sae.sparsity_coefficient_at(0, 100) == pytest.approx(0.2)
-    assert sae.sparsity_coefficient_at(4, 100) == pytest.approx(1.0)
-    assert sae.sparsity_coefficient_at(9, 100) == pytest.approx(2.0)
-    assert sae.sparsity_coefficient_at(50, 100) == pytest.approx(2.0)
+def test_a_fixed_sparsity_coefficient_warms_up_linearly():
+    from saelab.sae.base import TrainContext
+
+    cfg = JumpReLUConfig(d_in=4, d_sae=8, sparsity_coefficient=2.0, sparsity_warmup_frac=0.1, target_l0=None)
+    sae = JumpReLUSAE(cfg)
+    for step, want in ((0, 0.2), (4, 1.0), (9, 2.0), (50, 2.0)):
+        ctx = TrainContext(step, 100, torch.zeros(8, dtype=torch.bool), any_dead=False)
+        got = sae.sparsity_control.coefficient(torch.tensor(3.0), ctx)  # no target: the L0 is ignored
+        assert got == pytest.approx(want)
 
 
 def test_threshold_starts_at_init_threshold_in_the_papers_units():
@@ -179,7 +182,8 @@ def test_threshold_starts_at_init_threshold_in_the_papers_units():
 def test_init_scales_the_encoder_to_the_least_squares_fit(gen):
     """After the data-dependent init, the reconstruction (without b_dec) of the centred sample needs no further
     positive rescaling: d/ds ||c - s x_hat||^2 = 0 at s = 1 (threshold 0, so the scale cannot move a gate)."""
-    sae = JumpReLUSAE(JumpReLUConfig(d_in=D_IN, d_sae=D_SAE, dtype="float64", init_threshold=0.0))
+    cfg = JumpReLUConfig(d_in=D_IN, d_sae=D_SAE, dtype="float64", init_threshold=0.0, target_l0=None)
+    sae = JumpReLUSAE(cfg)
     x = torch.randn(256, D_IN, generator=gen, dtype=torch.float64) + 2.0
     before = sae.W_enc.detach().clone()
     sae.initialize_from_sample(x)
@@ -196,6 +200,8 @@ def test_init_scales_the_encoder_to_the_least_squares_fit(gen):
         ("sparsity_coefficient", -1.0),
         ("bandwidth", 0.0),
         ("sparsity_warmup_frac", 2.0),
+        ("target_l0", 0.0),
+        ("topk_warmup_frac", 1.5),
     ],
 )
 def test_bad_settings_name_the_field(field, value):
@@ -221,13 +227,14 @@ SOURCE = SyntheticConfig(d_in=32, n_features=64, mean_active=3.0, seed=3)
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[JumpReLUSAE, SyntheticSource]:
-    """The defaults (coefficient, warm-up, lr) on planted features: a short CPU run (one thread, as the
-    benchmarks: on a loaded 2-core machine more threads only contend)."""
+    """The defaults (TopK warm-up, target-L0 controller, lr) at target L0 4 on planted features (3 active per
+    row): a short CPU run (one thread, as the benchmarks: on a loaded 2-core machine more threads only contend)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         source = SyntheticSource(SOURCE)
-        sae = build_sae(JumpReLUConfig(d_in=SOURCE.d_in, d_sae=256), torch.Generator().manual_seed(11))
+        cfg = JumpReLUConfig(d_in=SOURCE.d_in, d_sae=256, target_l0=4)
+        sae = build_sae(cfg, torch.Generator().manual_seed(11))
         cfg = TrainerConfig(total_tokens=2500 * 256, batch_size=256, device="cpu", log_every=500)
         return Trainer(sae, cfg).fit(source).sae, source
     finally:

@@ -65,6 +65,16 @@ def minimum(t: Tensor) -> Tensor:
     return out
 
 
+def mean(t: Tensor) -> Tensor:
+    """The mean of t over ranks (t itself outside `sharded`): a per-row mean of equal-sized shards becomes the
+    global batch's."""
+    if ranks() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)  # SUM (gloo has no AVG)
+    return out / ranks()
+
+
 def centred_sumsq(v: Tensor) -> Tensor:
     """sum over the batch's rows of ||row - mean row||^2, from this rank's rows v [b, d]; scalar in v's dtype
     promoted to at least float32 (a float16 sum of squares overflows at 65504).

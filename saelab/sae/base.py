@@ -74,6 +74,7 @@ class TrainContext:
     without a device sync.
     dead_latents: optional [C] int64, the latents dead at that refresh padded with n (`kernels.auxk.
     dead_latent_list`), so that AuxK can gather the dead sub-dictionary without a device sync.
+    lr_scale: the learning-rate schedule's factor at this step (0 to 1; `saelab.sae.target_l0` follows it).
     """
 
     step: int
@@ -81,6 +82,7 @@ class TrainContext:
     dead_mask: Tensor
     any_dead: bool
     dead_latents: Tensor | None = None
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -89,6 +91,8 @@ class TrainOutput:
 
     loss: scalar to minimise. x_hat: [B, d_in]. fired: [n] bool, latents active on any row of the batch.
     l0: scalar, mean active latents per row. metrics: scalar tensors to log (fvu, auxk, l1, ...).
+    inference_fired: [n] bool, latents the inference encoder (what a saved SAE computes) fires on for the batch,
+    for variants whose training selection differs from it (BatchTopK's threshold); None: the same as `fired`.
     """
 
     loss: Tensor
@@ -96,6 +100,7 @@ class TrainOutput:
     fired: Tensor
     l0: Tensor
     metrics: dict[str, Tensor]
+    inference_fired: Tensor | None = None
 
 
 class SAE(nn.Module):
@@ -173,15 +178,18 @@ class SAE(nn.Module):
             self.b_dec.copy_(geometric_median(x).to(self.b_dec.dtype))
 
     @torch.no_grad()
-    def scale_encoder_to_fit(self, x: Tensor, x_hat: Tensor) -> None:
+    def scale_encoder_to_fit(self, x: Tensor, x_hat: Tensor) -> float:
         """Scale W_enc and b_enc by the s > 0 minimising ||(x - b_dec) - s * x_hat||^2 over a sample x [N, d_in],
-        x_hat [N, d_in] being the current codes decoded without b_dec (kept as is where s is not finite or <= 0)."""
+        x_hat [N, d_in] being the current codes decoded without b_dec (kept as is where s is not finite or <= 0).
+        Returns the factor applied (1.0 when none)."""
         centred = (x - self.b_dec).double()
         x_hat = x_hat.double()
         scale = float((centred * x_hat).sum() / x_hat.pow(2).sum())
-        if math.isfinite(scale) and scale > 0:
-            self.W_enc.mul_(scale)
-            self.b_enc.mul_(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            return 1.0
+        self.W_enc.mul_(scale)
+        self.b_enc.mul_(scale)
+        return scale
 
     # ----------------------------------------------------------- inference
     def pre_activations(self, x: Tensor) -> Tensor:

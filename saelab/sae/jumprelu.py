@@ -39,9 +39,19 @@ import torch
 from torch import Tensor, nn
 
 from saelab.core.checks import check_number
+from saelab.kernels import sparse_decode, topk_select
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
-from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained, warmup_factor
+from saelab.sae.batchtopk import BatchTopKSAE
+from saelab.sae.losses import (
+    auxiliary_k,
+    dead_residual_loss,
+    dense_activity,
+    dense_auxk_reconstruction,
+    fraction_of_variance_unexplained,
+    sparse_activity,
+)
 from saelab.sae.registry import register
+from saelab.sae.target_l0 import TargetL0Controller, check_reachable, check_target_l0
 
 SPARSITY_LOSSES = ("l0", "tanh")
 
@@ -55,13 +65,17 @@ class JumpReLUConfig(SAEConfig):
     ste_to_input: also pass the straight-through terms to the pre-activations (Anthropic's estimator)."""
 
     architecture: str = "jumprelu"
+    target_l0: float | None = 32.0
     sparsity_loss: str = "l0"
     sparsity_coefficient: float = 0.03
     sparsity_warmup_frac: float = 0.1
     tanh_scale: float = 4.0
-    bandwidth: float = 0.001
+    bandwidth: float = 0.05
     init_threshold: float = 0.001
     ste_to_input: bool = False
+    aux_k: int = 0
+    aux_k_coef: float = 1.0 / 32.0
+    topk_warmup_frac: float = 0.7
 
     def validate(self) -> None:
         super().validate()
@@ -70,11 +84,22 @@ class JumpReLUConfig(SAEConfig):
                 f"sae.sparsity_loss={self.sparsity_loss!r} is not one of {list(SPARSITY_LOSSES)} "
                 "(l0: the paper's penalty, tanh: Anthropic's)."
             )
-        check_number("sae.sparsity_coefficient", self.sparsity_coefficient, low=0)
+        check_target_l0(self.target_l0)
+        low_open = self.target_l0 is not None
+        check_number("sae.sparsity_coefficient", self.sparsity_coefficient, low=0, low_open=low_open)
         check_number("sae.sparsity_warmup_frac", self.sparsity_warmup_frac, low=0, high=1)
         check_number("sae.tanh_scale", self.tanh_scale, low=0, low_open=True)
         check_number("sae.bandwidth", self.bandwidth, low=0, low_open=True)
         check_number("sae.init_threshold", self.init_threshold, low=0)
+        check_number("sae.aux_k", self.aux_k, low=0, integer=True, hint="0 means d_in // 2.")
+        check_number("sae.aux_k_coef", self.aux_k_coef, low=0, hint="0 disables AuxK.")
+        check_number(
+            "sae.topk_warmup_frac",
+            self.topk_warmup_frac,
+            low=0,
+            high=1,
+            hint="0: JumpReLU training throughout.",
+        )
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -126,6 +151,12 @@ class JumpReLUSAE(SAE):
     dictionary_learning_class = "JumpReluAutoEncoder"
     dictionary_learning_trainer = "JumpReluTrainer"
 
+    def __init__(self, cfg: JumpReLUConfig, generator: torch.Generator | None = None):
+        super().__init__(cfg, generator)
+        self.sparsity_control = TargetL0Controller(
+            cfg.target_l0, cfg.sparsity_coefficient, cfg.sparsity_warmup_frac
+        )
+
     def create_parameters(self, dtype: torch.dtype) -> None:
         super().create_parameters(dtype)
         self.threshold = nn.Parameter(torch.zeros(self.d_sae, dtype=dtype))
@@ -155,8 +186,13 @@ class JumpReLUSAE(SAE):
         overshoot x about n / (2 d_in) times; unscaled, the first steps go to undoing that (BENCHMARKS.md,
         "JumpReLU defaults").
         """
+        check_reachable(self.cfg.target_l0, self.d_sae)
         super().initialize_from_sample(x)
-        self.scale_encoder_to_fit(x, self.encode_rows(x) @ self.W_dec)
+        if self.warmup_k is None:
+            self.scale_encoder_to_fit(x, self.encode_rows(x) @ self.W_dec)
+        else:  # the TopK warm-up's codes
+            values, indices = topk_select(self.pre_activations(x), self.warmup_k)
+            self.scale_encoder_to_fit(x, sparse_decode(values.relu(), indices, self.W_dec))
 
     def default_lr(self, batch_size: int) -> float:
         """2.5x the base rate: Adam moves a threshold by about lr a step, and thresholds start near 0 and must
@@ -170,9 +206,33 @@ class JumpReLUSAE(SAE):
         return pre.relu() * (pre > self.threshold)
 
     # ------------------------------------------------------------ training
-    def sparsity_coefficient_at(self, step: int, total_steps: int) -> float:
-        """lambda after the linear warm-up over the first sparsity_warmup_frac * total_steps steps."""
-        return self.cfg.sparsity_coefficient * warmup_factor(step, total_steps, self.cfg.sparsity_warmup_frac)
+    @property
+    def warmup_k(self) -> int | None:
+        """k of the TopK warm-up (round(target_l0)), or None without one (no target, or topk_warmup_frac 0)."""
+        if self.cfg.target_l0 is None or self.cfg.topk_warmup_frac == 0:
+            return None
+        return max(1, round(self.cfg.target_l0))
+
+    def warmup_steps(self, ctx: TrainContext) -> int:
+        """Steps of the TopK warm-up in this run (0 without one)."""
+        return 0 if self.warmup_k is None else round(self.cfg.topk_warmup_frac * ctx.total_steps)
+
+    def topk_forward(self, x: Tensor, pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The TopK warm-up's pass on x [B, d_in] with pre-activations pre [B, n]: each row's k largest (ReLU),
+        decoded sparsely. Returns (x_hat [B, d_in], fvu, fired [n], l0)."""
+        with torch.no_grad():
+            indices = topk_select(pre.detach(), k)[1]
+        values = pre.gather(1, indices).relu()
+        x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
+        fired, l0 = sparse_activity(values.detach() > 0, indices, self.d_sae)
+        return x_hat, fraction_of_variance_unexplained(x, x_hat), fired, l0
+
+    @torch.no_grad()
+    def start_thresholds(self, pre: Tensor, k: int) -> None:
+        """End of the TopK warm-up: every threshold at the batch's cutoff for k latents per row (the B * k-th
+        largest of pre [B, n] over the global batch), so the first JumpReLU step keeps L0 near k; training then
+        moves each latent's threshold on its own."""
+        self.threshold.fill_(float(BatchTopKSAE.batch_cutoff(pre, k).clamp_min(0)))
 
     def sparsity_penalty(self, z: Tensor, gate: Tensor) -> Tensor:
         """Mean over rows of the per-row penalty, from codes z [B, n] and the gate [pre > threshold] [B, n]."""
@@ -183,20 +243,35 @@ class JumpReLUSAE(SAE):
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         pre = self.pre_activations(x)
-        z, gate = JumpReLUWithGate.apply(
-            pre, self.threshold.to(pre.dtype), self.bandwidth, self.cfg.ste_to_input
-        )
-        x_hat = self.decode(z)
-        fvu = fraction_of_variance_unexplained(x, x_hat)
-        sparsity = self.sparsity_penalty(z, gate)
-        loss = fvu + self.sparsity_coefficient_at(ctx.step, ctx.total_steps) * sparsity
-        with torch.no_grad():
-            fired, l0 = dense_activity(z > 0)
+        warmup = self.warmup_steps(ctx)
+        if ctx.step < warmup:
+            x_hat, fvu, fired, l0 = self.topk_forward(x, pre, self.warmup_k)
+            loss, metrics = fvu, {"fvu": fvu.detach()}
+        else:
+            if ctx.step == warmup and self.warmup_k is not None:
+                self.start_thresholds(pre, self.warmup_k)
+            z, gate = JumpReLUWithGate.apply(
+                pre, self.threshold.to(pre.dtype), self.bandwidth, self.cfg.ste_to_input
+            )
+            x_hat = self.decode(z)
+            fvu = fraction_of_variance_unexplained(x, x_hat)
+            sparsity = self.sparsity_penalty(z, gate)
+            with torch.no_grad():
+                fired, l0 = dense_activity(z > 0)
+            coefficient = self.sparsity_control.coefficient(l0, ctx)
+            loss = fvu + coefficient * sparsity
             metrics = {
                 "fvu": fvu.detach(),
                 "sparsity": sparsity.detach(),
+                "sparsity_coefficient": torch.as_tensor(coefficient, dtype=torch.float32, device=x.device),
                 "threshold": self.threshold.mean().detach(),
             }
+        if self.cfg.aux_k_coef > 0 and ctx.any_dead:
+            aux_k = auxiliary_k(self.cfg.aux_k, self.d_in, self.d_sae)
+            residual_hat, n_dead = dense_auxk_reconstruction(pre, ctx.dead_mask, self.W_dec, aux_k)
+            auxk = dead_residual_loss(x - x_hat.detach(), residual_hat, n_dead, aux_k)
+            loss = loss + self.cfg.aux_k_coef * auxk
+            metrics["auxk"] = auxk.detach()
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
 
     # ------------------------------------------------------------ interop

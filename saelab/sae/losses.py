@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saelab.kernels import sparse_decode
+from saelab.kernels.select import dead_topk
 from saelab.parallel import global_batch
 
 
@@ -47,6 +49,20 @@ def dead_residual_loss(residual: Tensor, residual_hat: Tensor, n_dead: Tensor, a
     latents (Gao et al.'s AuxK scaling; n_dead: scalar count of dead latents); NaN -> 0."""
     scale = (n_dead / aux_k).clamp(max=1.0)
     return (scale * fraction_of_variance_unexplained(residual, residual_hat)).nan_to_num(0.0)
+
+
+def dense_auxk_reconstruction(
+    pre: Tensor, dead_mask: Tensor, W_dec: Tensor, aux_k: int
+) -> tuple[Tensor, Tensor]:
+    """AuxK's residual reconstruction for a variant with dense pre-activations pre [B, n] (with gradient): each
+    row's top aux_k pre-activations among the dead latents (dead_mask [n]), ReLU, decoded without b_dec by the
+    rows of W_dec [n, d]. Returns (residual_hat [B, d], n_dead: scalar count of dead latents)."""
+    with torch.no_grad():
+        _, indices = dead_topk(pre.detach().clone(), dead_mask, min(aux_k, pre.shape[1]))
+    values = (
+        pre.gather(1, indices).relu() * dead_mask[indices]
+    )  # slots past the dead count carry live latents
+    return sparse_decode(values, indices, W_dec), dead_mask.sum()
 
 
 @torch.no_grad()

@@ -15,22 +15,28 @@ from torch import Tensor
 
 from saelab.core.checks import check_number
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
-from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained, warmup_factor
+from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained
 from saelab.sae.registry import register
+from saelab.sae.target_l0 import TargetL0Controller, check_reachable, check_target_l0
 
 
 @dataclass
 class ReLUConfig(SAEConfig):
-    """l1_coefficient: lambda. l1_warmup_frac: fraction of steps over which lambda ramps up from 0."""
+    """target_l0: the L0 that lambda adapts to reach during training (`saelab.sae.target_l0`; None: lambda fixed at
+    l1_coefficient). l1_coefficient: lambda, or its starting value with a target. l1_warmup_frac: fraction of steps
+    over which lambda ramps up from 0."""
 
     architecture: str = "relu"
-    l1_coefficient: float = 5.0
+    target_l0: float | None = 32.0
+    l1_coefficient: float = 1.0
     l1_warmup_frac: float = 0.05
     init_decoder_norm: float = 0.1
 
     def validate(self) -> None:
         super().validate()
-        check_number("sae.l1_coefficient", self.l1_coefficient, low=0)
+        check_target_l0(self.target_l0)
+        low_open = self.target_l0 is not None
+        check_number("sae.l1_coefficient", self.l1_coefficient, low=0, low_open=low_open)
         check_number("sae.l1_warmup_frac", self.l1_warmup_frac, low=0, high=1)
         check_number("sae.init_decoder_norm", self.init_decoder_norm, low=0, low_open=True)
 
@@ -46,18 +52,24 @@ class ReLUSAE(SAE):
     dictionary_learning_reads = ("AutoEncoderNew",)
     cfg: ReLUConfig
 
+    def __init__(self, cfg: ReLUConfig, generator: torch.Generator | None = None):
+        super().__init__(cfg, generator)
+        self.sparsity_control = TargetL0Controller(cfg.target_l0, cfg.l1_coefficient, cfg.l1_warmup_frac)
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         super().reset_parameters(generator)
         with torch.no_grad():
             self.W_dec.mul_(self.cfg.init_decoder_norm)
             self.W_enc.copy_(self.W_dec.T)
 
+    @torch.no_grad()
+    def initialize_from_sample(self, x: Tensor) -> None:
+        """The base init (b_dec = geometric median of x [N, d_in]), after checking that target_l0 is reachable."""
+        check_reachable(self.cfg.target_l0, self.d_sae)
+        super().initialize_from_sample(x)
+
     def encode_rows(self, x: Tensor) -> Tensor:
         return self.pre_activations(x).relu()
-
-    def l1_coefficient_at(self, step: int, total_steps: int) -> float:
-        """Lambda after linear warm-up over the first l1_warmup_frac * total_steps steps."""
-        return self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_frac)
 
     def default_lr(self, batch_size: int) -> float:
         """2.5x the base rate: decoder rows start at norm 0.1 and are not renormalised, so at the TopK rate the
@@ -69,11 +81,13 @@ class ReLUSAE(SAE):
         x_hat = self.decode(z)
         sq_error = (x - x_hat).pow(2).sum(dim=-1).mean()  # per row, in training space
         l1_penalty = (z * self.W_dec.norm(dim=1)).sum(dim=-1).mean()  # decoder-norm weighted
-        loss = sq_error + self.l1_coefficient_at(ctx.step, ctx.total_steps) * l1_penalty
         fired, l0 = dense_activity(z > 0)
+        coefficient = self.sparsity_control.coefficient(l0, ctx)
+        loss = sq_error + coefficient * l1_penalty
         metrics = {  # names distinct from eval's per-element mse and plain l1: these are the loss terms
             "sq_error": sq_error.detach(),
             "l1_penalty": l1_penalty.detach(),
+            "l1_coefficient": torch.as_tensor(coefficient, dtype=torch.float32, device=x.device),
             "fvu": fraction_of_variance_unexplained(x, x_hat.detach()),
         }
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)

@@ -51,7 +51,8 @@ class TrainResult:
 
     base_lr: the rate before the warm-up/decay schedule (trainer.lr, or the variant's default when unset).
     dead_fraction: latents silent for the last `dead_window_tokens` training tokens (the AuxK window, or the
-    whole run when shorter; `DeadLatentTracker.reported_dead`). A
+    whole run when shorter; `DeadLatentTracker.reported_dead`) under the SAE's inference encoder, the one the
+    saved SAE computes (BatchTopK and Matryoshka: their threshold, not the batch-level training selection). A
     check over fewer tokens (e.g. held-out batches, `eval_history`'s heldout/dead_frac) counts more latents
     dead: a latent firing once in 100k tokens is alive here and silent on 32k held-out rows.
     final_metrics: loss (the last logged), fvu and l0 of the saved SAE on the run's last batch, dead_frac.
@@ -192,6 +193,9 @@ class Trainer:
             self.optimizer, lambda s: lr_multiplier(s, total, cfg.lr_warmup_frac, cfg.lr_decay_frac)
         )
         self.tracker = DeadLatentTracker(sae.d_sae, cfg.dead_window, self.device)
+        #: Firing under the inference encoder (`TrainOutput.inference_fired`), for the reported dead fraction; the
+        #: training selection's `tracker` drives AuxK. The two count the same for most variants.
+        self.inference_tracker = DeadLatentTracker(sae.d_sae, cfg.dead_window, self.device)
         self.step = 0
         self.input_scale = 1.0
         self.history: list[dict[str, float]] = []
@@ -215,6 +219,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "tracker": self.tracker.state_dict(),
+            "inference_tracker": self.inference_tracker.state_dict(),
             "cpu_rng": torch.get_rng_state(),
             "heldout_offset": self.heldout_offset,
             "contexts_read": self.contexts_read(),
@@ -240,6 +245,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.tracker.load_state_dict(state["tracker"])
+        self.inference_tracker.load_state_dict(state.get("inference_tracker", state["tracker"]))
         buffers = dict(self.sae.named_buffers())
         with torch.no_grad():
             for name, value in state.get("sae_buffers", {}).items():
@@ -439,14 +445,16 @@ class Trainer:
         x = x.to(self.device, dtype=sae.W_enc.dtype, non_blocking=True)
         check_batch(x, sae.d_in, self.step)
         self.finite &= torch.isfinite(x).all()
+        lr_scale = lr_multiplier(self.step, cfg.total_steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
         ctx = TrainContext(
-            self.step, cfg.total_steps, self.tracker.dead_mask, self.any_dead, self.dead_latents
+            self.step, cfg.total_steps, self.tracker.dead_mask, self.any_dead, self.dead_latents, lr_scale
         )
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
             out = self.forward(x * self.input_scale, ctx)
         fired = self.dist.any_fired(out.fired)
+        inference_fired = None if out.inference_fired is None else self.dist.any_fired(out.inference_fired)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         sae.before_optimizer_step()
@@ -456,7 +464,9 @@ class Trainer:
         self.dist.sync_state(sae)
         sae.after_optimizer_step()
         self.scheduler.step()
-        self.tracker.update(fired.result(), x.shape[0] * self.dist.world_size)
+        rows = x.shape[0] * self.dist.world_size
+        self.tracker.update(fired.result(), rows)
+        self.inference_tracker.update((inference_fired or fired).result(), rows)
         self.step += 1
         return out
 
@@ -469,7 +479,7 @@ class Trainer:
             "tokens": float(self.tracker.tokens_seen),
             "loss": means.pop("loss"),
             "l0": means.pop("l0"),
-            "dead_frac": self.tracker.dead_fraction(),
+            "dead_frac": self.inference_tracker.dead_fraction(),
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": tokens_per_s,
             **means,
@@ -576,7 +586,7 @@ class Trainer:
         are the saved SAE's on the run's last batch [B, d_in] (raw): for BatchTopK and Matryoshka its inference
         encoder (a threshold) differs from the training selection that the logged rows describe."""
         final = self.inference_sae()
-        dead, window = self.tracker.reported_dead()
+        dead, window = self.inference_tracker.reported_dead()
         last = self.history[-1] if self.history else {}
         saved = heldout_metrics(final, [last_batch])
         final_metrics = {

@@ -1,0 +1,114 @@
+"""Target-L0 control of a sparsity penalty's coefficient (`sae.target_l0`), shared by the penalty-based variants.
+
+A penalty-based SAE (ReLU + L1, JumpReLU, gated) minimises reconstruction + lambda * penalty; its L0 follows from
+lambda in a way that moves with the data, the width and the training length. With a target, lambda adapts during
+training so that the running L0 settles at the target, a proportional-integral controller on log lambda:
+
+    r_t = beta * r_{t-1} + (1 - beta) * L0_t                 (running L0; r_0 = L0_0)
+    e_t = clip(log(r_t / target), -MAX_BELOW, MAX_ABOVE)     (relative error)
+    u_t = u_{t-1} + gain(e_t) * m_t * e_t                    (integral; u_0 = log(initial); m_t: the lr factor)
+    lambda_t = exp(u_t + PROPORTIONAL * e_t)
+
+with gain(e) = GAIN_UP for e > 0 (L0 above the target: lambda rises) and GAIN_DOWN for e < 0. lambda moves by
+factors, so it can travel orders of magnitude from its start (the variant's coefficient) and never turns
+negative; the proportional term reacts at once to part of the error, which damps the loop. The error is measured
+in log units (twice the target weighs as much as half). The controller is asymmetric because the plant is: a
+lambda too high silences latents within a few dozen steps (for good in a ReLU SAE, whose L0 falls steeply past
+some lambda), while one too low only leaves codes denser for a while. So lambda rises slowly (the error above the
+target is clipped at MAX_ABOVE, so the dense first steps cannot wind the integral up) and falls fast; start it
+below the value the target needs (denser codes than the target) and it approaches from the dense side
+(BENCHMARKS.md, "Target L0"). The integral starts after the coefficient's warm-up ramp. The gain follows the
+learning-rate schedule: the weights lambda steers move about lr per step, so a controller faster than them (while
+lr warms up, or decays to 0 at the end) would only wind up. L0_t is the global batch's mean L0 (averaged over
+ranks in data-parallel training), so every rank computes the same lambda. The state (u, r) lives in
+non-persistent buffers: checkpointed with the trainer state (exact resume), not saved with the SAE's weights.
+
+A variant holds one `TargetL0Controller` and calls `coefficient(l0, ctx)` once per training step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from saelab.core.checks import check_number
+from saelab.parallel import global_batch
+from saelab.sae.base import TrainContext
+from saelab.sae.losses import warmup_factor
+
+#: Per-step integral gains on the log error at the full learning rate (log units of lambda per step), while the
+#: running L0 is above the target (lambda rises) and below it (lambda falls).
+GAIN_UP = 0.02
+GAIN_DOWN = 0.05
+#: Proportional gain on the log error: lambda reacts at once to part of the error, which damps the integral loop.
+PROPORTIONAL = 0.5
+#: EMA decay of the running L0.
+RUNNING_DECAY = 0.9
+#: The log error is clipped to [-MAX_BELOW, MAX_ABOVE].
+MAX_ABOVE = 0.3
+MAX_BELOW = 1.0
+
+
+class TargetL0Controller(nn.Module):
+    """lambda for a penalty-based SAE: fixed (`target` None) or adapted so that the running L0 reaches `target`.
+
+    target: the L0 to reach (None: the fixed coefficient `initial`). initial: lambda at the start (> 0 with a
+    target). warmup_frac: lambda ramps linearly from 0 over this fraction of the steps (`losses.warmup_factor`);
+    the integral adapts only after the ramp.
+    """
+
+    def __init__(self, target: float | None, initial: float, warmup_frac: float):
+        super().__init__()
+        self.target = target
+        self.initial = initial
+        self.warmup_frac = warmup_frac
+        start = math.log(initial) if target is not None else 0.0
+        self.register_buffer("log_coefficient", torch.tensor(start, dtype=torch.float32), persistent=False)
+        self.register_buffer("running_l0", torch.tensor(float("nan"), dtype=torch.float32), persistent=False)
+
+    def coefficient(self, l0: Tensor, ctx: TrainContext) -> Tensor | float:
+        """lambda for this step, the warm-up ramp included: a float without a target, else a float32 scalar
+        tensor. With a target, also folds this step's L0 (scalar: this rank's mean active latents per row,
+        averaged over ranks here) into the running L0 and, after the warm-up, into the integral (device ops only,
+        no host sync)."""
+        warmup = warmup_factor(ctx.step, ctx.total_steps, self.warmup_frac)
+        if self.target is None:
+            return warmup * self.initial
+        with torch.no_grad():
+            l0 = global_batch.mean(l0.detach().to(torch.float32))
+            running = torch.where(
+                self.running_l0.isnan(), l0, RUNNING_DECAY * self.running_l0 + (1 - RUNNING_DECAY) * l0
+            )
+            error = (running.clamp_min(1e-3) / self.target).log().clamp(-MAX_BELOW, MAX_ABOVE)
+            self.running_l0.copy_(running)
+            if warmup >= 1:
+                gain = torch.where(error > 0, GAIN_UP, GAIN_DOWN)
+                self.log_coefficient.add_(gain * ctx.lr_scale * error)
+            return warmup * (self.log_coefficient + PROPORTIONAL * error).exp()
+
+
+def check_target_l0(target: float | None) -> None:
+    """Raise naming `sae.target_l0` unless it is None or a finite number > 0 (its bound, d_sae, is checked when
+    training starts: `check_reachable`; a loaded SAE never trains, so its saved target is not held to it)."""
+    if target is not None:
+        check_number("sae.target_l0", target, low=0, low_open=True, hint="null keeps the coefficient fixed.")
+
+
+def check_reachable(target: float | None, d_sae: int) -> None:
+    """At the start of training: raise naming `sae.target_l0` when it exceeds the number of latents."""
+    if target is not None and target > d_sae:
+        raise ValueError(
+            f"sae.target_l0={target} is more than the SAE's {d_sae} latents (sae.d_sae); lower the target or "
+            "widen the SAE."
+        )
+
+
+@torch.no_grad()
+def firing_quantile(pre: Tensor, target: float) -> Tensor:
+    """Per latent, the value of pre [N, n] that `target / n` of the N rows exceed ([n]): a threshold (or minus a
+    bias) at which every latent fires at the same rate and rows have `target` active latents on average."""
+    rows, n = pre.shape
+    above = min(max(round(rows * target / n), 1), rows)
+    return pre.kthvalue(rows - above + 1, dim=0).values

@@ -206,8 +206,8 @@ def test_summary_figures_are_those_of_the_saved_threshold_encoder(tmp_path):
 def test_reported_dead_fraction_is_that_of_the_saved_threshold_encoder():
     """TrainResult.dead_fraction (summary.json's dead_frac) counts latents the saved SAE's threshold encoder leaves
     silent over the dead window, not the training selection's. Per-row selection throughout (topk_warmup_frac 1)
-    with a rate too small to move the weights keeps the threshold at its initial cutoff; the reference replays the
-    window's batches through the saved SAE (float64 pre-activations)."""
+    with a rate too small to move the weights keeps the threshold where the init left it (here twice the first
+    batch's cutoff); the reference replays the window's batches through the saved SAE (float64 pre-activations)."""
     from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
     from saelab.train.config import TrainerConfig
     from saelab.train.trainer import Trainer
@@ -215,6 +215,15 @@ def test_reported_dead_fraction_is_that_of_the_saved_threshold_encoder():
     source = SyntheticSource(SyntheticConfig(d_in=16, n_features=64, mean_active=3, seed=4))
     torch.manual_seed(0)
     sae = BatchTopKSAE(BatchTopKConfig(d_in=16, d_sae=128, k=4, topk_warmup_frac=1.0))
+    initialize = sae.initialize_from_sample
+
+    def initialize_then_raise_the_threshold(x: torch.Tensor) -> None:
+        """Twice the first batch's cutoff: the threshold encoder silences latents that per-row top k selects."""
+        initialize(x)
+        with torch.no_grad():
+            sae.threshold.mul_(2.0)
+
+    sae.initialize_from_sample = initialize_then_raise_the_threshold
     cfg = TrainerConfig(
         total_tokens=12 * 256,
         batch_size=256,

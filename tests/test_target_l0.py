@@ -11,17 +11,10 @@ import torch
 
 from saelab.app.cli import main
 from saelab.sae.base import TrainContext
+from saelab.sae.jumprelu import JumpReLUConfig
 from saelab.sae.registry import build_sae
 from saelab.sae.relu import ReLUConfig
-from saelab.sae.target_l0 import (
-    GAIN_DOWN,
-    GAIN_UP,
-    MAX_ABOVE,
-    MAX_BELOW,
-    PROPORTIONAL,
-    RUNNING_DECAY,
-    TargetL0Controller,
-)
+from saelab.sae.target_l0 import ASYMMETRIC, PROPORTIONAL, RUNNING_DECAY, TargetL0Controller
 from saelab.sources.synthetic import SyntheticConfig, SyntheticSource, recovery_metrics
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
@@ -33,10 +26,10 @@ def reference_coefficients(l0s, lr_scales, target, initial, warmup_steps):
     u, running, out = math.log(initial), None, []
     for t, (l0, m) in enumerate(zip(l0s, lr_scales, strict=True)):
         running = l0 if running is None else RUNNING_DECAY * running + (1 - RUNNING_DECAY) * l0
-        error = max(-MAX_BELOW, min(MAX_ABOVE, math.log(running / target)))
+        error = max(-ASYMMETRIC.max_below, min(ASYMMETRIC.max_above, math.log(running / target)))
         ramp = min(1.0, (t + 1) / warmup_steps)
         if ramp >= 1:
-            u += (GAIN_UP if error > 0 else GAIN_DOWN) * m * error
+            u += (ASYMMETRIC.up if error > 0 else ASYMMETRIC.down) * m * error
         out.append(ramp * math.exp(u + PROPORTIONAL * error))
     return out
 
@@ -54,7 +47,7 @@ def test_the_coefficient_follows_the_documented_update():
         got.append(float(controller.coefficient(torch.tensor(l0s[t]), ctx)))
     want = reference_coefficients(l0s, lr_scales, target, 0.5, warmup_steps=4)
     assert got == pytest.approx(want, rel=1e-4)
-    assert want[19] > 1.05 * want[4] and want[-1] < 0.7 * want[19]  # lambda rose (slowly), then fell (fast)
+    assert want[19] > 1.05 * want[4] and want[-1] < 0.9 * want[19]  # lambda rose, then fell
 
 
 def test_without_a_target_the_coefficient_is_fixed_after_its_ramp():
@@ -101,6 +94,46 @@ def test_relu_at_its_target_recovers_the_planted_features(relu_run):
     result, source = relu_run
     rec = recovery_metrics(source.features, result.sae.W_dec.detach())
     assert rec["frac_recovered"] >= 0.85 and rec["mmcs"] >= 0.95, rec  # 89.6% and 0.966 with these seeds
+
+
+@pytest.fixture(scope="module")
+def jumprelu_run():
+    """JumpReLU at its defaults (TopK warm-up for 70% of the steps, then the controller) with target L0 8 on
+    planted data (3 active of 128 features per row): after the hand-off the FVU alone drops the L0 to ~5.5 and
+    the controller alone ended 28% below the target."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        source = SyntheticSource(SyntheticConfig(d_in=32, n_features=128, mean_active=3.0, seed=21))
+        sae = build_sae(JumpReLUConfig(d_in=32, d_sae=256, target_l0=8.0), torch.Generator().manual_seed(22))
+        cfg = TrainerConfig(total_tokens=500 * 512, batch_size=512, device="cpu", log_every=50)
+        return Trainer(sae, cfg).fit(source), source
+    finally:
+        torch.set_num_threads(threads)
+
+
+def held_out_l0_and_fvu(sae, source, threshold) -> tuple[float, float]:
+    """L0 and FVU on 8192 unseen rows of the JumpReLU rule z = ReLU(pre) [pre > threshold], in float64."""
+    x = source.batch(10**6, 8192).double()
+    pre = (x - sae.b_dec.double()) @ sae.W_enc.double() + sae.b_enc.double()
+    z = pre.relu() * (pre > threshold.double())
+    x_hat = z @ sae.W_dec.double() + sae.b_dec.double()
+    fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    return (z > 0).sum(1).double().mean().item(), fvu.item()
+
+
+def test_the_saved_jumprelu_lands_at_its_target_after_the_topk_warmup(jumprelu_run):
+    """The saved SAE's L0 on unseen rows is within 10% of the target (the controller alone: -28%); the last
+    steps' threshold calibration only lowered the thresholds here (the L0 was below the target), which lowers
+    the FVU too."""
+    result, source = jumprelu_run
+    sae = result.sae
+    with torch.no_grad():
+        l0, fvu = held_out_l0_and_fvu(sae, source, sae.threshold)
+        assert l0 == pytest.approx(8.0, rel=0.1), l0
+        scale = result.history[-1]["threshold_calibration"]
+        _, fvu_before = held_out_l0_and_fvu(sae, source, sae.threshold / scale)
+    assert 0.5 < scale < 1.0 and fvu < fvu_before, (scale, fvu, fvu_before)
 
 
 def test_target_l0_null_keeps_the_coefficient_fixed_from_the_cli(tmp_path):

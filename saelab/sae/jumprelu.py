@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from saelab.core.checks import check_number
 from saelab.kernels import sparse_decode, topk_select
+from saelab.parallel import global_batch
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
 from saelab.sae.batchtopk import BatchTopKSAE
 from saelab.sae.losses import (
@@ -51,9 +52,14 @@ from saelab.sae.losses import (
     sparse_activity,
 )
 from saelab.sae.registry import register
-from saelab.sae.target_l0 import TargetL0Controller, check_reachable, check_target_l0
+from saelab.sae.target_l0 import SYMMETRIC, TargetL0Controller, check_reachable, check_target_l0
 
 SPARSITY_LOSSES = ("l0", "tanh")
+#: Threshold calibration (`JumpReLUSAE.calibration_log_scale`): over the last CALIBRATION_BATCHES steps, each a
+#: bisection on log c within [-CALIBRATION_RANGE, CALIBRATION_RANGE] in CALIBRATION_HALVINGS halvings.
+CALIBRATION_BATCHES = 16
+CALIBRATION_RANGE = 8.0
+CALIBRATION_HALVINGS = 32
 
 
 @dataclass
@@ -154,8 +160,10 @@ class JumpReLUSAE(SAE):
     def __init__(self, cfg: JumpReLUConfig, generator: torch.Generator | None = None):
         super().__init__(cfg, generator)
         self.sparsity_control = TargetL0Controller(
-            cfg.target_l0, cfg.sparsity_coefficient, cfg.sparsity_warmup_frac
+            cfg.target_l0, cfg.sparsity_coefficient, cfg.sparsity_warmup_frac, gains=SYMMETRIC
         )
+        #: sum of the calibration's log c over the steps of its window so far (checkpointed with the trainer state)
+        self.register_buffer("calibration_log_sum", torch.zeros((), dtype=torch.float32), persistent=False)
 
     def create_parameters(self, dtype: torch.dtype) -> None:
         super().create_parameters(dtype)
@@ -234,6 +242,63 @@ class JumpReLUSAE(SAE):
         moves each latent's threshold on its own."""
         self.threshold.fill_(float(BatchTopKSAE.batch_cutoff(pre, k).clamp_min(0)))
 
+    def balancing_coefficient(self, fvu: Tensor, sparsity: Tensor) -> Tensor:
+        """At the end of the TopK warm-up: the lambda at which the first JumpReLU step keeps the L0 where
+        `start_thresholds` put it (a scalar tensor), or the controller's value when no lambda >= 0 does (the
+        median below is <= 0: the FVU alone raises most thresholds, and the controller lowers lambda).
+
+        Each threshold's gradient is g_i - lambda * p_i, with g_i the FVU's (scalar fvu) and p_i >= 0 the
+        penalty's pull (scalar sparsity), both of the global batch; Adam moves threshold i by about lr against
+        its sign, that is up when lambda > g_i / p_i. A rising threshold silences as many rows as cross it, about
+        p_i (the L0 penalty's p_i counts the rows in its window), so the L0 holds at the median of g_i / p_i
+        weighted by p_i: half the pull rises, half falls. The lambda that held the running L0 so far (the
+        variant's start `sparsity_coefficient`) moves with the data by orders of magnitude (100x below the
+        default on planted features), and the controller, which only sees the L0 a few steps later, would
+        take many of the remaining steps to get there while the thresholds overshoot."""
+        threshold_grads = [
+            global_batch.mean(torch.autograd.grad(term, self.threshold, retain_graph=True)[0])
+            for term in (fvu, sparsity)
+        ]
+        g, pull = threshold_grads[0], -threshold_grads[1]
+        pulled = pull > 0
+        ratio, weight = (g / pull.where(pulled, 1.0))[pulled], pull[pulled]
+        order = ratio.argsort()
+        cumulative = weight[order].cumsum(0)
+        median = ratio[order][
+            torch.searchsorted(cumulative, cumulative[-1:] / 2).clamp_max(ratio.numel() - 1)
+        ]
+        current = self.sparsity_control.log_coefficient.exp()
+        return torch.where(median > 0, median, current).squeeze() if ratio.numel() else current
+
+    def calibration_steps(self, ctx: TrainContext) -> int:
+        """How many last steps of the run estimate the threshold calibration (0 without a target)."""
+        if self.cfg.target_l0 is None:
+            return 0
+        return min(CALIBRATION_BATCHES, ctx.total_steps - self.warmup_steps(ctx))
+
+    @torch.no_grad()
+    def calibration_log_scale(self, pre: Tensor) -> Tensor:
+        """log c for one batch (pre [B, n]): the one factor c > 0 on every threshold at which the global batch's
+        L0 under the inference rule (z_i != 0 where pre_i > max(c * threshold_i, 0)) is target_l0, by bisection
+        on log c in [-CALIBRATION_RANGE, CALIBRATION_RANGE] (a scalar tensor; no host sync).
+
+        The last `calibration_steps` of a run with a target average it and the last one scales the thresholds by
+        the mean's exp, so the saved SAE's L0 is the target. The controller steers the running L0 while lr lets
+        the thresholds move, but after the TopK warm-up the plant keeps moving (the FVU alone raises the
+        thresholds of a TopK-trained encoder, whose marginal activations are noise) while lr decays to 0, which
+        left the L0 10-40% off the target (planted data, SmolLM2: docs/variants.md). One common factor keeps each
+        latent's threshold relative to the others; averaging over batches evens out one batch's L0 noise."""
+        positive = pre > 0
+        threshold = self.threshold.to(pre.dtype)
+        low = torch.full((), -CALIBRATION_RANGE, device=pre.device)
+        high = torch.full((), CALIBRATION_RANGE, device=pre.device)
+        for _ in range(CALIBRATION_HALVINGS):
+            middle = (low + high) / 2
+            active = positive & (pre > middle.exp().to(pre.dtype) * threshold)
+            dense = global_batch.mean(active.sum(dim=1, dtype=torch.float32).mean()) > self.cfg.target_l0
+            low, high = torch.where(dense, middle, low), torch.where(dense, high, middle)
+        return (low + high) / 2
+
     def sparsity_penalty(self, z: Tensor, gate: Tensor) -> Tensor:
         """Mean over rows of the per-row penalty, from codes z [B, n] and the gate [pre > threshold] [B, n]."""
         wide = torch.promote_types(z.dtype, torch.float32)  # exact counts under bf16 autocast
@@ -248,14 +313,25 @@ class JumpReLUSAE(SAE):
             x_hat, fvu, fired, l0 = self.topk_forward(x, pre, self.warmup_k)
             loss, metrics = fvu, {"fvu": fvu.detach()}
         else:
-            if ctx.step == warmup and self.warmup_k is not None:
+            handoff = ctx.step == warmup and self.warmup_k is not None
+            if handoff:
                 self.start_thresholds(pre, self.warmup_k)
+            calibration = self.calibration_steps(ctx)
+            if ctx.step >= ctx.total_steps - calibration:
+                self.calibration_log_sum.add_(self.calibration_log_scale(pre.detach()))
+            calibrated = calibration > 0 and ctx.step == ctx.total_steps - 1
+            if calibrated:
+                scale = (self.calibration_log_sum / calibration).exp()
+                with torch.no_grad():
+                    self.threshold.mul_(scale.to(self.threshold.dtype))
             z, gate = JumpReLUWithGate.apply(
                 pre, self.threshold.to(pre.dtype), self.bandwidth, self.cfg.ste_to_input
             )
             x_hat = self.decode(z)
             fvu = fraction_of_variance_unexplained(x, x_hat)
             sparsity = self.sparsity_penalty(z, gate)
+            if handoff:
+                self.sparsity_control.restart(self.balancing_coefficient(fvu, sparsity))
             with torch.no_grad():
                 fired, l0 = dense_activity(z > 0)
             coefficient = self.sparsity_control.coefficient(l0, ctx)
@@ -266,6 +342,8 @@ class JumpReLUSAE(SAE):
                 "sparsity_coefficient": torch.as_tensor(coefficient, dtype=torch.float32, device=x.device),
                 "threshold": self.threshold.mean().detach(),
             }
+            if calibrated:
+                metrics["threshold_calibration"] = scale
         if self.cfg.aux_k_coef > 0 and ctx.any_dead:
             aux_k = auxiliary_k(self.cfg.aux_k, self.d_in, self.d_sae)
             residual_hat, n_dead = dense_auxk_reconstruction(pre, ctx.dead_mask, self.W_dec, aux_k)

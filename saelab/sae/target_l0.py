@@ -29,6 +29,7 @@ A variant holds one `TargetL0Controller` and calls `coefficient(l0, ctx)` once p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,17 +39,28 @@ from saelab.parallel import global_batch
 from saelab.sae.base import TrainContext
 from saelab.sae.losses import warmup_factor
 
-#: Per-step integral gains on the log error at the full learning rate (log units of lambda per step), while the
-#: running L0 is above the target (lambda rises) and below it (lambda falls).
-GAIN_UP = 0.02
-GAIN_DOWN = 0.05
+
+@dataclass(frozen=True)
+class Gains:
+    """The controller's per-step integral gains on the log error at the full learning rate (log units of lambda
+    per step) while the running L0 is above the target (`up`: lambda rises) and below it (`down`), and the clip
+    of the log error to [-max_below, max_above]."""
+
+    up: float
+    down: float
+    max_above: float
+    max_below: float
+
+
+#: ReLU + L1: lambda rises slowly and falls fast (a ReLU SAE loses latents for good past some lambda).
+ASYMMETRIC = Gains(up=0.02, down=0.05, max_above=0.3, max_below=1.0)
+#: JumpReLU after its TopK warm-up: the last ~30% of training, most of it while lr decays, with a plant whose L0
+#: moves both ways within a few dozen steps of the hand-off: lambda must travel 100x either way in that time.
+SYMMETRIC = Gains(up=0.1, down=0.1, max_above=1.0, max_below=1.0)
 #: Proportional gain on the log error: lambda reacts at once to part of the error, which damps the integral loop.
 PROPORTIONAL = 0.5
 #: EMA decay of the running L0.
 RUNNING_DECAY = 0.9
-#: The log error is clipped to [-MAX_BELOW, MAX_ABOVE].
-MAX_ABOVE = 0.3
-MAX_BELOW = 1.0
 
 
 class TargetL0Controller(nn.Module):
@@ -56,14 +68,15 @@ class TargetL0Controller(nn.Module):
 
     target: the L0 to reach (None: the fixed coefficient `initial`). initial: lambda at the start (> 0 with a
     target). warmup_frac: lambda ramps linearly from 0 over this fraction of the steps (`losses.warmup_factor`);
-    the integral adapts only after the ramp.
+    the integral adapts only after the ramp. gains: the integral's gains and the error clip.
     """
 
-    def __init__(self, target: float | None, initial: float, warmup_frac: float):
+    def __init__(self, target: float | None, initial: float, warmup_frac: float, gains: Gains = ASYMMETRIC):
         super().__init__()
         self.target = target
         self.initial = initial
         self.warmup_frac = warmup_frac
+        self.gains = gains
         start = math.log(initial) if target is not None else 0.0
         self.register_buffer("log_coefficient", torch.tensor(start, dtype=torch.float32), persistent=False)
         self.register_buffer("running_l0", torch.tensor(float("nan"), dtype=torch.float32), persistent=False)
@@ -81,12 +94,21 @@ class TargetL0Controller(nn.Module):
             running = torch.where(
                 self.running_l0.isnan(), l0, RUNNING_DECAY * self.running_l0 + (1 - RUNNING_DECAY) * l0
             )
-            error = (running.clamp_min(1e-3) / self.target).log().clamp(-MAX_BELOW, MAX_ABOVE)
+            gains = self.gains
+            error = (running.clamp_min(1e-3) / self.target).log().clamp(-gains.max_below, gains.max_above)
             self.running_l0.copy_(running)
             if warmup >= 1:
-                gain = torch.where(error > 0, GAIN_UP, GAIN_DOWN)
+                gain = torch.where(error > 0, gains.up, gains.down)
                 self.log_coefficient.add_(gain * ctx.lr_scale * error)
             return warmup * (self.log_coefficient + PROPORTIONAL * error).exp()
+
+    @torch.no_grad()
+    def restart(self, coefficient: Tensor) -> None:
+        """Continue from lambda = `coefficient` (a scalar tensor > 0; with a target only): a variant that changes
+        its training rule mid-run (JumpReLU after its TopK warm-up) starts the integral at the lambda that holds
+        the new rule's L0 instead of where the controller left it; the running L0 restarts."""
+        self.log_coefficient.copy_(coefficient.to(torch.float32).log())
+        self.running_l0.fill_(float("nan"))
 
 
 def check_target_l0(target: float | None) -> None:

@@ -7,10 +7,12 @@ Planted data sets (`saelab.sources.synthetic`):
   gba_toy       the GBA paper's toy: d_in 42, 128 features, half the rows 3-sparse and half 20-sparse,
                 exponential magnitudes (`saelab.sources.synthetic.gba_toy_config`)
 
-Each variant trains with the Trainer's and its config's defaults (lr=None: the variant's default rate) for the
-same steps and batch size, with one setting matched across variants: the L0 (`--l0`, per data set), which is k for
-the k-sparse variants (topk, batchtopk, matryoshka, mp) and target_l0 for the target-L0 variants (relu, jumprelu);
-gba sets its own L0. A variant whose config has neither (an older saelab: the "before" rows) runs at its defaults.
+Each variant trains with the Trainer's and its config's defaults (lr=None: the variant's default rate) plus, on
+planted data, the `sae` settings of its planted-data recipe (`configs/recipe/<variant>_synthetic.yaml`, which
+`saelab train sae=<variant>` applies there), for the same steps and batch size, with one setting matched across
+variants: the L0 (`--l0`, per data set), which is k for the k-sparse variants (topk, batchtopk, matryoshka, mp)
+and target_l0 for the target-L0 variants (relu, jumprelu); gba sets its own L0. A variant whose config has
+neither (an older saelab: the "before" rows) runs at its defaults and recipe.
 Metrics on held-out rows, all of the trained SAE's inference encoder (BatchTopK / Matryoshka: their threshold):
 L0, FVU, dead fraction (latents that never fire on the held-out rows); MMCS and the fraction of planted features
 recovered at cosine >= 0.9 (hierarchical: also parents and children apart); training samples/s.
@@ -35,9 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+import saelab
 from saelab.core.atomic import atomic_file
 from saelab.core.seeds import generator
 from saelab.sae.mp import MatchingPursuitSAE, MPConfig
@@ -96,17 +100,36 @@ def held_out_metrics(sae: Any, source: SyntheticSource, rows: int, batch_size: i
     }
 
 
-def build(arch: str, d_in: int, width: int, l0: int, seed: int) -> Any:
+def planted_recipe(arch: str, l0: int) -> dict[str, Any]:
+    """The `sae` settings of the variant's planted-data recipe but its L0 (matched here; kept for a variant that
+    sets its own) and fields the config lacks; {} without a recipe."""
+    path = Path(saelab.__file__).parent / "configs" / "recipe" / f"{arch}_synthetic.yaml"
+    if not path.exists():
+        return {}
+    settings = OmegaConf.to_container(OmegaConf.load(path)).get("sae", {})
+    matched = set(sparsity_setting(arch, l0))
+    return {k: v for k, v in settings.items() if k in config_fields(arch) and k not in matched}
+
+
+def build(arch: str, d_in: int, width: int, l0: int, seed: int, planted: bool = True) -> Any:
     cls = get_sae_class(arch)
-    return cls(
-        cls.config_class(d_in=d_in, d_sae=width, **sparsity_setting(arch, l0)), generator(seed, "sae.init")
-    )
+    fields = {**(planted_recipe(arch, l0) if planted else {}), **sparsity_setting(arch, l0)}
+    return cls(cls.config_class(d_in=d_in, d_sae=width, **fields), generator(seed, "sae.init"))
 
 
 def run_one(
-    dataset: str, arch: str, l0: int, steps: int, batch_size: int, eval_rows: int, seed: int
+    dataset: str,
+    arch: str,
+    l0: int,
+    steps: int,
+    batch_size: int,
+    eval_rows: int,
+    seed: int,
+    data_seed: int | None,
 ) -> dict[str, Any]:
     data_cfg, width, _ = DATASETS[dataset]
+    if data_seed is not None:
+        data_cfg = dataclasses.replace(data_cfg, seed=data_seed)
     source = SyntheticSource(data_cfg)
     sae = build(arch, data_cfg.d_in, width, l0, seed)
     trainer = Trainer(
@@ -131,7 +154,7 @@ def run_one(
         "dataset": dataset,
         "variant": arch,
         "matched_l0": l0 if sparsity_setting(arch, l0) else None,
-        "setting": sparsity_setting(arch, l0),
+        "setting": {**planted_recipe(arch, l0), **sparsity_setting(arch, l0)},
         "lr": trainer.lr,
         **metrics,
         "summary_dead_frac": result.dead_fraction,
@@ -146,7 +169,16 @@ def planted(args: argparse.Namespace) -> list[dict[str, Any]]:
         for arch in args.variants:
             for l0 in levels if sparsity_setting(arch, 1) else levels[:1]:
                 rows.append(
-                    run_one(dataset, arch, l0, args.steps, args.batch_size, args.eval_rows, args.seed)
+                    run_one(
+                        dataset,
+                        arch,
+                        l0,
+                        args.steps,
+                        args.batch_size,
+                        args.eval_rows,
+                        args.seed,
+                        args.planted_seed,
+                    )
                 )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -197,7 +229,7 @@ def real(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     rows = []
     for arch in args.variants:
-        sae = build(arch, cache.d_in, args.expansion * cache.d_in, args.real_l0, args.seed)
+        sae = build(arch, cache.d_in, args.expansion * cache.d_in, args.real_l0, args.seed, planted=False)
         cfg = TrainerConfig(
             total_tokens=args.tokens,
             batch_size=args.batch_size,
@@ -317,6 +349,9 @@ def main() -> None:
         "--l0", type=int, nargs="+", default=[], help="matched L0 values (default: per data set)"
     )
     parser.add_argument("--seed", type=int, default=0, help="the SAE initialisation stream")
+    parser.add_argument(
+        "--planted-seed", type=int, default=None, help="the planted features' seed (default: the data set's)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: runs stay comparable)")
     parser.add_argument(
         "--real", default="", help="a `saelab harvest` cache: train and judge on a real model"
@@ -351,6 +386,7 @@ def main() -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "seed": args.seed,
+        "planted_seed": args.planted_seed,
         "threads": args.threads,
         "results": rows,
         "mp_pursuit": speed,

@@ -13,7 +13,9 @@ E||x|| = sqrt(d_in)) and trains, on the same batches and for the same tokens:
   constant schedule, dead window 1000 steps, no autocast).
 
 Extra saelab variants test hypotheses: `--variant NAME:field=value,...` sets TrainerConfig / TopKConfig
-fields (and `lr_mult`, a factor on the default lr).
+fields (and `lr_mult`, a factor on the default lr). `--saelab-variants batchtopk jumprelu ...` adds saelab's other
+SAE variants at their defaults and their planted-data recipe (`scripts/bench_recovery.py`), at the rung's L0
+(k, or target_l0 for the target-L0 variants); they report the SAE's inference encoder (BatchTopK: its threshold).
 
 Metrics, the same for every library, on a held-out window (`--heldout-rows`, batches never trained on):
 FVU (float64), dead = latents that fire on none of those rows; MMCS and the fraction of planted features
@@ -36,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import benchutil
 import torch
@@ -45,6 +48,8 @@ from torch import Tensor
 from saelab.core.seeds import derive_seed, generator
 from saelab.sae.topk import TopKConfig
 from saelab.sources.synthetic import power_law_frequencies
+from saelab.train.config import TrainerConfig
+from saelab.train.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -223,7 +228,52 @@ class SAELens(Library):
         return self.sae.W_dec
 
 
-LIBRARIES: dict[str, Callable[..., Library]] = {"saelab": Saelab, "sparsify": Sparsify, "saelens": SAELens}
+class SaelabVariant(Library):
+    """Another saelab variant (`overrides["architecture"]`) at its defaults and planted-data recipe, with the rung's
+    k as its L0; trained by `Trainer.train_step` as `Trainer.fit` does."""
+
+    def __init__(self, rung: Rung, first: Tensor, device: torch.device, overrides: dict) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_recovery import build
+
+        sae = build(str(overrides["architecture"]), rung.d_in, rung.latents, rung.k, int(overrides["seed"]))
+        cfg = TrainerConfig(
+            total_tokens=rung.steps * rung.batch, batch_size=rung.batch, device=str(device), log_every=10**9
+        )
+        self.trainer = Trainer(sae, cfg)
+        self.trainer.prepare(first)
+        self.lr = self.trainer.lr
+
+    def step(self, x: Tensor) -> None:
+        self.trainer.train_step(x)
+        self.trainer.periodic_checks()
+
+    def finish(self) -> None:
+        self.own_dead = self.trainer.inference_tracker.dead_fraction()
+        self.sae = self.trainer.inference_sae()
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The inference codes as (values [B, w], indices [B, w]), w the batch's largest row L0."""
+        z = self.sae.encode(x)
+        width = max(int((z != 0).sum(dim=1).max()), 1)
+        return z.topk(width, dim=1)
+
+    @torch.no_grad()
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        z = torch.zeros(values.shape[0], self.sae.d_sae, device=values.device).scatter_(1, indices, values)
+        return self.sae.decode(z)
+
+    def decoder(self) -> Tensor:
+        return self.sae.W_dec
+
+
+LIBRARIES: dict[str, Callable[..., Library]] = {
+    "saelab": Saelab,
+    "sparsify": Sparsify,
+    "saelens": SAELens,
+    "saelab_variant": SaelabVariant,
+}
 
 
 @torch.no_grad()
@@ -308,6 +358,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=0, help="override every rung's batch size (rows per step)")
     p.add_argument("--libs", nargs="+", default=["saelab", "sparsify"], choices=sorted(LIBRARIES))
     p.add_argument("--variant", nargs="*", default=[], help="extra saelab runs: NAME:field=value,...")
+    p.add_argument(
+        "--saelab-variants", nargs="*", default=[], help="saelab's other SAE variants at their defaults"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--heldout-rows", type=int, default=32768)
@@ -321,6 +374,8 @@ def main() -> None:
     for text in args.variant:
         name, overrides = benchutil.parse_variant(text)
         runs[f"saelab[{name}]"] = ("saelab", overrides)
+    for arch in args.saelab_variants:
+        runs[f"saelab {arch}"] = ("saelab_variant", {"architecture": arch, "seed": args.init_seed})
     results = []
     for name in args.rungs:
         rung = RUNGS[name]

@@ -8,17 +8,16 @@ data-parallel training both the selection and the threshold use the global batch
 Loss, AuxK, unit-norm decoder, initialisation and the sparse training kernels are TopK's: a batch-level
 selection is, row by row, a top-w selection padded with zeros (w = the largest row count in the batch).
 
-TopK warm-up (`topk_warmup_frac`, saelab's default 0.8; 0 is the paper's BatchTopK throughout): the first
-steps keep each row's own top k (TopK's selection), the rest the batch's top B * k. With one cutoff for the
-whole batch, interference in rows where many features are active outranks small true activations in sparse
-rows, so the batch-level objective favours latents that mix features: on planted features even the true
-dictionary reconstructs worse under the batch cutoff than under per-row TopK (FVU 0.32 against 0.23 at k 6),
-and BatchTopK trained throughout recovers a fraction of the features TopK does (dictionary_learning's
-BatchTopKTrainer does the same). Per-row selection finds the features; the final batch-level phase (the
-learning rate decays over the last 20% by default) fits the encoder to the batch cutoff that inference
-uses, and the threshold is estimated from that phase's batches. BENCHMARKS.md, "Why BatchTopK recovered less
-than TopK". The threshold starts at the cutoff of the first batch (set by `initialize_from_sample`) so every
-checkpoint has one.
+TopK warm-up (`topk_warmup_frac`, saelab's default 0.8; 0 is the paper's BatchTopK throughout): the first steps keep
+each row's own top k (TopK's selection), the rest the batch's top B * k. With one cutoff for the whole batch,
+interference in rows where many features are active outranks small true activations in sparse rows, so the
+batch-level objective favours latents that mix features: on planted features even the true dictionary reconstructs
+worse under the batch cutoff than under per-row TopK (FVU 0.32 against 0.23 at k 6), and BatchTopK trained
+throughout recovers a fraction of the features TopK does (dictionary_learning's BatchTopKTrainer does the same).
+Per-row selection finds the features; the final batch-level phase (the learning rate decays over the last 20% by
+default) fits the encoder to the batch cutoff that inference uses, and the threshold is estimated from that phase's
+batches. docs/variants.md has the measurements, and the warm-up's cost on a language model's activations. The
+threshold starts at the cutoff of the first batch (set by `initialize_from_sample`) so every checkpoint has one.
 """
 
 from __future__ import annotations

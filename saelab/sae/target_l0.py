@@ -5,23 +5,24 @@ lambda in a way that moves with the data, the width and the training length. Wit
 training so that the running L0 settles at the target, a proportional-integral controller on log lambda:
 
     r_t = beta * r_{t-1} + (1 - beta) * L0_t                 (running L0; r_0 = L0_0)
-    e_t = clip(log(r_t / target), -MAX_BELOW, MAX_ABOVE)     (relative error)
+    e_t = clip(log(r_t / target), -max_below, max_above)     (relative error)
     u_t = u_{t-1} + gain(e_t) * m_t * e_t                    (integral; u_0 = log(initial); m_t: the lr factor)
     lambda_t = exp(u_t + PROPORTIONAL * e_t)
 
-with gain(e) = GAIN_UP for e > 0 (L0 above the target: lambda rises) and GAIN_DOWN for e < 0. lambda moves by
-factors, so it can travel orders of magnitude from its start (the variant's coefficient) and never turns
-negative; the proportional term reacts at once to part of the error, which damps the loop. The error is measured
-in log units (twice the target weighs as much as half). The controller is asymmetric because the plant is: a
-lambda too high silences latents within a few dozen steps (for good in a ReLU SAE, whose L0 falls steeply past
-some lambda), while one too low only leaves codes denser for a while. So lambda rises slowly (the error above the
-target is clipped at MAX_ABOVE, so the dense first steps cannot wind the integral up) and falls fast; start it
-below the value the target needs (denser codes than the target) and it approaches from the dense side
-(BENCHMARKS.md, "Target L0"). The integral starts after the coefficient's warm-up ramp. The gain follows the
-learning-rate schedule: the weights lambda steers move about lr per step, so a controller faster than them (while
-lr warms up, or decays to 0 at the end) would only wind up. L0_t is the global batch's mean L0 (averaged over
-ranks in data-parallel training), so every rank computes the same lambda. The state (u, r) lives in
-non-persistent buffers: checkpointed with the trainer state (exact resume), not saved with the SAE's weights.
+with gain(e) = gains.up for e > 0 (L0 above the target: lambda rises) and gains.down for e < 0, the clip
+[-gains.max_below, gains.max_above] per variant (`Gains`). lambda moves by factors, so it can travel orders of
+magnitude from its start (the variant's coefficient) and never turns negative; the proportional term reacts at once
+to part of the error, which damps the loop. The error is measured in log units (twice the target weighs as much as
+half). ReLU's controller (`ASYMMETRIC`) is asymmetric because its plant is: a lambda too high silences latents
+within a few dozen steps (for good in a ReLU SAE, whose L0 falls steeply past some lambda), while one too low only
+leaves codes denser for a while. So lambda rises slowly (the error above the target is clipped at 0.3, so the dense
+first steps cannot wind the integral up) and falls fast; start it below the value the target needs and it approaches
+from the dense side. JumpReLU's (`SYMMETRIC`) is faster both ways: it steers only the last 30% of the run, after the
+TopK warm-up (docs/variants.md, "The target-L0 controller"). The integral starts after the coefficient's warm-up
+ramp. The gain follows the learning-rate schedule: the weights lambda steers move about lr per step, so a controller
+faster than them (while lr warms up, or decays to 0 at the end) would only wind up. L0_t is the global batch's mean
+L0 (averaged over ranks in data-parallel training), so every rank computes the same lambda. The state (u, r) lives
+in non-persistent buffers: checkpointed with the trainer state (exact resume), not saved with the SAE's weights.
 
 A variant holds one `TargetL0Controller` and calls `coefficient(l0, ctx)` once per training step.
 """

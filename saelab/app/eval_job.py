@@ -83,7 +83,9 @@ def saes_to_evaluate(sae_path: Any) -> list[SaeToEvaluate]:
     if path.is_dir() and _is_sweep(path):
         runs = [r for r in run_dirs(path) if (r / "sae").is_dir()]
         if not runs:
-            raise ValueError(f"sae={sae_path}: the sweep folder holds no run with a saved SAE (<run>/sae/) yet.")
+            raise ValueError(
+                f"sae={sae_path}: the sweep folder holds no run with a saved SAE (<run>/sae/) yet."
+            )
         return [SaeToEvaluate(r.name, str(r), _overrides(r)) for r in runs]
     return [SaeToEvaluate(path.name, str(sae_path), [])]
 
@@ -98,7 +100,9 @@ def _overrides(run: Path) -> list[str]:
     return [str(o) for o in OmegaConf.to_container(OmegaConf.load(file))] if file.is_file() else []
 
 
-def evaluate_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> EvalResult | list[EvalResult]:
+def evaluate_from_config(
+    cfg: DictConfig, output_dir: str | Path | None = None
+) -> EvalResult | list[EvalResult]:
     """Evaluate cfg.sae_path (one SAE, several, or a sweep) on cfg.source; writes reports and plots."""
     eval_cfg = to_dataclass(cfg.eval, "eval")
     logging_cfg = to_dataclass(cfg.logging, "logging")
@@ -143,7 +147,14 @@ def _evaluate_several(
         _print_summary(result, out / target.name)
         results.append(result)
         points.append(report_point(target.name, result.report, target.overrides))
-        rows.append({"name": target.name, "sae": target.path, "overrides": target.overrides, **flatten_report(result.report)})
+        rows.append(
+            {
+                "name": target.name,
+                "sae": target.path,
+                "overrides": target.overrides,
+                **flatten_report(result.report),
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / EVALS_FILE) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -189,7 +189,9 @@ def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[dict[str, Any
     path = Path(sweep_dir) / SWEEP_SUMMARY
     with atomic_file(path) as tmp:
         tmp.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
-    write_sweep_frontier(sweep_dir, rows)  # frontier_*.png + frontier.html: L0 against FVU / CE loss recovered
+    write_sweep_frontier(
+        sweep_dir, rows
+    )  # frontier_*.png + frontier.html: L0 against FVU / CE loss recovered
     return path, rows
 
 

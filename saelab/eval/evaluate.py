@@ -136,7 +136,9 @@ def default_start_batch(sae: SAE, source: Any, cfg: EvalConfig) -> int:
     on the source it trained on, else 0); with several SAEs the largest serves all (the same held-out data)."""
     model = language_model_of(source)
     per_batch = cfg.lm_batch_size if model is not None else cfg.batch_size
-    start, _ = evaluation_start(dict(sae.cfg.metadata), source_metadata(source), source, -1, per_batch, cfg.total_tokens)
+    start, _ = evaluation_start(
+        dict(sae.cfg.metadata), source_metadata(source), source, -1, per_batch, cfg.total_tokens
+    )
     return start
 
 

@@ -108,8 +108,15 @@ def text_dataset(
 
 def first_letter_dataset(data: FirstLetterData, cfg: SparseProbingConfig) -> ProbeDataset:
     """The first-letter words (absorption's activations at each word, one row per word) of the configured
-    letters, train_size / 2 and test_size / 2 words per letter at most."""
-    classes = [c.lower() for c in cfg.first_letter_classes]
+    letters that have training and test words, train_size / 2 and test_size / 2 words per letter at most."""
+    wanted = [c.lower() for c in cfg.first_letter_classes]
+    counts = {train: data.split(train)[1].bincount(minlength=len(LETTERS)) for train in (True, False)}
+    classes = [c for c in wanted if min(int(counts[t][LETTERS.index(c)]) for t in counts) >= 1]
+    if len(classes) < 2:
+        raise ValueError(
+            f"the first_letter probe task needs words of at least two of eval.sparse_probing.first_letter_classes="
+            f"{wanted} in both the training and the test words; raise eval.absorption.max_words or pick other letters."
+        )
     parts = {}
     for split, train in (("train", True), ("test", False)):
         acts, labels = data.split(train)

@@ -172,7 +172,7 @@ def test_ovr_and_l1_probes_satisfy_their_optimality_conditions():
     z[torch.arange(400), labels * 5] += 2.0  # latent 5c marks class c
     y = F.one_hot(labels, 4).double()
     pw = pos_weights(y)
-    l1 = fit_l1_logistic_ovr(z.to_sparse_csr(), y, l1=0.01, l2=1e-6)
+    l1 = fit_l1_logistic_ovr(z.to_sparse_csr(), y, l1=0.01, l2=1e-6, max_iter=5000, tol=1e-8)
     W = l1.weight.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(ovr_smooth(z.double() @ W.T + l1.bias, y, pw) + 0.5e-6 * W.pow(2).sum(), W)
     shrink = 0.01 / 4

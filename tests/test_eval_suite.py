@@ -283,7 +283,7 @@ def test_saelab_eval_suite_over_two_saes_with_report_html_and_probe_cache(tmp_pa
 
     monkeypatch.setattr(probe_data, "run_sequences", lambda *a, **k: calls.append(1))
     main(["eval", *args[:-1], "eval.suite=[absorption,sparse_probing]", f"sae={tmp_path / 'sae0'}",
-          f"output_dir={tmp_path / 'again'}", f"hydra.run.dir={tmp_path / 'h2'}", "logging.progress=false"])  # fmt: skip
+          f"output_dir={tmp_path / 'again'}", f"hydra.run.dir={tmp_path / 'h2'}", "eval.plots=false"])  # fmt: skip
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert not calls and "core" not in again
     assert again["sparse_probing"]["eval_result_metrics"] == probing["eval_result_metrics"]
@@ -294,14 +294,12 @@ def test_saelab_eval_suite_over_two_saes_with_report_html_and_probe_cache(tmp_pa
     page = Cells()
     page.feed(dom)
     assert int(page.body["data-images-loaded"]) == 6  # every plot decoded
-    sae_fvu, *rest = page.cells[("core", "fvu")]
-    assert float(sae_fvu) == pytest.approx(report["reconstruction"]["fvu"], rel=1e-3)
+    label, sae_fvu, *rest = page.cells[("core", "fvu")]  # metric, SAE, then per baseline its value and gap
+    assert label == "fvu" and float(sae_fvu) == pytest.approx(report["reconstruction"]["fvu"], rel=1e-3)
     init_fvu = report["core"]["baselines"]["init"]["reconstruction"]["fvu"]
-    assert float(rest[4]) == pytest.approx(
-        init_fvu, rel=1e-3
-    )  # random_decoder, gap, random_directions, gap, init
+    assert float(rest[4]) == pytest.approx(init_fvu, rel=1e-3)
+    assert float(rest[5]) == pytest.approx(report["reconstruction"]["fvu"] - init_fvu, rel=1e-3, abs=1e-4)
     top1 = page.cells[("probing", "sae_top_1_test_accuracy")]
-    assert float(top1[0]) == pytest.approx(
-        probing["eval_result_metrics"]["sae"]["sae_top_1_test_accuracy"], rel=1e-3
-    )
+    want = probing["eval_result_metrics"]["sae"]["sae_top_1_test_accuracy"]
+    assert float(top1[1]) == pytest.approx(want, rel=1e-3)
     assert ("absorption", "mean_full_absorption_score") in page.cells

@@ -6,6 +6,7 @@ harvested cache: saelab's (trained with `saelab train -m ... sae=topk,batchtopk,
     saelab train -m source=cache source.path=CACHE sae=topk,batchtopk,jumprelu sae.d_sae=4608 \\
         trainer.total_tokens=262144 trainer.batch_size=4096 hydra.sweep.dir=SWEEP
     python scripts/bench_evals.py train-peers CACHE --out PEERS --tokens 262144 --batch 4096 --latents 4608 --k 32
+    python scripts/bench_evals.py warm CACHE      # the probe datasets' activations, timed (once per model and hook)
     python scripts/bench_evals.py eval CACHE SWEEP/0_*/sae SWEEP/1_*/sae SWEEP/2_*/sae PEERS/saelens PEERS/sparsify \\
         --out EVAL --json evals.json
 
@@ -98,6 +99,27 @@ def eval_config(args: argparse.Namespace, start_batch: int) -> EvalConfig:
             train_size=args.probe_train, test_size=args.probe_test, context_length=args.context,
         ),
     )  # fmt: skip
+
+
+def warm(args: argparse.Namespace) -> None:
+    """Compute the probe datasets' activations into the cache (the model-side cost, once per model and hook)."""
+    cache = ActivationCache(args.cache)
+    source = model_source_of(cache, cache.check_hook(None), torch.device("cpu"))
+    session = probe_session(source, eval_config(args, 0))
+    start = time.perf_counter()
+    data = session.first_letter()
+    first_letter_s = time.perf_counter() - start
+    probe, f1 = session.letter_probes()
+    probes_s = time.perf_counter() - start - first_letter_s
+    datasets = session.probing()[0]
+    total = time.perf_counter() - start
+    print(json.dumps({
+        "words": int(data.acts.shape[0]), "first_letter_s": first_letter_s, "letter_probes_s": probes_s,
+        "text_tasks_s": total - first_letter_s - probes_s,
+        "texts": {d.name: d.train.n + d.test.n for d in datasets},
+        "tokens": {d.name: int(d.train.rows.shape[0] + d.test.rows.shape[0]) for d in datasets},
+        "letters_f1_over_0.6": sum(v > 0.6 for v in f1), "probe_f1": [round(v, 3) for v in f1],
+    }))  # fmt: skip
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -201,21 +223,23 @@ def main() -> None:
     peers.add_argument("--latents", type=int, default=4608)
     peers.add_argument("--k", type=int, default=32)
     peers.add_argument("--seed", type=int, default=0)
-    ev = sub.add_parser("eval")
-    ev.add_argument("cache")
-    ev.add_argument("saes", nargs="+")
-    ev.add_argument("--out", required=True)
-    ev.add_argument("--json")
-    ev.add_argument("--eval-tokens", type=int, default=4096)
-    ev.add_argument("--words", type=int, default=2000)
-    ev.add_argument("--probe-train", type=int, default=400)
-    ev.add_argument("--probe-test", type=int, default=200)
-    ev.add_argument("--context", type=int, default=64)
-    ev.add_argument("--probe-cache", default="caches/probe_activations")
-    ev.add_argument("--threads", type=int, default=1)
+    for command in ("warm", "eval"):
+        ev = sub.add_parser(command)
+        ev.add_argument("cache")
+        if command == "eval":
+            ev.add_argument("saes", nargs="+")
+            ev.add_argument("--out", required=True)
+            ev.add_argument("--json")
+        ev.add_argument("--eval-tokens", type=int, default=2048)
+        ev.add_argument("--words", type=int, default=1500)
+        ev.add_argument("--probe-train", type=int, default=200)
+        ev.add_argument("--probe-test", type=int, default=100)
+        ev.add_argument("--context", type=int, default=48)
+        ev.add_argument("--probe-cache", default="caches/probe_activations")
+        ev.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(getattr(args, "threads", 1))
-    train_peers(args) if args.command == "train-peers" else run_eval(args)
+    {"train-peers": train_peers, "warm": warm, "eval": run_eval}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from inspect_helpers import chromium, chromium_or_skip
 
 from saelab.app.cli import main
 from saelab.eval.baselines import build_baselines, mean_l0
-from saelab.eval.config import EvalConfig
+from saelab.eval.config import EvalConfig, SparseProbingConfig
 from saelab.eval.evaluate import evaluate
 from saelab.eval.frontier import pareto_front, write_sweep_frontier
 from saelab.eval.probe_data import TokenRows
@@ -303,3 +303,35 @@ def test_saelab_eval_suite_over_two_saes_with_report_html_and_probe_cache(tmp_pa
     want = probing["eval_result_metrics"]["sae"]["sae_top_1_test_accuracy"]
     assert float(top1[1]) == pytest.approx(want, rel=1e-3)
     assert ("absorption", "mean_full_absorption_score") in page.cells
+
+
+def test_offline_tasks_parse_speeches_and_hub_tasks_are_skipped_when_unreachable(tmp_path, monkeypatch):
+    from saelab.eval import probe_tasks
+    from saelab.eval.probe_data import ProbeModel
+    from saelab.eval.sparse_probing import load_datasets
+
+    play = tmp_path / "hamlet_gut.txt"
+    play.write_text(
+        "HAMLET, PRINCE OF DENMARK\n\nACT I.\n\nHam.\nTo be, or not to be,--that is the question:--\n"
+        "Whether 'tis nobler in the mind to suffer\nThe slings and arrows of outrageous fortune\nOr to take arms\n\n"
+        "[Enter Ghost.]\n\nFirst Clown.\nWhy, there thou say'st: and the more pity that great\nfolk should have "
+        "countenance in this world to drown or\nhang themselves more than their even Christian.\n"
+    )
+    speeches = probe_tasks.read_speeches(play)
+    assert [(s.speaker, len(s.lines)) for s in speeches] == [("Ham", 4), ("First Clown", 3)]
+    assert probe_tasks.verse_or_prose(speeches[0]) == "verse"
+    assert (
+        probe_tasks.verse_or_prose(probe_tasks.Speech("x", "y", [*speeches[1].lines, "and so on"])) == "prose"
+    )
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr("datasets.load_dataset", offline)
+    model = ProbeModel("m", "h", None, lambda t: t, None, [])
+    cfg = SparseProbingConfig(tasks=["fancyzhx/ag_news"])
+    datasets, skipped = load_datasets(model, cfg, 0, None, lambda: None)
+    assert datasets == [] and skipped[0]["dataset_name"] == "fancyzhx/ag_news"
+    assert "hub unreachable" in skipped[0]["reason"]
+    with pytest.raises(ValueError, match="choose among first_letter"):
+        load_datasets(model, SparseProbingConfig(tasks=["no_such_task"]), 0, None, lambda: None)

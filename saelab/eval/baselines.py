@@ -9,7 +9,8 @@ Checks for Sparse Autoencoders: Do SAEs Beat Random Baselines?").
   the sample (least squares). The same sparsity with nothing learned.
 - init: the SAE's own variant and shape at saelab's initialisation (random tied unit directions, then its
   data-dependent init on the sample: b_dec = geometric median, encoder scale; inputs normalised as the
-  trainer does, the scale folded in), i.e. the SAE before training.
+  trainer does, the scale folded in; a BatchTopK-style inference threshold as its first training batch would
+  set it), i.e. the SAE before training.
 
 Every random draw comes from its own stream of the eval seed (`saelab.core.seeds`).
 """
@@ -79,6 +80,10 @@ def at_initialisation(sae: SAE, sample: Tensor, seed: int) -> SAE:
     x = sample.to(sae.W_dec.device, out.dtype)
     scale = norm_scale(x)
     out.initialize_from_sample(x * scale)
+    threshold = getattr(out, "threshold", None)
+    if isinstance(threshold, Tensor) and bool(threshold.isnan().any()) and hasattr(out, "update_threshold"):
+        values, _ = out.select(out.pre_activations(x * scale), out.cfg.k)  # as its first training batch sets it
+        out.update_threshold(values)
     out.fold_input_scale(scale)
     return out.eval()
 

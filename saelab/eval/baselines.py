@@ -82,7 +82,9 @@ def at_initialisation(sae: SAE, sample: Tensor, seed: int) -> SAE:
     out.initialize_from_sample(x * scale)
     threshold = getattr(out, "threshold", None)
     if isinstance(threshold, Tensor) and bool(threshold.isnan().any()) and hasattr(out, "update_threshold"):
-        values, _ = out.select(out.pre_activations(x * scale), out.cfg.k)  # as its first training batch sets it
+        values, _ = out.select(
+            out.pre_activations(x * scale), out.cfg.k
+        )  # as its first training batch sets it
         out.update_threshold(values)
     out.fold_input_scale(scale)
     return out.eval()

@@ -17,7 +17,7 @@ from typing import Any
 from saelab.core.atomic import atomic_file
 
 #: metric -> (axis label, higher is better)
-METRICS = {"fvu": ("FVU (held out)", False), "ce_loss_score": ("CE loss recovered", True)}
+METRICS = {"fvu": ("FVU", False), "ce_loss_score": ("CE loss recovered", True)}
 FRONTIER_HTML = "frontier.html"
 
 
@@ -44,13 +44,15 @@ def _finite(value: Any) -> bool:
 
 def sweep_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Frontier points of a sweep's summary rows (`saelab.app.sweep.collect_sweep`): runs that are done."""
+    done = [row for row in rows if row.get("status") == "done"]
+    shared = set.intersection(*(set(row.get("overrides") or []) for row in done)) if len(done) > 1 else set()
     points = []
-    for row in rows:
-        if row.get("status") != "done":
-            continue
+    for row in done:
+        own = " ".join(o for o in row.get("overrides") or [] if o not in shared)[:40]
+        number = f"{row['job']}" if row.get("job") is not None else str(row.get("run"))
         points.append(
             {
-                "name": f"job {row['job']}" if row.get("job") is not None else str(row.get("run")),
+                "name": f"{number}: {own}" if own else number,
                 "run": row.get("run"),
                 "overrides": list(row.get("overrides") or []),
                 "l0": row.get("heldout/l0", row.get("l0")),
@@ -135,7 +137,8 @@ def frontier_html(
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{len(points)} points; &#9733; marks the Pareto front "
-        "(no other run has both a lower L0 and a better value).</p>"
+        "(no other run has both a lower L0 and a better value). A sweep's figures are each run's held-out "
+        "ones where it measured them (trainer.eval_every), else those of its last training batch.</p>"
         f"<div class='figs'>{figures}</div><table id='frontier'><thead><tr><th>run</th><th>overrides</th>"
         f"<th>L0</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></body></html>"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -62,7 +63,7 @@ def plot_cosine_histogram(max_cos: Tensor, path: str | Path, bins: int = 50) -> 
 
 
 def plot_frontier(points: list[dict], path: str | Path, metric: str, label: str, front: set[int]) -> Path:
-    """L0 (log x) against `metric` for points [{"name", "l0", metric, "kind"}]; the Pareto front joined and
+    """L0 (log x when it spans a decade) against `metric` for points [{"name", "l0", metric, "kind"}]; the Pareto front joined and
     ringed; baselines ("kind": "baseline") drawn as grey crosses."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     runs = [(i, p) for i, p in enumerate(points) if p.get(metric) is not None and p.get("l0")]
@@ -77,7 +78,10 @@ def plot_frontier(points: list[dict], path: str | Path, metric: str, label: str,
     if len(on_front) > 1:
         ax.plot(*zip(*on_front, strict=True), color="tab:red", lw=1, label="Pareto front")
         ax.legend()
-    ax.set_xscale("log")
+    l0s = [p["l0"] for _, p in runs]
+    if l0s and max(l0s) > 10 * min(l0s):  # a log axis only where L0 spans a decade
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel(label)
     ax.set_title(f"L0 vs {label}")

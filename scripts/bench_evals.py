@@ -7,8 +7,10 @@ harvested cache: saelab's (trained with `saelab train -m ... sae=topk,batchtopk,
         trainer.total_tokens=262144 trainer.batch_size=4096 hydra.sweep.dir=SWEEP
     python scripts/bench_evals.py train-peers CACHE --out PEERS --tokens 262144 --batch 4096 --latents 4608 --k 32
     python scripts/bench_evals.py warm CACHE      # the probe datasets' activations, timed (once per model and hook)
-    python scripts/bench_evals.py eval CACHE SWEEP/0_*/sae SWEEP/1_*/sae SWEEP/2_*/sae PEERS/saelens PEERS/sparsify \\
-        --out EVAL --json evals.json
+    python scripts/bench_evals.py eval CACHE SAES... --suite core --out EVAL --json core.json
+    python scripts/bench_evals.py eval CACHE SAES... --suite absorption sparse_probing --out EVAL --json probes.json
+    python scripts/bench_evals.py show core.json probes.json      # the markdown table
+    (SAES: SWEEP/0_*/sae SWEEP/1_*/sae SWEEP/2_*/sae PEERS/saelens PEERS/sparsify)
 
 `train-peers`: SAELens's `TopKTrainingSAE` with its `SAETrainer` defaults (Adam 3e-4, constant rate) and
 sparsify's `SparseCoder` with its trainer's defaults (`benchutil.SparsifyDefaults`), each stepping on the
@@ -126,32 +128,50 @@ def run_eval(args: argparse.Namespace) -> None:
     cache = ActivationCache(args.cache)
     hook = cache.check_hook(None)
     source = model_source_of(cache, hook, torch.device("cpu"))
-    cfg = eval_config(args, heldout_start_batch(cache, 8))
+    cfg = dataclasses.replace(eval_config(args, heldout_start_batch(cache, 8)), suite=args.suite)
     session = probe_session(source, cfg)
     results, points = {}, []
     for path in args.saes:
-        name = Path(path).parent.name.split("_", 1)[-1] if Path(path).name == "sae" else Path(path).name
+        name = (
+            Path(path).parent.name.split("sae=")[-1].split(",")[0]
+            if Path(path).name == "sae"
+            else Path(path).name
+        )
         sae = load_sae(path)
         result = evaluate(sae, source, cfg, session=session)
         write_report(result, Path(args.out) / name)
         results[name] = result.report
-        points.append(report_point(name, result.report))
+        if "core" in cfg.suite:
+            points.append(report_point(name, result.report))
         print(name, json.dumps(result.report["timing_s"]), file=sys.stderr, flush=True)
-    write_frontier(points, args.out, title="SmolLM2 block 6: L0 vs fidelity")
-    warm = dataclasses.replace(cfg, suite=["absorption", "sparse_probing"])
-    first = load_sae(args.saes[0])
-    start = time.perf_counter()
-    evaluate(first, source, warm, session=probe_session(source, warm))  # fresh session: disk cache only
-    warm_s = time.perf_counter() - start
-    summary = {name: summarise(report) for name, report in results.items()}
-    print(table(summary))
-    print(
-        f"\nprobe metrics of {Path(args.saes[0]).parent.name} again from the warm disk cache: {warm_s:.1f} s"
-    )
+    if points:
+        write_frontier(points, args.out, title="SmolLM2 block 6: L0 vs fidelity")
+    warm_s = None
+    if session is not None:  # the first SAE again, a fresh session: probe data from the disk cache only
+        first = load_sae(args.saes[0])
+        start = time.perf_counter()
+        evaluate(first, source, cfg, session=probe_session(source, cfg))
+        warm_s = time.perf_counter() - start
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"summary": summary, "warm_probe_s": warm_s, "reports": results}, indent=1)
-        )
+        Path(args.json).write_text(json.dumps({"warm_probe_s": warm_s, "reports": results}, indent=1))
+
+
+def show(args: argparse.Namespace) -> None:
+    """Merge the JSON of a core run and of a probe run; print the table."""
+    merged: dict[str, dict] = {}
+    warm = None
+    for path in args.jsons:
+        data = json.loads(Path(path).read_text())
+        warm = data.get("warm_probe_s") or warm
+        for name, report in data["reports"].items():
+            timing = {**merged.get(name, {}).get("timing_s", {}), **report.get("timing_s", {})}
+            merged[name] = {**merged.get(name, {}), **report, "timing_s": timing}
+    summary = {name: summarise(report) for name, report in merged.items()}
+    print(table(summary))
+    if warm is not None:
+        print(f"\nprobe metrics of the first SAE again, probe data from the warm disk cache: {warm:.1f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1))
 
 
 def summarise(report: dict) -> dict:
@@ -223,6 +243,9 @@ def main() -> None:
     peers.add_argument("--latents", type=int, default=4608)
     peers.add_argument("--k", type=int, default=32)
     peers.add_argument("--seed", type=int, default=0)
+    shown = sub.add_parser("show")
+    shown.add_argument("jsons", nargs="+")
+    shown.add_argument("--out")
     for command in ("warm", "eval"):
         ev = sub.add_parser(command)
         ev.add_argument("cache")
@@ -230,6 +253,7 @@ def main() -> None:
             ev.add_argument("saes", nargs="+")
             ev.add_argument("--out", required=True)
             ev.add_argument("--json")
+            ev.add_argument("--suite", nargs="+", default=["core", "absorption", "sparse_probing"])
         ev.add_argument("--eval-tokens", type=int, default=2048)
         ev.add_argument("--words", type=int, default=1500)
         ev.add_argument("--probe-train", type=int, default=200)
@@ -239,7 +263,7 @@ def main() -> None:
         ev.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(getattr(args, "threads", 1))
-    {"train-peers": train_peers, "warm": warm, "eval": run_eval}[args.command](args)
+    {"train-peers": train_peers, "warm": warm, "eval": run_eval, "show": show}[args.command](args)
 
 
 if __name__ == "__main__":

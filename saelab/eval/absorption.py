@@ -27,6 +27,7 @@ whole metric); SAEBench runs the model again on the same words with freshly draw
 from __future__ import annotations
 
 import statistics
+import warnings
 from typing import Any
 
 import torch
@@ -63,7 +64,9 @@ def sparse_codes(sae: SAE, x: Tensor, batch_size: int = 4096) -> Tensor:
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size].to(sae.W_dec.device, sae.dtype)
         parts.append(to_dense(encode_codes(sae, xb), sae.d_sae).float().cpu().to_sparse_coo())
-    return torch.cat(parts).coalesce().to_sparse_csr()
+    with warnings.catch_warnings():  # torch calls its CSR layout "beta"; the products used here are stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.cat(parts).coalesce().to_sparse_csr()
 
 
 def k_sparse_f1(

@@ -18,6 +18,7 @@ the end of a training schedule:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -191,8 +192,10 @@ def fit_l1_logistic_ovr(
     latents by weight; pass a smaller tol for the optimum itself)."""
     if l1 < 0 or l2 < 0:
         raise ValueError(f"l1={l1} and l2={l2} must be >= 0.")
-    zs = (z if z.layout == torch.sparse_csr else z.to_sparse_csr()).to(torch.float64)
-    zt = zs.to_sparse_coo().t().coalesce().to_sparse_csr()
+    with warnings.catch_warnings():  # torch calls its CSR layout "beta"; the products used here are stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        zs = (z if z.layout == torch.sparse_csr else z.to_sparse_csr()).to(torch.float64)
+        zt = zs.to_sparse_coo().t().coalesce().to_sparse_csr()
     y64 = y.double()
     n_rows, n_classes = y64.shape
     pw = pos_weights(y64)

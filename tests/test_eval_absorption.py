@@ -29,6 +29,7 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 WORDS_PER_LETTER = 12  # 9 train + 3 test per letter
 ABSORBED = {"train": [0, 1], "test": [0]}  # indices (within a letter's split) of letter "a" words absorbed
 

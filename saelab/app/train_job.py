@@ -24,6 +24,9 @@ from saelab.train.lock import run_dir_lock
 from saelab.train.trainer import Trainer, TrainResult
 
 
+SUMMARY_FILE = "summary.json"
+
+
 def hydra_output_dir() -> Path | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -68,10 +71,11 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
         sae_cfg.metadata = {**source.metadata(), **sae_cfg.metadata}
         sae = build_sae(sae_cfg, generator(trainer_cfg.seed, "sae.init"))
         trainer = Trainer(sae, trainer_cfg, logging_cfg, out, run_config)
+    trainer.extra_outputs = (SUMMARY_FILE,)  # checked before step 0 with the SAE's and checkpoints' targets
     with run_dir_lock(trainer.output_dir):  # None on ranks other than 0
         result = trainer.fit(source)
         if trainer.output_dir is not None:
-            summary = write_summary(out / "summary.json", result, source, run_config)
+            summary = write_summary(out / SUMMARY_FILE, result, source, run_config)
             print(summary_line(summary, out))
     return result
 

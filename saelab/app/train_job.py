@@ -23,7 +23,6 @@ from saelab.sources.synthetic import recovery_metrics
 from saelab.train.lock import run_dir_lock
 from saelab.train.trainer import Trainer, TrainResult
 
-
 SUMMARY_FILE = "summary.json"
 
 

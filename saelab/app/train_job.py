@@ -17,10 +17,12 @@ from saelab.core.atomic import atomic_file
 from saelab.core.device import resolve_device
 from saelab.core.seeds import derive_seed, generator
 from saelab.io.layout import list_checkpoints
+from saelab.parallel.distributed import env_world_size
 from saelab.sae.registry import build_sae
 from saelab.sources import build_source
 from saelab.sources.synthetic import recovery_metrics
 from saelab.train.lock import run_dir_lock
+from saelab.train.memory import check_training_memory
 from saelab.train.trainer import Trainer, TrainResult
 
 SUMMARY_FILE = "summary.json"
@@ -60,6 +62,9 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
     torch.manual_seed(derive_seed(trainer_cfg.seed, "torch.global"))  # anything drawing from the global RNG
     source = build_source(source_cfg, device)
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    width = (
+        f"sae.d_sae={sae_cfg.d_sae}" if sae_cfg.d_sae else f"sae.expansion_factor={sae_cfg.expansion_factor}"
+    )
     sae_cfg = sae_cfg.resolved(source.d_in)
     resume = trainer_cfg.resume_from or restarted_run(out, os.environ)
     if resume:
@@ -67,6 +72,7 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
             resume, trainer_cfg, logging_cfg, out, run_config, sae_config=sae_cfg
         )
     else:
+        check_training_memory(sae_cfg, trainer_cfg.batch_size // env_world_size(), device, width)
         sae_cfg.metadata = {**source.metadata(), **sae_cfg.metadata}
         sae = build_sae(sae_cfg, generator(trainer_cfg.seed, "sae.init"))
         trainer = Trainer(sae, trainer_cfg, logging_cfg, out, run_config)

@@ -171,7 +171,7 @@ def _read_json(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """The JSON object in `path`, which must hold the keys `required`; errors name the file and the fix."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: JSON or UTF-8 decoding
         raise ValueError(
             f"cannot read {path}: {err}; the cache folder is damaged, harvest it again."
         ) from err

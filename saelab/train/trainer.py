@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,29 @@ def data_metadata(source: object, heldout_offset: int, batch_size: int) -> dict[
     if hasattr(source, "batches"):
         meta["training_batches"] = {"start": heldout_offset, "end": heldout_offset, "batch_size": batch_size}
     return meta
+
+
+def check_heldout_finite(batches: list[Tensor]) -> None:
+    """Refuse held-out batches [B, d_in] holding NaN or Inf, as a training batch would be: every held-out
+    figure computed from them would be NaN."""
+    bad = [i for i, x in enumerate(batches) if not bool(torch.isfinite(x).all())]
+    if bad:
+        raise ValueError(
+            f"held-out batches {bad} (of the first trainer.eval_batches={len(batches)} batches of the source, "
+            "kept for trainer.eval_every) contain NaN or Inf; check the activation source."
+        )
+
+
+def warn_non_finite(row: dict[str, float]) -> None:
+    """Warn naming each held-out figure of `row` that is NaN or Inf (e.g. an FVU over rows without variance)."""
+    bad = {k: v for k, v in row.items() if not math.isfinite(v)}
+    if bad:
+        warnings.warn(
+            f"held-out figures at step {int(row['step'])} are not finite: {bad} (finite inputs; e.g. rows without "
+            "variance make the FVU undefined). They are logged and written as they are.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 class BatchesExhausted(ValueError):
@@ -416,6 +440,7 @@ class Trainer:
         total = cfg.total_steps
         stream = self._stream(source)
         self.heldout = self._take_heldout(source, stream)
+        check_heldout_finite(self.heldout)
         pending = [self.prepare(next(stream))] if self.step == 0 else []
         self.input_scale = self.dist.broadcast_start(sae, self.input_scale)
         logger = RunLogger(self.logging, total, self.run_config, self.output_dir)
@@ -445,6 +470,7 @@ class Trainer:
                 evaluate = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total)
                 if evaluate and self.dist.is_main:
                     row = {"step": float(self.step), **heldout_metrics(sae, self.heldout, self.input_scale)}
+                    warn_non_finite(row)
                     self.eval_history.append(row)
                     logger.log(self.step, row)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:

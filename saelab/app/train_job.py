@@ -61,11 +61,12 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
     device = resolve_device(trainer_cfg.device)
     torch.manual_seed(derive_seed(trainer_cfg.seed, "torch.global"))  # anything drawing from the global RNG
     source = build_source(source_cfg, device)
-    run_config = OmegaConf.to_container(cfg, resolve=True)
+    trainer_cfg = trainer_cfg.for_source(source)  # total_tokens 0: one pass over a cache
     width = (
         f"sae.d_sae={sae_cfg.d_sae}" if sae_cfg.d_sae else f"sae.expansion_factor={sae_cfg.expansion_factor}"
     )
     sae_cfg = sae_cfg.resolved(source.d_in)
+    run_config = resolved_run_config(cfg, sae_cfg, trainer_cfg)
     resume = trainer_cfg.resume_from or restarted_run(out, os.environ)
     if resume:
         trainer = Trainer.from_checkpoint(
@@ -83,6 +84,16 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
             summary = write_summary(out / SUMMARY_FILE, result, source, run_config)
             print(summary_line(summary, out))
     return result
+
+
+def resolved_run_config(cfg: DictConfig, sae_cfg: Any, trainer_cfg: Any) -> dict[str, Any]:
+    """The composed config as plain data, with the sizes resolved from the source (sae.d_in, sae.d_sae,
+    trainer.total_tokens: 0 in the config means "from the data"), as summary.json, wandb and checkpoints
+    record it."""
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config["sae"].update(d_in=sae_cfg.d_in, d_sae=sae_cfg.d_sae)
+    run_config["trainer"]["total_tokens"] = trainer_cfg.total_tokens
+    return run_config
 
 
 def summary_line(summary: dict[str, Any], out: Path) -> str:

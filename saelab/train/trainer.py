@@ -169,6 +169,25 @@ def data_metadata(source: object, heldout_offset: int, batch_size: int) -> dict[
     return meta
 
 
+#: Passes over a source of finite length (a cache) beyond which a run warns: it mostly re-reads the same rows.
+FEW_PASSES = 4
+
+
+def warn_many_passes(source: object, cfg: TrainerConfig, heldout_batches: int) -> None:
+    """Warn, before training, when the run reads a finite source's rows more than FEW_PASSES times."""
+    rows = getattr(source, "distinct_rows", None)
+    if not rows:
+        return
+    passes = (cfg.total_steps + heldout_batches) * cfg.batch_size / rows
+    if passes > FEW_PASSES:
+        warnings.warn(
+            f"trainer.total_tokens={cfg.total_tokens:,} reads the source's {rows:,} distinct rows {passes:.1f} "
+            "times over; set trainer.total_tokens=0 for one pass, or harvest more tokens.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def check_heldout_finite(batches: list[Tensor]) -> None:
     """Refuse held-out batches [B, d_in] holding NaN or Inf, as a training batch would be: every held-out
     figure computed from them would be NaN."""
@@ -212,6 +231,9 @@ class Trainer:
         run_config: dict[str, Any] | None = None,
     ):
         cfg.validate()
+        cfg = cfg.for_source(
+            None
+        )  # total_tokens 0: DEFAULT_TOTAL_TOKENS (resolve for a cache before: `for_source`)
         check_trainable_dtype(sae.W_dec.dtype)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -437,6 +459,7 @@ class Trainer:
         if self.step == 0:
             check_fresh_output_dir(self.output_dir)
         self.data_metadata = data_metadata(source, self.heldout_offset, cfg.batch_size)
+        warn_many_passes(source, cfg, self.heldout_offset)
         total = cfg.total_steps
         stream = self._stream(source)
         self.heldout = self._take_heldout(source, stream)

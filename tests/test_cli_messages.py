@@ -1,5 +1,5 @@
-"""The CLI prints a bad setting's message alone and exits 1 (the traceback with SAELAB_DEBUG=1), and an unknown
-config option lists the group's real choices."""
+"""What the CLI tells a user: a bad setting's message alone, exit code 1 (the traceback with SAELAB_DEBUG=1); an
+unknown config option with the group's real choices; fetch-assets' sizes on disk and what was already there."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def test_a_bad_setting_prints_its_message_alone(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "error: sae.k=5000 must be in [1, sae.d_sae=64]; lower k or widen the SAE." in err
     assert "Traceback" not in err and 'File "' not in err and "SAELAB_DEBUG=1" in err
+    assert (tmp_path / "run" / ".hydra").is_dir() and not (
+        tmp_path / "run" / "cli.log"
+    ).exists()  # no empty log
     monkeypatch.setenv("SAELAB_DEBUG", "1")  # the traceback: the error itself propagates
     with pytest.raises(ValueError, match=r"sae\.k=5000 must be in"):
         main(["train", *SMALL, "sae.k=5000", f"hydra.run.dir={tmp_path / 'run'}"])
@@ -35,3 +38,19 @@ def test_an_unknown_option_lists_the_real_choices(capsys, monkeypatch):
     variants = sorted(p.stem for p in (Path(CONFIG_DIR) / "sae").glob("*.yaml"))
     assert f"Could not find 'sae/topkk'; choose one of: {', '.join(variants)}" in err
     assert "_schema" not in err
+
+
+def test_fetch_assets_says_what_is_already_there_and_its_size_on_disk(capsys):
+    from harvest_helpers import fetch_or_skip
+
+    from saelab.data.assets import ASSETS
+    from saelab.data.assets import main as fetch_main
+
+    root = fetch_or_skip()  # fetched once for the real-model tests; present from here on
+    fetch_main(["--dest", str(root)])
+    out = capsys.readouterr().out
+    for name in ASSETS:
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert "already present" in line and line.endswith("MB on disk)"), out
+    total = int(out.splitlines()[-1].split(": ")[1].split(" MB")[0].replace(",", ""))
+    assert 400 < total < 900  # the GGUF, its float32 conversion and the corpus (measured: 654 MB)

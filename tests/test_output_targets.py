@@ -31,7 +31,9 @@ def test_a_foreign_file_in_sae_is_refused_before_a_resumed_run_trains(tmp_path):
     (out / "sae" / "NOTES.txt").write_text("my notes")
     resumed = Trainer.from_checkpoint(out, TrainerConfig(total_tokens=24 * 32, batch_size=32, device="cpu",
                                                          checkpoint_every=6), output_dir=out)  # fmt: skip
-    with pytest.raises(FileExistsError, match=r"sae holds NOTES\.txt, which writing the trained SAE there would"):
+    with pytest.raises(
+        FileExistsError, match=r"sae holds NOTES\.txt, which writing the trained SAE there would"
+    ):
         resumed.fit(SyntheticSource(SOURCE))
     assert resumed.step == 6  # refused before any step: the 18 steps are not trained only to be lost
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_000000006"]
@@ -75,7 +77,9 @@ class DropsANoteInto:
 def test_a_failing_final_write_checkpoints_the_trained_steps_first(tmp_path):
     out = tmp_path / "run"
     run = trainer(out)  # no periodic checkpoints
-    with pytest.raises(OSError, match=r"The 12 steps trained are saved in .*step_000000012: resume with") as err:
+    with pytest.raises(
+        OSError, match=r"The 12 steps trained are saved in .*step_000000012: resume with"
+    ) as err:
         run.fit(DropsANoteInto(out / "sae", at=5))
     assert "NOTES.txt" in str(err.value)
     resumed = Trainer.from_checkpoint(out, TrainerConfig(total_tokens=16 * 32, batch_size=32, device="cpu"))
@@ -90,7 +94,9 @@ def test_a_full_disk_names_the_path_and_the_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full_disk)
     sae = build_sae(TopKConfig(d_in=16, d_sae=64, k=4), torch.Generator().manual_seed(0))
     state = {"step": 1, "input_scale": 1.0}
-    with pytest.raises(OSError, match=r"no room left writing .*step_000000001 on the disk mounted at /\S* \(") as err:
+    with pytest.raises(
+        OSError, match=r"no room left writing .*step_000000001 on the disk mounted at /\S* \("
+    ) as err:
         save_checkpoint(tmp_path / "checkpoints", 1, sae, state, keep=2)
     assert err.value.errno == errno.ENOSPC and "GiB free of" in str(err.value)
     assert not list((tmp_path / "checkpoints").iterdir())  # no partial checkpoint, no temporary

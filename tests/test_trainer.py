@@ -117,6 +117,7 @@ def test_relu_with_default_lr_recovers_planted_features_in_the_l0_band_its_lambd
     assert heldout_fvu(result.sae, source) <= max_fvu
 
 
+@pytest.mark.slow
 def test_relu_l0_falls_as_lambda_rises():
     l0s = []
     for lam in (0.5, 8.0):

@@ -1,9 +1,16 @@
-"""`saelab <command> [hydra overrides]`: each command is a Hydra app over the `configs/` tree."""
+"""`saelab <command> [hydra overrides]`: each command is a Hydra app over the `configs/` tree.
+
+A failing command prints its error's message alone and exits 1: a bad setting, a missing file, a refused
+target explain themselves (the message names the field and the fix); `SAELAB_DEBUG=1` (or Hydra's
+`HYDRA_FULL_ERROR=1`) shows the full traceback instead. Unexpected errors (a bug) always show it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hydra
@@ -26,7 +33,8 @@ def hydra_app(config_name: str, task: Callable[[DictConfig], object]) -> Callabl
         saved = sys.argv
         sys.argv = [f"saelab {config_name}", *argv]
         try:
-            app()
+            with errors_reported():
+                app()
             from saelab.parallel.distributed import finish
 
             finish()  # under torchrun: all ranks end together (a failed rank exits without waiting)
@@ -34,6 +42,59 @@ def hydra_app(config_name: str, task: Callable[[DictConfig], object]) -> Callabl
             sys.argv = saved
 
     return command
+
+
+#: Built-in error types saelab raises for conditions it explains (bad values, missing or refused files, a
+#: diverged run, too little memory); errors of classes saelab defines are explained too.
+EXPLAINED = (ValueError, TypeError, OSError, FloatingPointError, MemoryError)
+
+
+def debugging() -> bool:
+    """Whether the user asked for tracebacks: SAELAB_DEBUG set (not 0), or Hydra's HYDRA_FULL_ERROR=1."""
+    return os.environ.get("SAELAB_DEBUG", "0") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def explained(err: BaseException) -> bool:
+    """Whether `err` explains itself: a config error of Hydra / OmegaConf, an EXPLAINED type, or a saelab class."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    own = type(err).__module__.startswith("saelab.")
+    return own or isinstance(err, (*EXPLAINED, HydraException, OmegaConfBaseException))
+
+
+def error_message(err: BaseException) -> str:
+    """The text to print for an explained error; a missing config option lists the group's real choices (not
+    the `*_schema` entries that type-check them)."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, MissingConfigException) and err.options is not None:
+        choices = sorted(o for o in err.options if not o.endswith("_schema"))
+        return f"{str(err).splitlines()[0]}; choose one of: {', '.join(choices)}"
+    cause = err.__cause__
+    return f"{err}\n{cause}" if isinstance(cause, OmegaConfBaseException) else str(err)
+
+
+@contextlib.contextmanager
+def errors_reported() -> Iterator[None]:
+    """Inside: Hydra raises errors instead of printing them (HYDRA_FULL_ERROR=1); an explained one is printed
+    alone and ends the process with exit code 1 (unless `debugging`, which re-raises it)."""
+    debug = debugging()
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except Exception as err:
+        if debug or not explained(err):
+            raise
+        print(f"error: {error_message(err)}\n(set SAELAB_DEBUG=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
 
 
 def check_not_multirun_under_torchrun(argv: list[str]) -> None:

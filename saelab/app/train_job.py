@@ -17,11 +17,15 @@ from saelab.core.atomic import atomic_file
 from saelab.core.device import resolve_device
 from saelab.core.seeds import derive_seed, generator
 from saelab.io.layout import list_checkpoints
+from saelab.parallel.distributed import env_world_size
 from saelab.sae.registry import build_sae
 from saelab.sources import build_source
 from saelab.sources.synthetic import recovery_metrics
 from saelab.train.lock import run_dir_lock
+from saelab.train.memory import check_training_memory
 from saelab.train.trainer import Trainer, TrainResult
+
+SUMMARY_FILE = "summary.json"
 
 
 def hydra_output_dir() -> Path | None:
@@ -57,23 +61,39 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
     device = resolve_device(trainer_cfg.device)
     torch.manual_seed(derive_seed(trainer_cfg.seed, "torch.global"))  # anything drawing from the global RNG
     source = build_source(source_cfg, device)
-    run_config = OmegaConf.to_container(cfg, resolve=True)
+    trainer_cfg = trainer_cfg.for_source(source)  # total_tokens 0: one pass over a cache
+    width = (
+        f"sae.d_sae={sae_cfg.d_sae}" if sae_cfg.d_sae else f"sae.expansion_factor={sae_cfg.expansion_factor}"
+    )
     sae_cfg = sae_cfg.resolved(source.d_in)
+    run_config = resolved_run_config(cfg, sae_cfg, trainer_cfg)
     resume = trainer_cfg.resume_from or restarted_run(out, os.environ)
     if resume:
         trainer = Trainer.from_checkpoint(
             resume, trainer_cfg, logging_cfg, out, run_config, sae_config=sae_cfg
         )
     else:
+        check_training_memory(sae_cfg, trainer_cfg.batch_size // env_world_size(), device, width)
         sae_cfg.metadata = {**source.metadata(), **sae_cfg.metadata}
         sae = build_sae(sae_cfg, generator(trainer_cfg.seed, "sae.init"))
         trainer = Trainer(sae, trainer_cfg, logging_cfg, out, run_config)
+    trainer.extra_outputs = (SUMMARY_FILE,)  # checked before step 0 with the SAE's and checkpoints' targets
     with run_dir_lock(trainer.output_dir):  # None on ranks other than 0
         result = trainer.fit(source)
         if trainer.output_dir is not None:
-            summary = write_summary(out / "summary.json", result, source, run_config)
+            summary = write_summary(out / SUMMARY_FILE, result, source, run_config)
             print(summary_line(summary, out))
     return result
+
+
+def resolved_run_config(cfg: DictConfig, sae_cfg: Any, trainer_cfg: Any) -> dict[str, Any]:
+    """The composed config as plain data, with the sizes resolved from the source (sae.d_in, sae.d_sae,
+    trainer.total_tokens: 0 in the config means "from the data"), as summary.json, wandb and checkpoints
+    record it."""
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config["sae"].update(d_in=sae_cfg.d_in, d_sae=sae_cfg.d_sae)
+    run_config["trainer"]["total_tokens"] = trainer_cfg.total_tokens
+    return run_config
 
 
 def summary_line(summary: dict[str, Any], out: Path) -> str:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from saelab.kernels.auxk import dead_latent_list
 from saelab.metrics.dead import DeadLatentTracker
 from saelab.metrics.heldout import heldout_metrics
 from saelab.parallel import distributed
-from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
+from saelab.sae.base import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, TrainContext, TrainOutput
 from saelab.sources.registry import source_metadata
 from saelab.train.config import AUTOCAST_DTYPES, LoggingConfig, TrainerConfig
 from saelab.train.lock import run_dir_lock
@@ -122,6 +124,41 @@ def check_fresh_output_dir(output_dir: Path | None) -> None:
         )
 
 
+#: What a run writes in its output directory, besides what `extra_outputs` names (e.g. the CLI's summary.json).
+SAE_FOLDER, CHECKPOINTS_FOLDER = "sae", "checkpoints"
+
+
+def check_output_targets(output_dir: Path | None, extra_outputs: tuple[str, ...] = ()) -> None:
+    """Before step 0 (fresh or resumed run): refuse, naming each, targets the run could only fail to write at its
+    end: an output directory that is a file or not writable, `sae/` or `checkpoints/` that are files, a `sae/`
+    holding files other than an SAE's (they would be deleted), a file of `extra_outputs` that is a folder."""
+    if output_dir is None:
+        return
+    problems = []
+    if output_dir.exists() and not output_dir.is_dir():
+        problems.append(f"{output_dir} is a file, not a directory")
+    elif output_dir.exists() and not os.access(output_dir, os.W_OK | os.X_OK):
+        problems.append(f"{output_dir} is not writable by this user")
+    for folder in (SAE_FOLDER, CHECKPOINTS_FOLDER):
+        if (output_dir / folder).exists() and not (output_dir / folder).is_dir():
+            problems.append(f"{output_dir / folder} is a file (the run writes a folder there)")
+    sae_dir = output_dir / SAE_FOLDER
+    if sae_dir.is_dir():
+        foreign = sorted(e.name for e in sae_dir.iterdir() if e.name not in (CONFIG_FILE, WEIGHTS_FILE))
+        if foreign:
+            problems.append(
+                f"{sae_dir} holds {', '.join(foreign[:8])}{' ...' if len(foreign) > 8 else ''}, which writing the "
+                "trained SAE there would delete (move them out)"
+            )
+    problems += [f"{output_dir / name} is a folder (the run writes a file there)" for name in extra_outputs
+                 if (output_dir / name).is_dir()]  # fmt: skip
+    if problems:
+        raise FileExistsError(
+            f"the run could not write its results: {'; '.join(problems)}. Fix that, or train into another "
+            "directory, before any step is trained."
+        )
+
+
 def data_metadata(source: object, heldout_offset: int, batch_size: int) -> dict[str, Any]:
     """What the trained SAE records about its data: the source's own description (`metadata()`; the SAE's own
     metadata wins) and, for a source of indexed batches, the indices trained on, `training_batches` {start,
@@ -130,6 +167,48 @@ def data_metadata(source: object, heldout_offset: int, batch_size: int) -> dict[
     if hasattr(source, "batches"):
         meta["training_batches"] = {"start": heldout_offset, "end": heldout_offset, "batch_size": batch_size}
     return meta
+
+
+#: Passes over a source of finite length (a cache) beyond which a run warns: it mostly re-reads the same rows.
+FEW_PASSES = 4
+
+
+def warn_many_passes(source: object, cfg: TrainerConfig, heldout_batches: int) -> None:
+    """Warn, before training, when the run reads a finite source's rows more than FEW_PASSES times."""
+    rows = getattr(source, "distinct_rows", None)
+    if not rows:
+        return
+    passes = (cfg.total_steps + heldout_batches) * cfg.batch_size / rows
+    if passes > FEW_PASSES:
+        warnings.warn(
+            f"trainer.total_tokens={cfg.total_tokens:,} reads the source's {rows:,} distinct rows {passes:.1f} "
+            "times over; set trainer.total_tokens=0 for one pass, or harvest more tokens.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_heldout_finite(batches: list[Tensor]) -> None:
+    """Refuse held-out batches [B, d_in] holding NaN or Inf, as a training batch would be: every held-out
+    figure computed from them would be NaN."""
+    bad = [i for i, x in enumerate(batches) if not bool(torch.isfinite(x).all())]
+    if bad:
+        raise ValueError(
+            f"held-out batches {bad} (of the first trainer.eval_batches={len(batches)} batches of the source, "
+            "kept for trainer.eval_every) contain NaN or Inf; check the activation source."
+        )
+
+
+def warn_non_finite(row: dict[str, float]) -> None:
+    """Warn naming each held-out figure of `row` that is NaN or Inf (e.g. an FVU over rows without variance)."""
+    bad = {k: v for k, v in row.items() if not math.isfinite(v)}
+    if bad:
+        warnings.warn(
+            f"held-out figures at step {int(row['step'])} are not finite: {bad} (finite inputs; e.g. rows without "
+            "variance make the FVU undefined). They are logged and written as they are.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 class BatchesExhausted(ValueError):
@@ -152,6 +231,9 @@ class Trainer:
         run_config: dict[str, Any] | None = None,
     ):
         cfg.validate()
+        cfg = cfg.for_source(
+            None
+        )  # total_tokens 0: DEFAULT_TOTAL_TOKENS (resolve for a cache before: `for_source`)
         check_trainable_dtype(sae.W_dec.dtype)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -160,6 +242,8 @@ class Trainer:
         self.sae = sae.to(self.device)
         self.logging = logging or LoggingConfig(progress=False)
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        #: files the caller writes in output_dir after `fit`, checked before step 0 with the trainer's own
+        self.extra_outputs: tuple[str, ...] = ()
         if not self.dist.is_main:
             self.logging = LoggingConfig(wandb_mode="disabled", progress=False)
             self.output_dir = None
@@ -371,12 +455,15 @@ class Trainer:
 
     def _fit(self, source: BatchSource | Iterator[Tensor]) -> TrainResult:
         cfg, sae = self.cfg, self.sae
+        check_output_targets(self.output_dir, self.extra_outputs)
         if self.step == 0:
             check_fresh_output_dir(self.output_dir)
         self.data_metadata = data_metadata(source, self.heldout_offset, cfg.batch_size)
+        warn_many_passes(source, cfg, self.heldout_offset)
         total = cfg.total_steps
         stream = self._stream(source)
         self.heldout = self._take_heldout(source, stream)
+        check_heldout_finite(self.heldout)
         pending = [self.prepare(next(stream))] if self.step == 0 else []
         self.input_scale = self.dist.broadcast_start(sae, self.input_scale)
         logger = RunLogger(self.logging, total, self.run_config, self.output_dir)
@@ -406,6 +493,7 @@ class Trainer:
                 evaluate = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total)
                 if evaluate and self.dist.is_main:
                     row = {"step": float(self.step), **heldout_metrics(sae, self.heldout, self.input_scale)}
+                    warn_non_finite(row)
                     self.eval_history.append(row)
                     logger.log(self.step, row)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
@@ -563,6 +651,19 @@ class Trainer:
             record,
         )
 
+    def save_final(self, final: SAE) -> None:
+        """Write the trained SAE to <output_dir>/sae; if that fails (a file appeared there, the disk is full),
+        checkpoint the trained steps first, so none are lost, and raise saying where they are."""
+        target = self.output_dir / SAE_FOLDER
+        try:
+            final.save(target)
+        except Exception as err:
+            try:
+                note = self.save_for_later()
+            except Exception as second:
+                note = f"Saving a checkpoint failed too ({second}). {self.checkpoint_note()}"
+            raise OSError(f"writing the trained SAE to {target} failed: {err}. {note}") from err
+
     def inference_sae(self) -> SAE:
         """A copy of the SAE that takes raw inputs (input scale folded into its weights)."""
         folded = type(self.sae)(self.sae.cfg, torch.Generator()).to(self.device)  # weights copied below
@@ -596,7 +697,7 @@ class Trainer:
             "dead_window_tokens": window,
         }
         if self.output_dir is not None:
-            final.save(self.output_dir / "sae")
+            self.save_final(final)
         logger.summary(
             {
                 **{f"final/{k}": v for k, v in last.items()},  # the last logged row; the saved SAE's win

@@ -4,12 +4,20 @@ handed the signal; time-based checkpoints come on their clock."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from saelab.app.cli import main
 from saelab.core.seeds import generator
 from saelab.io.checkpoint import list_checkpoints
 from saelab.sae.registry import build_sae
@@ -131,3 +139,66 @@ def test_checkpoint_clock_and_its_validation():
     assert not clock.due() and not CheckpointClock(0, now=lambda: 1e9).due()
     with pytest.raises(ValueError, match=r"trainer.checkpoint_every_minutes=-1 must be >= 0"):
         TrainerConfig(checkpoint_every_minutes=-1).validate()
+
+
+# ------------------------------------------------------------------ `saelab train`: Ctrl-C and resume in place
+REPO = Path(__file__).resolve().parents[1]
+CLI_RUN = ["source.d_in=16", "source.n_features=48", "sae.d_sae=64", "sae.k=4", "trainer.batch_size=256",
+           "trainer.device=cpu", "trainer.checkpoint_every=20", "logging.progress=false"]  # fmt: skip
+
+
+def test_ctrl_c_ends_with_one_line_and_the_run_resumes_in_its_own_folder_under_its_lock(
+    tmp_path, monkeypatch, capsys
+):
+    """A run folder named like a sweep job's (`=` and `,`, which Hydra's override syntax would misread) is resumed
+    by the command the stopped run prints, typed as it is: refused while the run is live (naming it, leaving its
+    Hydra record alone), then continued in that folder with the run's own settings, the original record kept."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "0_sae.k=4,source.seed=0"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saelab.app.cli", "train", *CLI_RUN, "trainer.total_tokens=100000000",
+         f"hydra.run.dir='{run}'"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(run / "checkpoints") and time.monotonic() < deadline:  # training
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        record = (run / ".hydra" / "config.yaml").read_text()
+        with pytest.raises(SystemExit):  # the live run holds its folder
+            main(["train", f"trainer.resume_from={run.name}"])
+        assert f'"pid": {proc.pid}' in capsys.readouterr().err
+        assert (run / ".hydra" / "config.yaml").read_text() == record and not list(
+            run.glob(".hydra/resume-*")
+        )
+
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    match = re.fullmatch(
+        r"stopped at step (\d+) \(SIGINT\); resume with saelab train trainer.resume_from=(.+)", last
+    )
+    assert match, err
+    step = int(match.group(1))
+    assert (
+        list_checkpoints(run / "checkpoints")[-1].name == f"step_{step:09d}" and not (run / ".lock").exists()
+    )
+
+    main(
+        [
+            "train",
+            *shlex.split(last.split("resume with saelab train ")[1]),
+            f"trainer.total_tokens={(step + 5) * 256}",
+        ]
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == step + 5 and summary["config"]["sae"]["d_sae"] == 64  # the run's own settings
+    assert (run / "sae" / "cfg.json").is_file() and not (tmp_path / "outputs").exists()
+    assert (run / ".hydra" / "config.yaml").read_text() == record  # the original record, untouched
+    (resumed,) = run.glob(".hydra/resume-*/overrides.yaml")
+    assert f"trainer.total_tokens={(step + 5) * 256}" in resumed.read_text()

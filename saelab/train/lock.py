@@ -1,14 +1,16 @@
 """One live run per run directory: an exclusive `flock` on `<run dir>/.lock`.
 
-The lock file names its holder (pid, host, start time) and is removed when the run ends. The kernel drops
-the lock when the holding process exits, however it exits, so a lock file left by a crashed or killed run
-never blocks the next one. Re-entrant
+The lock file names its holder (pid, host, start time) and is removed when the run ends, or when the process
+exits through Python (an exception, SystemExit, Ctrl-C: an atexit hook). The kernel drops the lock when the
+holding process exits, however it exits, so a lock file left by a crashed or killed run never blocks the next
+one. Re-entrant
 within a process (the `saelab train` entry point and `Trainer.fit` both take it). POSIX `flock` only: on a
 network file system without flock support the lock is advisory at best.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -40,6 +42,8 @@ def acquire(run_dir: str | Path) -> None:
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
+    if not _held:
+        atexit.register(_release_all)
     _held[root] = (fd, 1)
 
 
@@ -79,6 +83,16 @@ def release(run_dir: str | Path) -> None:
     (root / LOCK_FILE).unlink(missing_ok=True)  # before unlocking: a waiting run then retries on a new file
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+def _release_all() -> None:
+    """At exit: release every lock still held (a run stopped by an exception whose holder never got to
+    release it, e.g. Hydra skips its run-end callback then), removing the lock files."""
+    for root in list(_held):
+        fd, _ = _held.pop(root)
+        (root / LOCK_FILE).unlink(missing_ok=True)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def held_elsewhere(run_dir: str | Path) -> bool:

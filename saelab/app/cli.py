@@ -56,7 +56,7 @@ def _train(cfg: DictConfig) -> object:
 
     try:
         return train_task(cfg)
-    except TrainingStopped as stopped:  # its one line is printed: end as the signal asked, without a traceback
+    except TrainingStopped as stopped:  # its line is printed: end as the signal asked, without a traceback
         raise SystemExit(128 + stopped.signum) from None
 
 

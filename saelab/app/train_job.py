@@ -103,9 +103,8 @@ def _train(cfg: DictConfig, output_dir: str | Path | None) -> tuple[TrainResult,
     # the run directory's lock first: a resume into a live run's directory is refused before any work
     with run_dir_lock(out if is_main else None):
         device = resolve_device(trainer_cfg.device)
-        torch.manual_seed(
-            derive_seed(trainer_cfg.seed, "torch.global")
-        )  # anything drawing from the global RNG
+        # anything drawing from the global RNG
+        torch.manual_seed(derive_seed(trainer_cfg.seed, "torch.global"))
         source = build_source(source_cfg, device)
         run_config = OmegaConf.to_container(cfg, resolve=True)
         sae_cfg = sae_cfg.resolved(source.d_in)
@@ -124,7 +123,8 @@ def _train(cfg: DictConfig, output_dir: str | Path | None) -> tuple[TrainResult,
             try:
                 result = trainer.fit(source)
             except TrainingStopped as stopped:
-                print(stopped_line(stopped), file=sys.stderr, flush=True)
+                if is_main:  # under torchrun rank 0 speaks for the run
+                    print(stopped_line(stopped), file=sys.stderr, flush=True)
                 raise
             if trainer.output_dir is not None:
                 summary = write_summary(out / "summary.json", result, source, run_config)

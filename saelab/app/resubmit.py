@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from saelab.app.resume import RESUME_KEY, hydra_quote, override_key
 from saelab.app.sweep import MULTIRUN_CONFIG, OVERRIDES, collect_sweep, format_table
+from saelab.core.atomic import atomic_directory
 from saelab.io.layout import list_checkpoints
 
 #: Statuses of `collect_sweep` rows that are launched again.
@@ -91,9 +92,9 @@ def keep_hydra_record(run: Path, stamp: str) -> None:
     record = run / OVERRIDES.parent
     files = sorted(record.glob("*.yaml")) if record.is_dir() else []
     if files:
-        (record / f"attempt-{stamp}").mkdir(exist_ok=True)
-        for path in files:
-            shutil.copy2(path, record / f"attempt-{stamp}" / path.name)
+        with atomic_directory(record / f"attempt-{stamp}") as tmp:
+            for path in files:
+                shutil.copy2(path, tmp / path.name)
 
 
 def main(argv: list[str], train_command: Callable[[list[str]], None]) -> None:
@@ -129,8 +130,11 @@ def main(argv: list[str], train_command: Callable[[list[str]], None]) -> None:
         if row["run"] is not None:
             keep_hydra_record(sweep_dir / row["run"], stamp)
     recorded = [str(o) for o in OmegaConf.to_container(hydra_record.overrides.hydra)]
-    cwd = os.getcwd()
-    os.chdir(str(hydra_record.runtime.cwd))
+    cwd, sweep_cwd = os.getcwd(), Path(str(hydra_record.runtime.cwd))
+    if sweep_cwd.is_dir():
+        os.chdir(sweep_cwd)
+    else:
+        print(f"the sweep's working directory {sweep_cwd} is gone: relative paths are taken from {cwd}")
     _planned[:] = jobs
     try:
         train_command(["-m", *hydra_overrides(sweep_dir, recorded, hydra_extra)])

@@ -193,7 +193,9 @@ def _run_of_job(
     found: dict[str | None, Path] = {}
     for run, row in runs.items():
         job_id = _slurm_job_id(run)
-        found[job_id if job_id in ids else newest.get(row["job"], job_id)] = run
+        if job_id not in ids and row["job"] is not None:
+            job_id = newest.get(row["job"], job_id)
+        found[job_id] = run
     return found
 
 

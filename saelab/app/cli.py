@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 import saelab.app.resolvers  # noqa: F401  (registers the resolvers the configs use)
+from saelab.train.preemption import TrainingStopped
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -112,9 +113,20 @@ def check_not_multirun_under_torchrun(argv: list[str]) -> None:
 
 
 def _train(cfg: DictConfig) -> object:
-    from saelab.app.train_job import train_from_config
+    from saelab.app.train_job import train_task
 
-    return train_from_config(cfg)
+    try:
+        return train_task(cfg)
+    except TrainingStopped as stopped:  # its line is printed: end as the signal asked, without a traceback
+        raise SystemExit(128 + stopped.signum) from None
+
+
+def _train_command(argv: list[str]) -> None:
+    """`saelab train ...`: a resume path is taken as typed, and a resumed run keeps its recorded overrides
+    (`saelab.app.resume`)."""
+    from saelab.app.resume import resume_arguments
+
+    hydra_app("config", _train)(resume_arguments(argv))
 
 
 def _eval(cfg: DictConfig) -> object:
@@ -157,13 +169,20 @@ def _sweep_summary(argv: list[str]) -> None:
     sweep_main(argv)
 
 
+def _sweep_resubmit(argv: list[str]) -> None:
+    from saelab.app.resubmit import main as resubmit_main
+
+    resubmit_main(argv, hydra_app("config", _train))
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "train": hydra_app("config", _train),
+    "train": _train_command,
     "eval": _eval_command,
     "harvest": hydra_app("harvest", _harvest),
     "inspect": _inspect_command,
     "fetch-assets": _fetch_assets,
     "sweep-summary": _sweep_summary,
+    "sweep-resubmit": _sweep_resubmit,
 }
 
 

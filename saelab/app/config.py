@@ -23,6 +23,19 @@ from saelab.train.config import LoggingConfig, TrainerConfig
 
 
 @dataclass
+class SweepConfig:
+    """What a search sweeper (hydra/sweeper=optuna_search, Optuna, Nevergrad, Ax) optimises.
+
+    objective: a metric of the run's summary.json (`saelab.app.objective.objective_names`), e.g. heldout/fvu;
+    with it the train task returns that float (what search sweepers need), without it a small dict of metrics
+    and paths. direction: minimize or maximize (the shipped Optuna config passes it on to Optuna).
+    """
+
+    objective: str | None = None
+    direction: str = "minimize"
+
+
+@dataclass
 class TrainRunConfig:
     """Everything `saelab train` needs."""
 
@@ -30,6 +43,7 @@ class TrainRunConfig:
     source: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 @dataclass

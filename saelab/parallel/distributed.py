@@ -203,6 +203,14 @@ class Distributed:
             dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
+    def any_true(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Each host flag OR-ed over ranks (one small all-reduce, one sync; the flags as given in one process)."""
+        if not self.enabled:
+            return flags
+        value = torch.tensor(flags, dtype=torch.uint8, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in value.tolist()]
+
     def mean_over_ranks(self, values: dict[str, Tensor]) -> dict[str, float]:
         """Scalar tensors -> their means over ranks as floats, with one host sync."""
         if not values:

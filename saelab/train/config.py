@@ -30,6 +30,9 @@ class TrainerConfig:
     lr_warmup_frac / lr_decay_frac: linear warm-up over the first, linear decay to 0 over the last fraction.
     dead_window_tokens: a latent is dead after this many tokens without firing; 0 -> min(10M, total / 20).
     checkpoint_every: steps between checkpoints (0: only the final save).
+    checkpoint_every_minutes: also checkpoint after this many minutes of training since the last checkpoint (0
+    disables), so a job killed without warning (preemption without a grace period, a node failure) loses at most
+    that much. SIGINT / SIGTERM / SIGUSR2 checkpoint at the next step boundary anyway (saelab.train.preemption).
     eval_every: steps between held-out evaluations (FVU, L0, cosine, dead fraction; 0 disables). The first
     eval_batches batches of the source are held out for it and never trained on.
     autocast_dtype: "bfloat16" runs the forward pass under bf16 autocast (float32 master weights, optimizer
@@ -53,6 +56,7 @@ class TrainerConfig:
     device: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 0
+    checkpoint_every_minutes: float = 30.0
     keep_checkpoints: int = 2
     resume_from: str | None = None
     eval_every: int = 0
@@ -101,6 +105,9 @@ class TrainerConfig:
             check_number(f"trainer.{name}", getattr(self, name), low=0, integer=True, hint="0 disables it.")
         check_number(
             "trainer.total_tokens", self.total_tokens, low=0, integer=True, hint="0: one pass over a cache."
+        )
+        check_number(
+            "trainer.checkpoint_every_minutes", self.checkpoint_every_minutes, low=0, hint="0 disables it."
         )
         check_number("trainer.seed", self.seed, integer=True)
         if self.total_tokens and self.total_tokens < self.batch_size:

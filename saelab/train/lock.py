@@ -1,14 +1,15 @@
 """One live run per run directory: an exclusive lock on `<run dir>/.lock` (`saelab.core.lock`).
 
-The lock file names its holder (pid, host, start time) and is removed when the run ends. The kernel drops
-the lock when the holding process exits, however it exits, so a lock file left by a crashed or killed run
-never blocks the next one. Re-entrant within a process (the `saelab train` entry point and `Trainer.fit` both
-take it). On NFS the lock holds across machines (see `saelab.core.lock`); on a file system without locks the
-run goes on unlocked.
+The lock file names its holder (pid, host, start time) and is removed when the run ends, or when the process
+exits through Python (an exception, SystemExit, Ctrl-C: an atexit hook). The kernel drops the lock when the
+holding process exits, however it exits, so a lock file left by a crashed or killed run never blocks the next
+one. Re-entrant within a process (the `saelab train` entry point and `Trainer.fit` both take it). On NFS the
+lock holds across machines (see `saelab.core.lock`); on a file system without locks the run goes on unlocked.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -45,6 +46,8 @@ def acquire(run_dir: str | Path) -> None:
         fd = file_lock.lock(root / LOCK_FILE, shared=False, role="train", refusal=refusal)
     except file_lock.LockHeld as err:
         raise RunDirInUse(str(err)) from None
+    if not _held:
+        atexit.register(_release_all)
     _held[root] = (fd, 1)
 
 
@@ -58,6 +61,14 @@ def release(run_dir: str | Path) -> None:
         _held[root] = (fd, count - 1)
         return
     file_lock.unlock(root / LOCK_FILE, fd)
+
+
+def _release_all() -> None:
+    """At exit: release every lock still held (a run stopped by an exception whose holder never got to
+    release it, e.g. Hydra skips its run-end callback then), removing the lock files."""
+    for root in list(_held):
+        fd, _ = _held.pop(root)
+        file_lock.unlock(root / LOCK_FILE, fd)
 
 
 def held_elsewhere(run_dir: str | Path) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import time
 import warnings
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from saelab.sources.registry import source_metadata
 from saelab.train.config import AUTOCAST_DTYPES, LoggingConfig, TrainerConfig
 from saelab.train.lock import run_dir_lock
 from saelab.train.logger import RunLogger
+from saelab.train.preemption import CheckpointClock, TrainingStopped, catch_stop_signals, stop_requested
 from saelab.train.resume import check_resume_settings
 from saelab.train.schedule import lr_multiplier
 
@@ -288,6 +290,7 @@ class Trainer:
         self.inputs_checked_at = self.weights_checked_at = self.loss_checked_at = 0
         self.heldout_offset = cfg.eval_batches if cfg.eval_every else 0
         self.heldout: list[Tensor] = []
+        self.clock = CheckpointClock(cfg.checkpoint_every_minutes)  # time-based checkpoints, restarted by fit
         self.eval_history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ state
@@ -449,8 +452,10 @@ class Trainer:
 
     def fit(self, source: BatchSource | Iterator[Tensor]) -> TrainResult:
         """Train until trainer.total_tokens; returns the SAE with the input scale folded in. Holds the run
-        directory's lock (`saelab.train.lock`) throughout, so a second live run there is refused."""
-        with run_dir_lock(self.output_dir):
+        directory's lock (`saelab.train.lock`) throughout, so a second live run there is refused. SIGINT, SIGTERM
+        and SIGUSR2 stop it at the next step boundary with a checkpoint (`saelab.train.preemption`): it raises
+        TrainingStopped."""
+        with run_dir_lock(self.output_dir), catch_stop_signals():
             return self._fit(source)
 
     def _fit(self, source: BatchSource | Iterator[Tensor]) -> TrainResult:
@@ -472,6 +477,7 @@ class Trainer:
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.inputs_checked_at = self.weights_checked_at = self.loss_checked_at = self.step
         window_start, window_tokens = time.perf_counter(), 0
+        self.clock.restart()
         sae.train()
         x = pending[0] if pending else torch.empty(0)  # the last batch trained on, once the loop has run
         try:
@@ -496,14 +502,32 @@ class Trainer:
                     warn_non_finite(row)
                     self.eval_history.append(row)
                     logger.log(self.step, row)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
-                    self.check_finite()
-                    self.save_checkpoint()
+                if self.step < total:
+                    self.checkpoint_or_stop()
             self.check_finite()
             result = self._finish(logger, x)
         finally:
             logger.close()
         return result
+
+    def checkpoint_or_stop(self) -> None:
+        """Between two steps: checkpoint every trainer.checkpoint_every steps and every
+        trainer.checkpoint_every_minutes, and when a stop signal was caught (then raise TrainingStopped). One
+        process reads its clock and signal flag without a device sync; under torchrun the ranks agree on both
+        at the dead_check_every steps (one small all-reduce), so that they checkpoint and stop together."""
+        cfg = self.cfg
+        by_steps = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+        due, stop = self.clock.due(), stop_requested() is not None
+        if self.dist.enabled:
+            agree = self.step % cfg.dead_check_every == 0
+            due, stop = self.dist.any_true([due, stop], self.device) if agree else (False, False)
+        if not (by_steps or due or stop):
+            return
+        self.check_finite()
+        path = self.save_checkpoint()
+        self.clock.restart()
+        if stop:
+            raise TrainingStopped(stop_requested() or signal.SIGTERM, self.step, path, self.output_dir)
 
     def periodic_checks(self) -> None:
         """What `fit` does after each step, for loops that drive `train_step` themselves: every dead_check_every

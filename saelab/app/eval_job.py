@@ -16,6 +16,7 @@ from saelab.core.device import resolve_device
 from saelab.eval.evaluate import EvalResult, evaluate, flatten_report, write_report
 from saelab.io.loading import load_sae
 from saelab.sources import build_source
+from saelab.sources.harvested import transcoder_source_config
 from saelab.train.logger import RunLogger
 
 SUMMARY_KEYS = (
@@ -27,12 +28,16 @@ SUMMARY_KEYS = (
     "lm/ce_sae",
     "lm/ce_zero",
     "lm/ce_loss_score",
+    "lm/ce_mean",
+    "lm/ce_loss_score_mean",
     "lm/kl_div",
     "geometry/max_cos_mean",
     "geometry/spectrum_slope",
     "cooccurrence/ami",
     "recovery/mmcs",
     "recovery/frac_recovered",
+    "recovery_encoder/mmcs",
+    "recovery_encoder/frac_recovered",
 )
 
 
@@ -46,7 +51,10 @@ def evaluate_from_config(cfg: DictConfig, output_dir: str | Path | None = None) 
     out = Path(base) if base is not None else (hydra_output_dir() or Path("outputs")) / "eval"
     device = resolve_device(eval_cfg.device, "eval.device")
     sae = load_sae(cfg.sae_path, device=device)
-    source = build_source(to_dataclass(cfg.source, "source"), device)
+    source_cfg = to_dataclass(cfg.source, "source")
+    if sae.is_transcoder:  # pairs of its input and target hooks
+        source_cfg = transcoder_source_config(source_cfg, sae.cfg.metadata.get("hook_name_out"))
+    source = build_source(source_cfg, device)
     result = evaluate(sae, source, eval_cfg, progress=logging_cfg.progress)
     write_report(result, out, plots=eval_cfg.plots)
     _log_wandb(result, logging_cfg, OmegaConf.to_container(cfg, resolve=True), out)

@@ -17,8 +17,10 @@ from saelab.core.atomic import atomic_file
 from saelab.core.device import resolve_device
 from saelab.core.seeds import derive_seed, generator
 from saelab.io.layout import list_checkpoints
-from saelab.sae.registry import build_sae
+from saelab.sae.registry import build_sae, get_sae_class
+from saelab.sae.transcoder import resolve_for_data
 from saelab.sources import build_source
+from saelab.sources.harvested import transcoder_source_config
 from saelab.sources.synthetic import recovery_metrics
 from saelab.train.lock import run_dir_lock
 from saelab.train.trainer import Trainer, TrainResult
@@ -56,9 +58,11 @@ def train_from_config(cfg: DictConfig, output_dir: str | Path | None = None) -> 
     out = Path(output_dir) if output_dir is not None else hydra_output_dir()
     device = resolve_device(trainer_cfg.device)
     torch.manual_seed(derive_seed(trainer_cfg.seed, "torch.global"))  # anything drawing from the global RNG
+    if get_sae_class(sae_cfg.architecture).is_transcoder:  # (also refuses the names that cannot exist)
+        source_cfg = transcoder_source_config(source_cfg)
     source = build_source(source_cfg, device)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    sae_cfg = sae_cfg.resolved(source.d_in)
+    sae_cfg = resolve_for_data(sae_cfg, source.d_in, getattr(source, "d_out", None))
     resume = trainer_cfg.resume_from or restarted_run(out, os.environ)
     if resume:
         trainer = Trainer.from_checkpoint(
@@ -108,6 +112,10 @@ def write_summary(path: Path, result: TrainResult, source: Any, run_config: dict
     features = getattr(source, "features", None)
     if features is not None:
         summary.update(recovery_metrics(features, result.sae.W_dec.detach().cpu()))
+    inputs = getattr(source, "input_features", None)  # planted pairs: the input features vs encoder columns
+    if inputs is not None:
+        recovered = recovery_metrics(inputs, result.sae.W_enc.detach().cpu().T)
+        summary.update({f"encoder_{k}": v for k, v in recovered.items()})
     summary["config"] = run_config
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=str))

@@ -21,12 +21,13 @@ def check_hook(sae_hook: str | None, source_hook: str | None) -> None:
 
 #: Fields that decide a synthetic source's features and batches, and a cache source's rows and their order.
 SYNTHETIC_IDENTITY = ("structure", "n_features", "seed")
-CACHE_IDENTITY = ("cache_path", "hook_name", "reading")
+CACHE_IDENTITY = ("cache_path", "hook_name", "hook_name_out", "reading")
 #: ... and a live model source's text and how far a run's batches reach into it.
 MODEL_IDENTITY = (
     "model_name",
     "model_backend",
     "hook_name",
+    "hook_name_out",
     "context_size",
     "prepend_bos",
     "dataset_path",
@@ -34,15 +35,23 @@ MODEL_IDENTITY = (
     "dataset_split",
     "reading",
 )
-IDENTITY = {"synthetic": SYNTHETIC_IDENTITY, "cache": CACHE_IDENTITY, "model": MODEL_IDENTITY}
+#: Planted pairs (saelab.sources.pairs) are a synthetic source with a target.
+PAIRS_IDENTITY = (*SYNTHETIC_IDENTITY, "d_out", "linear_scale")
+IDENTITY = {
+    "synthetic": SYNTHETIC_IDENTITY,
+    "pairs": PAIRS_IDENTITY,
+    "cache": CACHE_IDENTITY,
+    "model": MODEL_IDENTITY,
+}
 
 
 def check_same_synthetic_source(trained_on: dict[str, Any], source: dict[str, Any]) -> None:
     """Refuse to evaluate an SAE trained on one synthetic source against another: its planted features (the
     recovery figures) and its data would be a different problem. Other sources are not compared."""
-    if trained_on.get("source") != "synthetic" or source.get("source") != "synthetic":
+    kind = trained_on.get("source")
+    if kind not in ("synthetic", "pairs") or source.get("source") != kind:
         return
-    differ = [k for k in SYNTHETIC_IDENTITY if k in trained_on and trained_on[k] != source.get(k)]
+    differ = [k for k in IDENTITY[kind] if k in trained_on and trained_on[k] != source.get(k)]
     if differ:
         wanted = " ".join(f"source.{k}={trained_on[k]}" for k in differ)
         found = ", ".join(f"source.{k}={source.get(k)!r}" for k in differ)

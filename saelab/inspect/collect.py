@@ -215,8 +215,13 @@ class LatentCollector:
         nearest_ids, nearest_cos = nearest_by_decoder(sae.W_dec, cfg.n_neighbours)
         W_U, centre, note = unembedding(model)
         logits: tuple[Tensor | None, ...] = (None, None, None, None)
-        if W_U is not None and W_U.shape[0] != sae.d_in:
-            W_U, note = None, f"the unembedding has d_model={W_U.shape[0]} != SAE d_in={sae.d_in}; skipped."
+        if (
+            W_U is not None and W_U.shape[0] != sae.d_out
+        ):  # decoder rows live in d_out (a transcoder's output)
+            W_U, note = (
+                None,
+                f"the unembedding has d_model={W_U.shape[0]} != SAE output width {sae.d_out}; skipped.",
+            )
         if W_U is not None and cfg.n_logit_tokens > 0:
             logits = tuple(t.cpu() for t in logit_effects(sae.W_dec, W_U, cfg.n_logit_tokens, centre))
         act_max = torch.where(self.fire_count > 0, self.act_max, torch.zeros_like(self.act_max))

@@ -28,7 +28,7 @@ Builder = Callable[[Any, torch.device], ActivationSource]
 _SOURCES: dict[str, tuple[type, Builder]] = {}
 
 #: Modules that register further source kinds when imported (kept lazy: they pull in heavy libraries).
-_PLUGIN_MODULES: list[str] = ["saelab.sources.harvested"]
+_PLUGIN_MODULES: list[str] = ["saelab.sources.harvested", "saelab.sources.pairs"]
 
 
 def register_source(kind: str, config_class: type) -> Callable[[Builder], Builder]:

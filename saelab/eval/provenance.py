@@ -87,8 +87,8 @@ def evaluation_start(
     evaluation's source object; batch_size: rows per batch (contexts per batch for a model source, whose
     evaluation reads token contexts). start_batch -1 (the default) starts past the SAE's training
     data when it trained on this source, else at 0; an explicit start_batch is kept and judged.
-    - synthetic: a batch is a function of its index alone, so the data past index `training_batches.end` is
-      new at any batch size.
+    - synthetic (and planted pairs): a batch is a function of its index alone, so the data past index
+      `training_batches.end` is new at any batch size.
     - cache: one shuffled pass of `distinct_rows` rows, read as a row stream (batch b = rows [b * size,
       (b + 1) * size)) that starts its pass again after the last row: rows past the training rows are new up
       to the end of the pass.
@@ -103,7 +103,7 @@ def evaluation_start(
         int(trained_on["training_batches"]["end"]),
         int(trained_on["training_batches"]["batch_size"]),
     )
-    if kind == "synthetic":
+    if kind in ("synthetic", "pairs"):
         start = end if start_batch < 0 else start_batch
         return start, start >= end
     if kind == "cache":

@@ -213,8 +213,13 @@ class SAE(nn.Module):
         x_hat = x_hat.double()
         scale = float((centred * x_hat).sum() / x_hat.pow(2).sum())
         if math.isfinite(scale) and scale > 0:
-            self.W_enc.mul_(scale)
-            self.b_enc.mul_(scale)
+            self.scale_codes(scale)
+
+    @torch.no_grad()
+    def scale_codes(self, scale: float) -> None:
+        """Multiply every code by `scale` > 0 (W_enc and b_enc; variants with other encoders override it)."""
+        self.W_enc.mul_(scale)
+        self.b_enc.mul_(scale)
 
     # ----------------------------------------------------------- inference
     def pre_activations(self, x: Tensor) -> Tensor:

@@ -89,15 +89,15 @@ class GatedSAE(SAE):
 
     @torch.no_grad()
     def initialize_from_sample(self, x: Tensor) -> None:
-        """b_dec = geometric median of x [N, d_in]; then r_mag = log s, s > 0 the least-squares scale of the
-        initial reconstruction of x - b_dec (the magnitudes' share of TopK's encoder scaling; kept 0 when s is
-        not a finite positive number)."""
+        """b_dec = geometric median of x [N, d_in]; then the magnitudes are scaled by the least-squares s > 0 of
+        the initial reconstruction of x - b_dec (`scale_codes`: r_mag = log s, the gate unchanged)."""
         super().initialize_from_sample(x)
-        decoded = self.encode_rows(x) @ self.W_dec
-        centred, decoded = (x - self.b_dec).double(), decoded.double()
-        scale = float((centred * decoded).sum() / decoded.pow(2).sum())
-        if math.isfinite(scale) and scale > 0:
-            self.r_mag.fill_(math.log(scale))
+        self.scale_encoder_to_fit(x, self.encode_rows(x) @ self.W_dec)
+
+    @torch.no_grad()
+    def scale_codes(self, scale: float) -> None:
+        """Multiply every code by `scale` > 0 through the magnitude path: r_mag += log(scale)."""
+        self.r_mag.add_(math.log(scale))
 
     # ----------------------------------------------------------- inference
     def gate_pre_activations(self, x: Tensor) -> Tensor:
@@ -128,7 +128,9 @@ class GatedSAE(SAE):
         target = ctx.target_for(x)
         sq_error = (target - x_hat).pow(2).sum(dim=-1).mean()
         l1_penalty = gate.sum(dim=-1).mean()
-        via_gate = ctx.output(gate @ self.W_dec.detach() + self.b_dec.detach())
+        via_gate = gate @ self.W_dec.detach() + self.b_dec.detach()  # the frozen decoder (and skip term)
+        if ctx.skip is not None:
+            via_gate = via_gate + ctx.skip.detach()
         aux = (target - via_gate).pow(2).sum(dim=-1).mean()
         loss = sq_error + self.l1_coefficient_at(ctx.step, ctx.total_steps) * l1_penalty + aux
         fired, l0 = dense_activity(z > 0)

@@ -201,8 +201,7 @@ class Transcoder:
         """From the first batch of rows [N, d_in + d_out] (x already scaled by the trainer): target_scale =
         sqrt(d_out) / mean ||y||, b_in = the geometric median of x, W_skip per skip_init, b_dec = the geometric
         median of y - x @ W_skip^T."""
-        x, y = self.split_row(rows)
-        mean_norm = y.double().norm(dim=-1).mean().item()
+        mean_norm = rows[:, self.cfg.d_in :].double().norm(dim=-1).mean().item()
         if not math.isfinite(mean_norm) or mean_norm <= 0:
             raise ValueError(
                 "cannot scale the transcoder's target: the first batch's y has zero or non-finite norm."
@@ -210,9 +209,39 @@ class Transcoder:
         self.target_scale.fill_(math.sqrt(self.cfg.d_out) / mean_norm)
         x, y = self.split_row(rows)
         self.b_in.copy_(geometric_median(x).to(self.b_in.dtype))
-        if self.has_skip and self.cfg.skip_init == "lstsq":
-            self.W_skip.copy_(least_squares_map(x, y).to(self.W_skip.dtype))
+        if self.has_skip:
+            fit = least_squares_map(x, y) if self.cfg.skip_init == "lstsq" else torch.zeros_like(self.W_skip)
+            self.W_skip.copy_(fit.to(self.W_skip.dtype))
         self.b_dec.copy_(geometric_median(y - self.skip_output(x)).to(self.b_dec.dtype))
+        import os
+        residual = y - self.skip_output(x)
+        mode = os.environ.get("TC_DEC", "random")
+        if mode == "zero":
+            self.W_dec.zero_()
+        if mode == "corr":
+            dense = torch.zeros(x.shape[0], self.cfg.d_sae, dtype=torch.float64)
+            if hasattr(self, "select"):
+                v, i = self.select(self.pre_activations(x), self.cfg.k)
+                dense.scatter_(1, i, v.double())
+            else:
+                dense = self.encode_rows(x).double()
+            corr = dense.T @ (residual.double() - residual.double().mean(0))
+            norms = self.W_dec.norm(dim=1, keepdim=True)
+            self.W_dec.copy_((corr / corr.norm(dim=1, keepdim=True).clamp_min(1e-12) * norms).to(self.W_dec.dtype))
+        if mode == "linear":
+            A = least_squares_map(x, residual)
+            norms = self.W_dec.norm(dim=1, keepdim=True)
+            tied = (self.W_enc.T.double() @ A.T)
+            self.W_dec.copy_((tied / tied.norm(dim=1, keepdim=True).clamp_min(1e-12) * norms).to(self.W_dec.dtype))
+        if os.environ.get("TC_FIT", "0") == "1":
+            self.scale_encoder_to_fit(residual, self.initial_decoding(x))
+
+    def initial_decoding(self, x: Tensor) -> Tensor:
+        """The current codes of x [N, d_in] (training-time selection for the TopK family) decoded without b_dec."""
+        if hasattr(self, "select"):
+            values, indices = self.select(self.pre_activations(x), self.cfg.k)
+            return self.decode_sparse_rows(values, indices, with_bias=False)
+        return self.encode_rows(x) @ self.W_dec
 
     # -------------------------------------------------------- inference
     def skip_output(self, x: Tensor) -> Tensor:

@@ -164,3 +164,26 @@ def test_lm_evaluation_splices_the_prediction_at_the_target_hook(tmp_path):
         torch.testing.assert_close(batch.x_hat, sae(cache[MLP_IN][keep]))
         codes = feature_activations(model, sae, MLP_IN, tokens)
         torch.testing.assert_close(codes, sae.encode(cache[MLP_IN]))
+
+
+def test_inspect_reads_a_transcoder_at_its_input_and_its_decoder_at_the_output():
+    """Latent statistics come from the codes of the MLP's input; logit effects from the decoder rows, which
+    live in the output (residual) space: centred W_dec rows (the final norm is a LayerNorm) @ diag(ln_final.w) @ W_U."""
+    from saelab.inspect import InspectConfig, collect_features
+
+    model = tiny_tl(n_layers=2)
+    cls = transcoder_class("relu", False)
+    metadata = {"hook_name": MLP_IN, "hook_name_out": MLP_OUT}
+    sae = cls(cls.config_class(d_in=32, d_out=32, d_sae=48, metadata=metadata))
+    tokens = torch.randint(3, 3 + len(WORDS), (6, 12), generator=torch.Generator().manual_seed(2))
+    tokens[:, 0] = 0
+    cfg = InspectConfig(total_tokens=66, batch_size=6, n_logit_tokens=3)
+    data = collect_features(model, sae, tokens, excluded_ids=[0, 1, 2], cfg=cfg)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[MLP_IN])
+        z = sae.encode(cache[MLP_IN][tokens >= 3])
+        rows = sae.W_dec - sae.W_dec.mean(dim=1, keepdim=True)
+        logits = rows @ (model.ln_final.w[:, None] * model.W_U)
+    assert data.hook_name == MLP_IN and data.n_tokens == 66
+    assert torch.equal(data.fire_count, (z > 0).sum(0))
+    torch.testing.assert_close(data.promoted_logits, logits.topk(3, dim=1).values)

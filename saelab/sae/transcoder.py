@@ -21,9 +21,13 @@ data and the files:
   target_scale * y) are folded into the weights with the trainer's input scale (`fold_input_scale`): files
   hold SAELens's transcoder tensors W_enc, b_enc, W_dec, b_dec (, W_skip, threshold), raw x to raw y.
 - Init: W_enc, b_enc and the variant's extra parameters as the variant initialises an SAE of width d_in; W_dec
-  and b_dec as it initialises one of width d_out (independent draws); b_dec = the geometric median of
-  y - x @ W_skip^T; W_skip = 0 (`skip_init=zero`, as sparsify) or the least-squares fit of y on x over the
-  first batch (`skip_init=lstsq`, ridge 1e-6, the default: BENCHMARKS.md "Transcoders").
+  and b_dec as it initialises one of width d_out (independent draws). Then, from the first batch:
+  b_dec = the geometric median of y - x @ W_skip^T; W_skip = 0 (`skip_init=zero`, as sparsify; the default) or
+  the least-squares fit of y on x (`skip_init=lstsq`, ridge 1e-6); each decoder row whose latent fires on the
+  batch points along codes_i^T r (r the residual y - x @ W_skip^T - b_dec): latent i's own least-squares
+  decoder row, the transcoder's version of an SAE's tied init, where the decoder row is what the encoder reads;
+  last the codes are scaled by the least-squares fit of r (TopK's encoder scaling). Against independent random
+  rows this lowers the held-out FVU and raises the recovery of planted features (BENCHMARKS.md "Transcoders").
 
 Names: `<variant>_transcoder` and `<variant>_skip_transcoder` for relu, topk, batchtopk, jumprelu, matryoshka and
 gated. SAELens loads the saved files of relu ("transcoder", "skip_transcoder"), jumprelu, batchtopk and
@@ -66,6 +70,10 @@ TRANSCODABLE: dict[type[SAE], tuple[str | None, str | None]] = {
     MatryoshkaSAE: ("jumprelu_transcoder", "jumprelu_skip_transcoder"),
     GatedSAE: (None, None),
 }
+#: Settings a variant's transcoders default to instead of its SAE's: ReLU's L1 weight of 5 silenced 90% of the
+#: latents of a transcoder on planted pairs (L0 0.4), 1 kept all alive (BENCHMARKS.md "Transcoders"). A target-L0
+#: controller, where the variant has one, makes this moot.
+TRANSCODER_DEFAULTS: dict[type[SAE], dict[str, Any]] = {ReLUSAE: {"l1_coefficient": 1.0}}
 #: Variants SAELens's transcoder names are read as (batchtopk and matryoshka files read there as jumprelu).
 SAELENS_READERS = (ReLUSAE, JumpReLUSAE)
 #: Why the other variants have no transcoder.
@@ -101,9 +109,10 @@ class TranscoderConfigChecks:
 def transcoder_config_class(plain: type[SAE], name: str) -> type[SAEConfig]:
     """The variant's config dataclass plus d_out (0: from the source) and skip_init, architecture `name`."""
     fields = [
+        *((key, type(value), field(default=value)) for key, value in TRANSCODER_DEFAULTS.get(plain, {}).items()),
         ("architecture", str, field(default=name)),
         ("d_out", int, field(default=0)),
-        ("skip_init", str, field(default="lstsq")),
+        ("skip_init", str, field(default="zero")),
     ]
     base = plain.config_class
     cls = make_dataclass(
@@ -200,7 +209,7 @@ class Transcoder:
     def initialize_from_sample(self, rows: Tensor) -> None:
         """From the first batch of rows [N, d_in + d_out] (x already scaled by the trainer): target_scale =
         sqrt(d_out) / mean ||y||, b_in = the geometric median of x, W_skip per skip_init, b_dec = the geometric
-        median of y - x @ W_skip^T."""
+        median of y - x @ W_skip^T, decoder rows from the codes and the scale of the codes (module docstring)."""
         mean_norm = rows[:, self.cfg.d_in :].double().norm(dim=-1).mean().item()
         if not math.isfinite(mean_norm) or mean_norm <= 0:
             raise ValueError(
@@ -212,36 +221,35 @@ class Transcoder:
         if self.has_skip:
             fit = least_squares_map(x, y) if self.cfg.skip_init == "lstsq" else torch.zeros_like(self.W_skip)
             self.W_skip.copy_(fit.to(self.W_skip.dtype))
-        self.b_dec.copy_(geometric_median(y - self.skip_output(x)).to(self.b_dec.dtype))
-        import os
         residual = y - self.skip_output(x)
-        mode = os.environ.get("TC_DEC", "random")
-        if mode == "zero":
-            self.W_dec.zero_()
-        if mode == "corr":
-            dense = torch.zeros(x.shape[0], self.cfg.d_sae, dtype=torch.float64)
-            if hasattr(self, "select"):
-                v, i = self.select(self.pre_activations(x), self.cfg.k)
-                dense.scatter_(1, i, v.double())
-            else:
-                dense = self.encode_rows(x).double()
-            corr = dense.T @ (residual.double() - residual.double().mean(0))
-            norms = self.W_dec.norm(dim=1, keepdim=True)
-            self.W_dec.copy_((corr / corr.norm(dim=1, keepdim=True).clamp_min(1e-12) * norms).to(self.W_dec.dtype))
-        if mode == "linear":
-            A = least_squares_map(x, residual)
-            norms = self.W_dec.norm(dim=1, keepdim=True)
-            tied = (self.W_enc.T.double() @ A.T)
-            self.W_dec.copy_((tied / tied.norm(dim=1, keepdim=True).clamp_min(1e-12) * norms).to(self.W_dec.dtype))
-        if os.environ.get("TC_FIT", "0") == "1":
-            self.scale_encoder_to_fit(residual, self.initial_decoding(x))
+        self.b_dec.copy_(geometric_median(residual).to(self.b_dec.dtype))
+        residual = residual - self.b_dec
+        codes = self.initial_codes(x)
+        self.init_decoder_from_codes(codes, residual)
+        self.scale_encoder_to_fit(residual + self.b_dec, codes @ self.W_dec)
 
-    def initial_decoding(self, x: Tensor) -> Tensor:
-        """The current codes of x [N, d_in] (training-time selection for the TopK family) decoded without b_dec."""
-        if hasattr(self, "select"):
-            values, indices = self.select(self.pre_activations(x), self.cfg.k)
-            return self.decode_sparse_rows(values, indices, with_bias=False)
-        return self.encode_rows(x) @ self.W_dec
+    def initial_codes(self, x: Tensor) -> Tensor:
+        """The codes [N, n] of x [N, d_in] that training starts from (the TopK family's training-time selection),
+        as a sparse COO tensor for the TopK family (N * k entries), else dense."""
+        if not hasattr(self, "select"):
+            return self.encode_rows(x)
+        values, indices = self.select(self.pre_activations(x), self.cfg.k)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(values.shape[1])
+        where = torch.stack([rows, indices.reshape(-1)])
+        return torch.sparse_coo_tensor(
+            where, values.reshape(-1), (x.shape[0], self.cfg.d_sae), check_invariants=False
+        ).coalesce()
+
+    @torch.no_grad()
+    def init_decoder_from_codes(self, codes: Tensor, residual: Tensor) -> None:
+        """Each decoder row that the first batch's codes [N, n] use: the direction of codes[:, i]^T @ residual,
+        the least-squares decoder row of latent i alone for the residual [N, d_out] the decoder must fit (row
+        norms as the variant initialises them; rows of latents that never fired stay random)."""
+        fitted = (codes.T @ residual.to(codes.dtype)).to(torch.float64)
+        norms = fitted.norm(dim=1, keepdim=True)
+        used = norms[:, 0] > 0
+        rows = fitted / norms.clamp_min(1e-30) * self.W_dec.norm(dim=1, keepdim=True).double()
+        self.W_dec.copy_(torch.where(used[:, None], rows, self.W_dec.double()).to(self.W_dec.dtype))
 
     # -------------------------------------------------------- inference
     def skip_output(self, x: Tensor) -> Tensor:

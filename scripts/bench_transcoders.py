@@ -12,6 +12,9 @@ linear part of relative size `--linear-scale`). Every run reads the same batches
   input, b_dec = the first batch's mean output, free decoder norms, no AuxK (sparsify's transcoders need d_out
   = d_in, so both sizes use d_out = d_in).
 
+`--decoder-init random` ablates saelab's data-dependent transcoder init (decoder rows from the first batch's
+codes, least-squares code scale): decoder rows stay at the variant's random init.
+
 Scored on `--eval-rows` held-out pairs (batch indices from 10^6, never trained on): FVU of y, L0, dead fraction
 (latents silent on all of them), recovery of G by the decoder rows and of F by the encoder columns (MMCS, the
 mean over planted features of the best cosine, and the fraction found at cosine >= 0.9). With a skip term the
@@ -46,7 +49,7 @@ from torch import Tensor
 from saelab.core.seeds import generator
 from saelab.sae import build_sae
 from saelab.sae.base import SAE
-from saelab.sae.transcoder import TRANSCODABLE, resolve_for_data, transcoder_class
+from saelab.sae.transcoder import TRANSCODABLE, Transcoder, resolve_for_data, transcoder_class
 from saelab.sources.pairs import PairsConfig, PairsSource
 from saelab.sources.synthetic import recovery_metrics
 from saelab.train.config import TrainerConfig
@@ -321,6 +324,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--skip-inits", nargs="+", default=["zero", "lstsq"], choices=["zero", "lstsq"])
     parser.add_argument("--no-sparsify", dest="sparsify", action="store_false")
+    parser.add_argument(
+        "--decoder-init", default="data", choices=["data", "random"],
+        help="random: an ablation of saelab's init, decoder rows left at the variant's random init and codes unscaled",
+    )  # fmt: skip
     parser.add_argument("--tokens", type=int, default=500_000)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--k", type=int, default=8)
@@ -346,6 +353,9 @@ def main() -> None:
         print_real(results)
         benchutil.write_report(args.json, "bench_transcoders", device, real=results, settings=vars(args))
         return
+    if args.decoder_init == "random":  # the ablation: skip the two data-dependent steps of the init
+        Transcoder.init_decoder_from_codes = lambda self, codes, residual: None
+        Transcoder.scale_encoder_to_fit = lambda self, target, decoded: None
     results = planted_part(args)
     print_planted(results)
     benchutil.write_report(args.json, "bench_transcoders", device, planted=results, settings=vars(args))

@@ -17,9 +17,9 @@ frozen decoder, as in the paper). Squared errors are summed over d and averaged 
 E||x|| = sqrt(d_in) by the trainer (the ReLU SAE's convention), decoder rows kept at unit norm (as in the paper
 and dictionary_learning's GatedSAETrainer) so the L1 cannot be lowered by growing them. lambda ramps up
 linearly over the first `l1_warmup_frac` of training; it is a fixed coefficient: `l1_coefficient_at` is where
-an adaptive controller (a target L0) takes over. Init: tied unit-norm weights, b_dec = geometric median of the
-first batch, r_mag = log of the least-squares scale of the initial reconstruction (the magnitude path's share of
-TopK's encoder scaling), gate and magnitude biases 0.
+an adaptive controller (a target L0) takes over. Init: tied unit-norm weights, r_mag and biases 0, b_dec =
+geometric median of the first batch, then W_enc (with b_gate, b_mag) scaled by the least-squares scale of the
+initial reconstruction, as TopK scales its encoder.
 
 Files: SAELens's `gated` (W_enc, W_dec, b_dec, b_gate, b_mag, r_mag) and dictionary_learning's
 `GatedAutoEncoder` (encoder.weight, decoder.weight, decoder_bias, gate_bias, mag_bias, r_mag) compute the same
@@ -28,7 +28,6 @@ function and load and export both ways.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,15 +88,17 @@ class GatedSAE(SAE):
 
     @torch.no_grad()
     def initialize_from_sample(self, x: Tensor) -> None:
-        """b_dec = geometric median of x [N, d_in]; then the magnitudes are scaled by the least-squares s > 0 of
-        the initial reconstruction of x - b_dec (`scale_codes`: r_mag = log s, the gate unchanged)."""
+        """b_dec = geometric median of x [N, d_in]; then the codes are scaled by the least-squares s > 0 of the
+        initial reconstruction of x - b_dec (`scale_codes`, as TopK scales its encoder)."""
         super().initialize_from_sample(x)
         self.scale_encoder_to_fit(x, self.encode_rows(x) @ self.W_dec)
 
     @torch.no_grad()
     def scale_codes(self, scale: float) -> None:
-        """Multiply every code by `scale` > 0 through the magnitude path: r_mag += log(scale)."""
-        self.r_mag.add_(math.log(scale))
+        """Multiply both paths' pre-activations, so every code, by `scale` > 0 (W_enc, b_gate, b_mag; the gate
+        keeps its sign). Not through r_mag: Adam moves a log-scale by about lr a step, too slow to undo."""
+        for tensor in (self.W_enc, self.b_gate, self.b_mag):
+            tensor.mul_(scale)
 
     # ----------------------------------------------------------- inference
     def gate_pre_activations(self, x: Tensor) -> Tensor:

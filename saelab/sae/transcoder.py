@@ -109,14 +109,17 @@ class TranscoderConfigChecks:
 def transcoder_config_class(plain: type[SAE], name: str) -> type[SAEConfig]:
     """The variant's config dataclass plus d_out (0: from the source) and skip_init, architecture `name`."""
     fields = [
-        *((key, type(value), field(default=value)) for key, value in TRANSCODER_DEFAULTS.get(plain, {}).items()),
+        *(
+            (key, type(value), field(default=value))
+            for key, value in TRANSCODER_DEFAULTS.get(plain, {}).items()
+        ),
         ("architecture", str, field(default=name)),
         ("d_out", int, field(default=0)),
         ("skip_init", str, field(default="zero")),
     ]
     base = plain.config_class
     cls = make_dataclass(
-        f"{base.__name__.removesuffix('Config')}TranscoderConfig",
+        f"{base.__name__.removesuffix('Config')}{'Skip' if '_skip_' in name else ''}TranscoderConfig",
         fields,
         bases=(TranscoderConfigChecks, base),
     )
@@ -316,11 +319,17 @@ class Transcoder:
         out["apply_b_dec_to_input"] = False
         return out
 
+
+class NestedTranscoder:
+    """Mixin of the Matryoshka transcoders (before `Transcoder` in the MRO): `prefix` keeps the transcoder's own
+    tensors."""
+
     @torch.no_grad()
     def prefix(self, groups: int) -> SAE:
-        """Matryoshka transcoders: the nested transcoder of the first `groups` groups (with the skip term)."""
+        """The nested transcoder of the first `groups` groups (`MatryoshkaSAE.prefix`, with b_in, target_scale
+        and the skip term)."""
         small = super().prefix(groups)  # type: ignore[misc]
-        for name in ("b_in", "target_scale", *(("W_skip",) if self.has_skip else ())):
+        for name in ("b_in", "target_scale", *(("W_skip",) if self.has_skip else ())):  # type: ignore[attr-defined]
             getattr(small, name).copy_(getattr(self, name))
         return small
 
@@ -353,8 +362,9 @@ def make_transcoder(plain: type[SAE], skip: bool) -> type[SAE]:
         "dictionary_learning_reads": (),
         "required_fields": (*plain.required_fields, "d_out"),
     }
+    mixins = (NestedTranscoder, Transcoder) if hasattr(plain, "prefix") else (Transcoder,)
     cls = type(
-        f"{plain.__name__.removesuffix('SAE')}{'Skip' if skip else ''}Transcoder", (Transcoder, plain), attrs
+        f"{plain.__name__.removesuffix('SAE')}{'Skip' if skip else ''}Transcoder", (*mixins, plain), attrs
     )
     globals()[cls.__name__] = cls
     globals()[cls.config_class.__name__] = cls.config_class

@@ -70,10 +70,13 @@ TRANSCODABLE: dict[type[SAE], tuple[str | None, str | None]] = {
     MatryoshkaSAE: ("jumprelu_transcoder", "jumprelu_skip_transcoder"),
     GatedSAE: (None, None),
 }
-#: Settings a variant's transcoders default to instead of its SAE's: ReLU's L1 weight of 5 silenced 90% of the
-#: latents of a transcoder on planted pairs (L0 0.4), 1 kept all alive (BENCHMARKS.md "Transcoders"). A target-L0
-#: controller, where the variant has one, makes this moot.
-TRANSCODER_DEFAULTS: dict[type[SAE], dict[str, Any]] = {ReLUSAE: {"l1_coefficient": 1.0}}
+#: Settings a variant's transcoders default to instead of its SAE's: on planted pairs the SAEs' L1 weight of 5
+#: silenced nearly every latent of ReLU (L0 0.4) and gated (L0 0-2) transcoders; 1 kept them alive at L0 14-27
+#: (BENCHMARKS.md "Transcoders"). A target-L0 controller, where the variant has one, makes this moot.
+TRANSCODER_DEFAULTS: dict[type[SAE], dict[str, Any]] = {
+    ReLUSAE: {"l1_coefficient": 1.0},
+    GatedSAE: {"l1_coefficient": 1.0},
+}
 #: A transcoder's default Adam rate is this times its variant's: its decoder starts apart from the encoder and
 #: has further to move. On planted pairs 3x lowered the held-out FVU of TopK, BatchTopK and ReLU transcoders and
 #: raised the planted features recovered for all four variants measured (JumpReLU: sparser, FVU +0.03;

@@ -12,7 +12,8 @@ linear part of relative size `--linear-scale`). Every run reads the same batches
   input, b_dec = the first batch's mean output, free decoder norms, no AuxK (sparsify's transcoders need d_out
   = d_in, so both sizes use d_out = d_in).
 
-`--decoder-init random` ablates saelab's data-dependent transcoder init (decoder rows from the first batch's
+`--lr-mult` and `--override FIELD=VALUE` change the saelab runs' rate and config (the tuning runs of
+BENCHMARKS.md); `--decoder-init random` ablates saelab's data-dependent transcoder init (decoder rows from the first batch's
 codes, least-squares code scale): decoder rows stay at the variant's random init.
 
 Scored on `--eval-rows` held-out pairs (batch indices from 10^6, never trained on): FVU of y, L0, dead fraction
@@ -88,17 +89,21 @@ def planted(s: Setting) -> PairsSource:
 
 
 def saelab_run(
-    s: Setting, source: PairsSource, variant: str, skip: bool, skip_init: str
-) -> tuple[SAE, float]:
-    """Train one saelab transcoder at its defaults; returns (transcoder on raw pairs, base lr)."""
+    s: Setting, source: PairsSource, variant: str, skip: bool, skip_init: str, lr_mult: float = 1.0,
+    overrides: dict[str, float] | None = None,
+) -> tuple[SAE, float]:  # fmt: skip
+    """Train one saelab transcoder at its defaults (or with config `overrides` and lr_mult times its default
+    rate); returns (transcoder on raw pairs, base lr)."""
     cls = transcoder_class(variant, skip)
     names = {f.name for f in dataclasses.fields(cls.config_class)}
     fields: dict[str, Any] = {"d_sae": s.latents, **({"k": s.k} if "k" in names else {})}
+    fields.update({k: v for k, v in (overrides or {}).items() if k in names})
     if skip:
         fields["skip_init"] = skip_init
     cfg = resolve_for_data(cls.config_class(**fields), s.d, s.d)
     sae = build_sae(cfg, generator(s.init_seed, "sae.init"))
-    trainer = Trainer(sae, TrainerConfig(total_tokens=s.tokens, batch_size=s.batch, device="cpu"))
+    lr = lr_mult * sae.default_lr(s.batch)
+    trainer = Trainer(sae, TrainerConfig(total_tokens=s.tokens, batch_size=s.batch, device="cpu", lr=lr))
     result = trainer.fit(source)
     return result.sae, result.base_lr
 
@@ -200,7 +205,7 @@ def planted_part(args: argparse.Namespace) -> list[dict[str, Any]]:
             if variant is None:
                 sae, lr = sparsify_run(s, source, skip, Path(tempfile.mkdtemp()))
             else:
-                sae, lr = saelab_run(s, source, variant, skip, skip_init)
+                sae, lr = saelab_run(s, source, variant, skip, skip_init, args.lr_mult, args.override)
             seconds = time.perf_counter() - start
             row = {
                 "size": size,
@@ -322,13 +327,19 @@ def main() -> None:
     )
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    parser.add_argument("--skip-inits", nargs="+", default=["zero", "lstsq"], choices=["zero", "lstsq"])
+    parser.add_argument("--skip-inits", nargs="*", default=["zero", "lstsq"], choices=["zero", "lstsq"])
     parser.add_argument("--no-sparsify", dest="sparsify", action="store_false")
     parser.add_argument(
         "--decoder-init", default="data", choices=["data", "random"],
         help="random: an ablation of saelab's init, decoder rows left at the variant's random init and codes unscaled",
     )  # fmt: skip
     parser.add_argument("--tokens", type=int, default=500_000)
+    parser.add_argument(
+        "--lr-mult", type=float, default=1.0, help="saelab runs: this times their default rate"
+    )
+    parser.add_argument(
+        "--override", nargs="*", default=[], metavar="FIELD=VALUE", help="saelab runs: config fields, e.g. l1_coefficient=5"
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--linear-scale", type=float, default=0.5)
@@ -347,6 +358,7 @@ def main() -> None:
     parser.add_argument("--lm-batch-size", type=int, default=8)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    args.override = {k: float(v) for k, _, v in (item.partition("=") for item in args.override)}
     device = benchutil.setup_peer_device("cpu", args.threads)
     if args.real:
         results = real_part(args)

@@ -7,6 +7,7 @@ YAML files under `configs/` name these schemas in their defaults lists (e.g. `sa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,11 +113,22 @@ def register_configs() -> None:
     cs.store(name="harvest_schema", node=HarvestRunConfig)
     cs.store(name="inspect_schema", node=InspectRunConfig)
     for cls in variant_classes():
-        cs.store(group="sae", name=f"{cls.architecture}_schema", node=cls.config_class)
+        cs.store(group="sae", name=f"{cls.architecture}_schema", node=sae_schema(cls))
     for kind, config_class in source_config_classes().items():
         cs.store(group="source", name=f"{kind}_schema", node=config_class)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="logging", name="logging_schema", node=LoggingConfig)
+
+
+def sae_schema(cls: type) -> Any:
+    """The ConfigStore node of a variant: its config class; for a transcoder, one whose fields inherited from
+    the variant's config are MISSING, so that merged after the variant's yaml (sae/<variant>_transcoder.yaml
+    lists sae/<variant> first) it sets the type and the transcoder's own fields without resetting the variant's
+    settings."""
+    if not cls.is_transcoder:
+        return cls.config_class
+    inherited = {f.name for f in dataclasses.fields(cls.plain_class.config_class)} - {"architecture"}
+    return cls.config_class(**dict.fromkeys(inherited, MISSING))
 
 
 def to_dataclass(node: DictConfig, field_name: str) -> Any:

@@ -34,6 +34,7 @@ from saelab.eval.evaluate import (
 from saelab.eval.frontier import report_point, write_frontier
 from saelab.io.loading import load_sae
 from saelab.sources import build_source
+from saelab.sources.harvested import transcoder_source_config
 from saelab.train.logger import RunLogger
 
 SUMMARY_KEYS = (
@@ -45,12 +46,16 @@ SUMMARY_KEYS = (
     "lm/ce_sae",
     "lm/ce_zero",
     "lm/ce_loss_score",
+    "lm/ce_mean",
+    "lm/ce_loss_score_mean",
     "lm/kl_div",
     "geometry/max_cos_mean",
     "geometry/spectrum_slope",
     "cooccurrence/ami",
     "recovery/mmcs",
     "recovery/frac_recovered",
+    "recovery_encoder/mmcs",
+    "recovery_encoder/frac_recovered",
     "absorption_first_letter/eval_result_metrics/mean/mean_absorption_fraction_score",
     "absorption_first_letter/eval_result_metrics/mean/mean_full_absorption_score",
     "sparse_probing/eval_result_metrics/llm/llm_top_1_test_accuracy",
@@ -112,29 +117,42 @@ def evaluate_from_config(
     out = Path(base) if base is not None else (hydra_output_dir() or Path("outputs")) / "eval"
     device = resolve_device(eval_cfg.device, "eval.device")
     targets = saes_to_evaluate(cfg.sae_path)
-    source = build_source(to_dataclass(cfg.source, "source"), device)
+    saes = [load_sae(t.path, device=device) for t in targets]
+    source = build_source(eval_source_config(to_dataclass(cfg.source, "source"), saes), device)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     if len(targets) == 1:
-        sae = load_sae(targets[0].path, device=device)
-        result = evaluate(sae, source, eval_cfg, progress=logging_cfg.progress)
+        result = evaluate(saes[0], source, eval_cfg, progress=logging_cfg.progress)
         write_report(result, out, plots=eval_cfg.plots)
         _log_wandb(result, logging_cfg, run_config, out)
         _print_summary(result, out)
         return result
-    return _evaluate_several(targets, source, eval_cfg, logging_cfg, run_config, out, device)
+    return _evaluate_several(targets, saes, source, eval_cfg, logging_cfg, run_config, out)
+
+
+def eval_source_config(source_cfg: Any, saes: list[Any]) -> Any:
+    """The source config to evaluate saes on: for transcoders, rows pairing their input and target hooks."""
+    transcoder = {sae.is_transcoder for sae in saes}
+    targets = {sae.cfg.metadata.get("hook_name_out") for sae in saes if sae.is_transcoder}
+    if transcoder == {False}:
+        return source_cfg
+    if len(transcoder) > 1 or len(targets) > 1:
+        raise ValueError(
+            "sae_path mixes SAEs and transcoders (or transcoders of different target hooks); they need "
+            "different data: evaluate each kind in its own `saelab eval` run."
+        )
+    return transcoder_source_config(source_cfg, targets.pop())
 
 
 def _evaluate_several(
     targets: list[SaeToEvaluate],
+    saes: list[Any],
     source: Any,
     eval_cfg: EvalConfig,
     logging_cfg: Any,
     run_config: dict[str, Any],
     out: Path,
-    device: Any,
 ) -> list[EvalResult]:
     """Each SAE on the same source batches (past every SAE's training data), probe data shared; the frontier."""
-    saes = [load_sae(t.path, device=device) for t in targets]
     if eval_cfg.start_batch < 0 and "core" in eval_cfg.suite:
         start = max(default_start_batch(sae, source, eval_cfg) for sae in saes)
         eval_cfg = dataclasses.replace(eval_cfg, start_batch=start)

@@ -20,6 +20,7 @@ from saelab.inspect.collect import collect_features
 from saelab.inspect.data import FeatureData
 from saelab.inspect.site import serve, write_site
 from saelab.io.loading import load_sae
+from saelab.sources.harvested import transcoder_source_config
 
 
 def default_output_dir(sae_path: str) -> Path:
@@ -47,6 +48,8 @@ def inspect_from_config(node: DictConfig) -> FeatureData:
     device = resolve_device(cfg.inspect.device)
     sae = load_sae(cfg.sae_path, device=device)
     src = cfg.source
+    if sae.is_transcoder:  # examples at its input hook (an HF module's input: "<module>:input")
+        src = transcoder_source_config(src, sae.cfg.metadata.get("hook_name_out"))
     check_hook(sae.cfg.metadata.get("hook_name"), src.hook_name)
     model_device = device if src.device == "auto" else resolve_device(src.device)
     pipeline = build_pipeline(src, [src.hook_name], model_device)

@@ -24,8 +24,10 @@ from saelab.core.device import resolve_device
 from saelab.core.seeds import derive_seed, generator
 from saelab.io.layout import list_checkpoints
 from saelab.parallel.distributed import env_world_size
-from saelab.sae.registry import build_sae
+from saelab.sae.registry import build_sae, get_sae_class
+from saelab.sae.transcoder import resolve_for_data
 from saelab.sources import build_source
+from saelab.sources.harvested import transcoder_source_config
 from saelab.sources.synthetic import recovery_metrics
 from saelab.train.lock import run_dir_lock
 from saelab.train.memory import check_training_memory
@@ -108,12 +110,16 @@ def _train(cfg: DictConfig, output_dir: str | Path | None) -> tuple[TrainResult,
         device = resolve_device(trainer_cfg.device)
         # anything drawing from the global RNG
         torch.manual_seed(derive_seed(trainer_cfg.seed, "torch.global"))
+        if get_sae_class(sae_cfg.architecture).is_transcoder:  # (also refuses the names that cannot exist)
+            source_cfg = transcoder_source_config(source_cfg)
         source = build_source(source_cfg, device)
         trainer_cfg = trainer_cfg.for_source(source)  # total_tokens 0: one pass over a cache
         width = (
-            f"sae.d_sae={sae_cfg.d_sae}" if sae_cfg.d_sae else f"sae.expansion_factor={sae_cfg.expansion_factor}"
+            f"sae.d_sae={sae_cfg.d_sae}"
+            if sae_cfg.d_sae
+            else f"sae.expansion_factor={sae_cfg.expansion_factor}"
         )
-        sae_cfg = sae_cfg.resolved(source.d_in)
+        sae_cfg = resolve_for_data(sae_cfg, source.d_in, getattr(source, "d_out", None))
         run_config = resolved_run_config(cfg, sae_cfg, trainer_cfg)
         resume = trainer_cfg.resume_from or restarted_run(out, os.environ)
         if resume:
@@ -126,7 +132,9 @@ def _train(cfg: DictConfig, output_dir: str | Path | None) -> tuple[TrainResult,
             sae_cfg.metadata = {**source.metadata(), **sae_cfg.metadata}
             sae = build_sae(sae_cfg, generator(trainer_cfg.seed, "sae.init"))
             trainer = Trainer(sae, trainer_cfg, logging_cfg, out, run_config)
-        trainer.extra_outputs = (SUMMARY_FILE,)  # checked before step 0 with the SAE's and checkpoints' targets
+        trainer.extra_outputs = (
+            SUMMARY_FILE,
+        )  # checked before step 0 with the SAE's and checkpoints' targets
         summary = None
         with catch_stop_signals():  # also around the summary: a signal then waits until it is written
             try:
@@ -195,6 +203,10 @@ def write_summary(path: Path, result: TrainResult, source: Any, run_config: dict
     features = getattr(source, "features", None)
     if features is not None:
         summary.update(recovery_metrics(features, result.sae.W_dec.detach().cpu()))
+    inputs = getattr(source, "input_features", None)  # planted pairs: the input features vs encoder columns
+    if inputs is not None:
+        recovered = recovery_metrics(inputs, result.sae.W_enc.detach().cpu().T)
+        summary.update({f"encoder_{k}": v for k, v in recovered.items()})
     summary["config"] = run_config
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=str))

@@ -561,8 +561,11 @@ class ActivationCache:
                 self._read(folder, index)
         return len(folders) * len(self.shard_rows)
 
-    def shard(self, hook: str, index: int) -> Tensor:
-        """Activations of shard `index` [rows, d] (a copy in memory)."""
+    def shard(self, hook: str | list[str], index: int) -> Tensor:
+        """Activations of shard `index` [rows, d] (a copy in memory); for a list of hooks their rows side by side
+        [rows, d_1 + d_2 + ...] (a transcoder's [x | y])."""
+        if isinstance(hook, list):
+            return torch.cat([self.shard(h, index) for h in hook], dim=1)
         array = self._read(self.check_hook(hook), index)
         x = torch.from_numpy(array)
         return x.view(torch.bfloat16) if self.dtype == "bfloat16" else x
@@ -592,7 +595,9 @@ class ActivationCache:
             size += self.shard_rows[i]
         return groups
 
-    def _row_chunks(self, hook: str, start_row: int, seed: int, group_rows: int) -> Iterator[Tensor]:
+    def _row_chunks(
+        self, hook: str | list[str], start_row: int, seed: int, group_rows: int
+    ) -> Iterator[Tensor]:
         """Endless row stream from global row `start_row`: per epoch, groups of shuffled shards, rows
         shuffled within each group. A pure function of (seed, row index): resuming is exact and cheap."""
         epoch, skip = divmod(start_row, self.total_rows)
@@ -610,14 +615,15 @@ class ActivationCache:
 
     def batches(
         self,
-        hook: str | None,
+        hook: str | list[str] | None,
         batch_size: int,
         start_batch: int = 0,
         seed: int = 0,
         group_rows: int = 131072,
     ) -> Iterator[Tensor]:
-        """Endless batches [batch_size, d] (storage dtype, CPU), batch b being a pure function of (seed, b)."""
-        hook = self.check_hook(hook)
+        """Endless batches [batch_size, d] (storage dtype, CPU), batch b being a pure function of (seed, b). A list
+        of hooks gives each row's activations at all of them side by side (rows are shuffled whole)."""
+        hook = [self.check_hook(h) for h in hook] if isinstance(hook, list) else self.check_hook(hook)
         if self.total_rows == 0:
             raise ValueError(f"the cache at {self.root} holds no rows.")
         carry: list[Tensor] = []

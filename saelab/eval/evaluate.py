@@ -42,7 +42,7 @@ from saelab.eval.lm import LMEvaluator
 from saelab.eval.probe_data import ProbeModel
 from saelab.eval.probe_suite import ProbeSession, absorption_section, gaps, sparse_probing_section
 from saelab.eval.provenance import check_hook, check_same_synthetic_source, evaluation_start
-from saelab.metrics.codes import decode_codes, encode_codes
+from saelab.metrics.codes import encode_codes, output_of
 from saelab.metrics.dead import DeadLatentTracker, dead_latent_report
 from saelab.metrics.reconstruction import ReconstructionStats
 from saelab.sae.base import SAE
@@ -78,6 +78,7 @@ class LanguageModel:
     special_token_ids: list[int]
     token_batches: Callable[[int, int], Iterator[Tensor]]
     probe: ProbeModel | None = None
+    target_hook: str | None = None  # a transcoder's target (source.target_hook)
 
 
 def language_model_of(source: Any, probe_batch_size: int = 16) -> LanguageModel | None:
@@ -104,18 +105,21 @@ def language_model_of(source: Any, probe_batch_size: int = 16) -> LanguageModel 
         special_token_ids=pipeline.excluded.tolist(),
         batch_size=probe_batch_size,
     )
-    return LanguageModel(model, hook, pipeline.excluded.tolist(), token_batches, probe)
+    target = getattr(cfg, "target_hook", "") or None
+    return LanguageModel(model, hook, pipeline.excluded.tolist(), token_batches, probe, target)
 
 
 def _activation_stream(sae: SAE, source: Any, cfg: EvalConfig, device: torch.device) -> Iterator[tuple]:
-    """Yields (x [B, d], x_hat [B, d], codes) from an activation source, exactly cfg.total_tokens rows in all."""
+    """Yields (x [B, d], x_hat [B, d], codes) from an activation source, exactly cfg.total_tokens rows in all
+    (for a transcoder, its target and prediction from rows [x | y])."""
     remaining = cfg.total_tokens
-    for x in source.batches(cfg.batch_size, start_batch=cfg.start_batch):
-        x = x[:remaining].to(device, dtype=sae.W_dec.dtype)
-        remaining -= x.shape[0]
+    for rows in source.batches(cfg.batch_size, start_batch=cfg.start_batch):
+        rows = rows[:remaining].to(device, dtype=sae.W_dec.dtype)
+        remaining -= rows.shape[0]
+        x, target = sae.split_row(rows)
         sae.check_input(x)
         codes = encode_codes(sae, x)
-        yield x, decode_codes(sae, codes), codes
+        yield target, output_of(sae, x, codes), codes
 
 
 def _lm_stream(lm: LMEvaluator, model: LanguageModel, cfg: EvalConfig) -> Iterator[tuple]:
@@ -166,6 +170,13 @@ def evaluate(
         raise ValueError(
             f"the source yields vectors of size {source.d_in} but the SAE has d_in={sae.d_in}; "
             "evaluate on the source (model and hook) the SAE was trained on."
+        )
+    pairs = getattr(source, "d_out", None)
+    if sae.is_transcoder != (pairs is not None) or (pairs is not None and pairs != sae.d_out):
+        raise ValueError(
+            f"the SAE {'predicts d_out=' + str(sae.d_out) if sae.is_transcoder else 'reconstructs its input'} "
+            f"but the source yields {'targets of width ' + str(pairs) if pairs else 'single activations'}; "
+            "evaluate a transcoder on pairs (source.target_hook, source=pairs) and an SAE without them."
         )
     trained_on, reads = dict(sae.cfg.metadata), source_metadata(source)
     check_hook(trained_on.get("hook_name"), reads.get("hook_name"))
@@ -232,7 +243,9 @@ def _core(
     )
     lm = None
     if model is not None:
-        lm = LMEvaluator(model.model, sae, model.hook_name, model.special_token_ids)
+        lm = LMEvaluator(
+            model.model, sae, model.hook_name, model.special_token_ids, target_hook=model.target_hook
+        )
         stream = _lm_stream(lm, model, cfg)
     else:
         stream = _activation_stream(sae, source, cfg, device)
@@ -240,7 +253,7 @@ def _core(
     baseline_recon: dict[str, ReconstructionStats] = {}
     bar = tqdm(total=cfg.total_tokens, disable=not progress, unit="tok", desc="eval")
     for x, x_hat, codes in stream:
-        if not baselines and cfg.baselines:
+        if not baselines and cfg.baselines and not sae.is_transcoder:  # (a transcoder's x is its target)
             baselines = build_baselines(sae, x, cfg.baselines, cfg.seed)
             baseline_recon = {name: ReconstructionStats() for name in baselines}
         recon.update(x, x_hat, codes)
@@ -290,6 +303,11 @@ def _core(
     features = getattr(source, "features", None)
     if features is not None:
         report["recovery"] = recovery_metrics(features, sae.W_dec.detach().cpu(), cfg.recovery_threshold)
+    inputs = getattr(source, "input_features", None)  # planted pairs: input features vs encoder columns
+    if inputs is not None:
+        report["recovery_encoder"] = recovery_metrics(
+            inputs, sae.W_enc.detach().cpu().T, cfg.recovery_threshold
+        )
     baseline_figures = {
         name: {
             "reconstruction": stats.compute(),

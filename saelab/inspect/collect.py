@@ -215,8 +215,9 @@ class LatentCollector:
         nearest_ids, nearest_cos = nearest_by_decoder(sae.W_dec, cfg.n_neighbours)
         W_U, centre, note = unembedding(model)
         logits: tuple[Tensor | None, ...] = (None, None, None, None)
-        if W_U is not None and W_U.shape[0] != sae.d_in:
-            W_U, note = None, f"the unembedding has d_model={W_U.shape[0]} != SAE d_in={sae.d_in}; skipped."
+        # decoder rows live in the SAE's output space (a transcoder's target)
+        if W_U is not None and W_U.shape[0] != sae.d_out:
+            W_U, note = None, f"the unembedding has d_model={W_U.shape[0]} != SAE d_out={sae.d_out}; skipped."
         if W_U is not None and cfg.n_logit_tokens > 0:
             logits = tuple(t.cpu() for t in logit_effects(sae.W_dec, W_U, cfg.n_logit_tokens, centre))
         act_max = torch.where(self.fire_count > 0, self.act_max, torch.zeros_like(self.act_max))

@@ -190,6 +190,6 @@ class BatchTopKSAE(TopKSAE):
             self.update_threshold(values)
             aux = self.select_aux(pre, ctx)
             del pre
-        out = self.train_on_codes(x, values, indices, aux)
+        out = self.train_on_codes(x, values, indices, aux, ctx)
         out.metrics["threshold"] = self.threshold.clone()
         return out

@@ -186,8 +186,8 @@ class JumpReLUSAE(SAE):
         z, gate = JumpReLUWithGate.apply(
             pre, self.threshold.to(pre.dtype), self.bandwidth, self.cfg.ste_to_input
         )
-        x_hat = self.decode(z)
-        fvu = fraction_of_variance_unexplained(x, x_hat)
+        x_hat = ctx.output(self.decode(z))
+        fvu = fraction_of_variance_unexplained(ctx.target_for(x), x_hat)
         sparsity = self.sparsity_penalty(z, gate)
         loss = fvu + self.sparsity_coefficient_at(ctx.step, ctx.total_steps) * sparsity
         with torch.no_grad():

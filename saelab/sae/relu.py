@@ -66,14 +66,15 @@ class ReLUSAE(SAE):
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         z = self.encode_rows(x)
-        x_hat = self.decode(z)
-        sq_error = (x - x_hat).pow(2).sum(dim=-1).mean()  # per row, in training space
+        x_hat = ctx.output(self.decode(z))
+        target = ctx.target_for(x)  # x itself, or a transcoder's y
+        sq_error = (target - x_hat).pow(2).sum(dim=-1).mean()  # per row, in training space
         l1_penalty = (z * self.W_dec.norm(dim=1)).sum(dim=-1).mean()  # decoder-norm weighted
         loss = sq_error + self.l1_coefficient_at(ctx.step, ctx.total_steps) * l1_penalty
         fired, l0 = dense_activity(z > 0)
         metrics = {  # names distinct from eval's per-element mse and plain l1: these are the loss terms
             "sq_error": sq_error.detach(),
             "l1_penalty": l1_penalty.detach(),
-            "fvu": fraction_of_variance_unexplained(x, x_hat.detach()),
+            "fvu": fraction_of_variance_unexplained(target, x_hat.detach()),
         }
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)

@@ -103,11 +103,12 @@ def resolve_autocast(name: str, device: torch.device, weight_dtype: torch.dtype)
     return torch.bfloat16 if cuda_bf16 and weight_dtype == torch.float32 else None
 
 
-def check_batch(x: Tensor, d_in: int, step: int) -> None:
-    if x.ndim != 2 or x.shape[1] != d_in:
+def check_batch(x: Tensor, width: int, step: int) -> None:
+    """x must be [batch, width]: width is the SAE's `row_width` (d_in, or a transcoder's d_in + d_out)."""
+    if x.ndim != 2 or x.shape[1] != width:
         raise ValueError(
-            f"batch at step {step} has shape {tuple(x.shape)}, expected [batch, {d_in}]; "
-            "sae.d_in must match the activation source."
+            f"batch at step {step} has shape {tuple(x.shape)}, expected [batch, {width}]; "
+            "sae.d_in (and a transcoder's sae.d_out) must match the activation source."
         )
 
 
@@ -442,11 +443,11 @@ class Trainer:
         """First batch [B, d_in] of a fresh run (the whole global batch under torchrun): estimate the input
         scale and run the data-dependent init."""
         first = first.to(self.device, dtype=self.sae.W_enc.dtype)
-        check_batch(first, self.sae.d_in, 0)
+        check_batch(first, self.sae.row_width, 0)
         if not torch.isfinite(first).all():
             raise ValueError("the first activation batch contains NaN or Inf; check the activation source.")
         if self.cfg.normalize_activations:
-            self.input_scale = norm_scale(first)
+            self.input_scale = norm_scale(self.sae.split_row(first)[0])  # of the input (a transcoder's x)
         self.sae.initialize_from_sample(first * self.input_scale)
         return first
 
@@ -549,7 +550,7 @@ class Trainer:
         dead_check_every steps and, with the weights, before every save)."""
         cfg, sae = self.cfg, self.sae
         x = x.to(self.device, dtype=sae.W_enc.dtype, non_blocking=True)
-        check_batch(x, sae.d_in, self.step)
+        check_batch(x, sae.row_width, self.step)
         self.finite &= torch.isfinite(x).all()
         ctx = TrainContext(
             self.step, cfg.total_steps, self.tracker.dead_mask, self.any_dead, self.dead_latents

@@ -5,6 +5,7 @@ Heavy libraries (transformers, TransformerLens, datasets) are imported only when
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ class ModelSource:
         used = start_batch * batch_size + streams * ahead
         return self.pipeline.contexts.contexts_holding(used, self.pipeline.excluded, reserved)
 
+    def for_hooks(self, hooks: list[str]) -> dict[str, ModelSource]:
+        """One source per hook, all on one harvester of this model over every hook (one forward pass per model
+        batch, stopping after the deepest hook): `joint_batches` of any of them serves them together."""
+        from saelab.harvest.models import make_harvester
+
+        harvester = make_harvester(self.pipeline.harvester.model, self.cfg.backend, list(hooks))
+        pipeline = dataclasses.replace(self.pipeline, harvester=harvester)
+        return {
+            hook: ModelSource(dataclasses.replace(self.cfg, hook_name=hook), self.train_device, pipeline)
+            for hook in hooks
+        }
+
     def text_holds(self, contexts: int) -> bool:
         """Whether one pass over the text holds more than `contexts` contexts (tokenizes at most that many + 1,
         not the whole of a large dataset)."""
@@ -82,7 +95,24 @@ class ModelSource:
         the stream, held out for evaluation; their text is not read again when the dataset repeats.
         skip_contexts: where to start in the text (a resumed run's recorded `contexts_read`) instead of
         `contexts_before(start_batch)` (the bound for checkpoints that do not record it)."""
+        return self.joint_batches(
+            [self.cfg.hook_name], batch_size, start_batch, reserved_batches, skip_contexts
+        )
+
+    def joint_batches(
+        self,
+        hooks: list[str],
+        batch_size: int,
+        start_batch: int = 0,
+        reserved_batches: int = 0,
+        skip_contexts: int | None = None,
+    ) -> ModelBatches:
+        """`batches` of several hooks of this source's harvester (`for_hooks`) in one stream: each item is
+        {hook: [batch_size, d_hook]}, hook h's rows exactly those `batches` of h's own source serves (one
+        mixing buffer holds the hooks' rows side by side, so one shuffle moves them together). One hook: the
+        plain [batch_size, d_in] batches."""
         from saelab.buffer.mixing import MixingBuffer, buffer_device
+        from saelab.harvest.base import hook_widths
         from saelab.harvest.pipeline import harvest_rows
 
         cfg = self.cfg
@@ -101,36 +131,51 @@ class ModelSource:
             streams = 2 if 0 < reserved_batches < start_batch else 1
             skip = self.contexts_before(start_batch, batch_size, reserved, streams)
         rows = harvest_rows(self.pipeline, cfg.model_batch_size, skip=skip, repeat=True, reserved=reserved)
-        nbytes = cfg.buffer_tokens * self.d_in * 4
+        widths = (
+            [self.d_in]
+            if hooks == [cfg.hook_name]
+            else [hook_widths(self.pipeline.harvester)[h] for h in hooks]
+        )
+        nbytes = cfg.buffer_tokens * sum(widths) * 4
         device = buffer_device(cfg.buffer_device, self.train_device, nbytes)
         seed = derive_seed(cfg.seed, "mixing.shuffle", start_batch)
-        buffer = MixingBuffer(cfg.buffer_tokens, self.d_in, batch_size, device, seed=seed)
-        return ModelBatches(rows, skip, cfg.hook_name, buffer)
+        buffer = MixingBuffer(cfg.buffer_tokens, sum(widths), batch_size, device, seed=seed)
+        return ModelBatches(rows, skip, dict(zip(hooks, widths, strict=True)), buffer)
 
 
 class ModelBatches:
-    """A live source's batches [B, d_in] (an iterator), and `contexts_read`: the text position after every
-    context read so far (from the start of the text, passes after the first counted without their reserved
-    contexts), so the batches served came from text before it. Starts at the stream's skip."""
+    """A live source's batches (an iterator): [B, d_in] for one hook, {hook: [B, d_hook]} for several; and
+    `contexts_read`: the text position after every context read so far (from the start of the text, passes
+    after the first counted without their reserved contexts), so the batches served came from text before it.
+    Starts at the stream's skip."""
 
     def __init__(
-        self, rows: Iterator[tuple[dict[str, Tensor], Tensor, int]], skip: int, hook: str, buffer: Any
+        self,
+        rows: Iterator[tuple[dict[str, Tensor], Tensor, int]],
+        skip: int,
+        widths: dict[str, int],
+        buffer: Any,
     ):
         self.contexts_read = skip
-        self._batches = buffer.batches(self._activations(rows, hook))
+        self.widths = widths
+        self._batches = buffer.batches(self._activations(rows, list(widths)))
 
     def _activations(
-        self, rows: Iterator[tuple[dict[str, Tensor], Tensor, int]], hook: str
+        self, rows: Iterator[tuple[dict[str, Tensor], Tensor, int]], hooks: list[str]
     ) -> Iterator[Tensor]:
         for acts, _, contexts in rows:
             self.contexts_read += contexts
-            yield acts[hook]
+            yield acts[hooks[0]] if len(hooks) == 1 else torch.cat([acts[h] for h in hooks], dim=1)
 
     def __iter__(self) -> ModelBatches:
         return self
 
-    def __next__(self) -> Tensor:
-        return next(self._batches)
+    def __next__(self) -> Tensor | dict[str, Tensor]:
+        batch = next(self._batches)
+        if len(self.widths) == 1:
+            return batch
+        parts = batch.split(list(self.widths.values()), dim=1)
+        return {hook: part.contiguous() for hook, part in zip(self.widths, parts, strict=True)}
 
     def close(self) -> None:
         self._batches.close()
@@ -160,14 +205,22 @@ class CacheSourceConfig:
 class CacheSource:
     """Batches read from a cache in shuffled shard order; batch b is a pure function of (seed, b)."""
 
-    def __init__(self, cfg: CacheSourceConfig):
+    def __init__(self, cfg: CacheSourceConfig, cache: Any = None):
+        """cache: the opened `ActivationCache` of cfg.path to share (`for_hooks`); None opens it."""
         from saelab.buffer.cache import ActivationCache
 
         cfg.validate()
         self.cfg = cfg
-        self.cache = ActivationCache(cfg.path)
+        self.cache = cache or ActivationCache(cfg.path)
         self.hook_name = self.cache.check_hook(cfg.hook_name or None)
         self.d_in = self.cache.d_in(self.hook_name)
+
+    def for_hooks(self, hooks: list[str]) -> dict[str, CacheSource]:
+        """One source per hook of this cache, sharing its reader; batch b of each holds the same token rows (the
+        reading order does not depend on the hook)."""
+        return {
+            hook: CacheSource(dataclasses.replace(self.cfg, hook_name=hook), self.cache) for hook in hooks
+        }
 
     @property
     def distinct_rows(self) -> int:

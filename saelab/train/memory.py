@@ -1,0 +1,89 @@
+"""Memory that SAEs trained together need on their device, estimated from their configs before anything is
+allocated, so that a group that cannot fit is refused up front (naming its jobs) instead of failing in the
+allocator after the model has loaded.
+
+Estimate per SAE: its parameters four times (weights, gradients, Adam's two moments) plus its buffers, kept for
+the whole run; and the transient tensors of one training step, about `STEP_COPIES` [batch, d_sae] float32
+tensors (pre-activations, codes and their gradients; a stack of S SAEs holds S of those at once). SAEs step in
+turn, so only the largest step's transients count, next to every SAE's state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from saelab.sae.base import DTYPES, SAEConfig, SparseCodes
+from saelab.sae.registry import build_sae, get_sae_class
+
+#: [batch, d_sae] float32 tensors a step keeps: sparse-code variants (top-k selections) and dense ones.
+STEP_COPIES = {"sparse": 2, "dense": 4}
+MEMINFO = Path("/proc/meminfo")
+
+
+def state_bytes(cfg: SAEConfig) -> int:
+    """Bytes of the SAE `cfg` (d_in, d_sae resolved) and its training state: each trainable parameter four
+    times (weights, gradient, Adam's two moments), other parameters and buffers once."""
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn
+        sae = build_sae(cfg)
+    trained = sum(p.numel() * p.element_size() for p in sae.parameters() if p.requires_grad)
+    fixed = sum(p.numel() * p.element_size() for p in sae.parameters() if not p.requires_grad)
+    return 4 * trained + fixed + sum(b.numel() * b.element_size() for b in sae.buffers())
+
+
+def step_bytes(cfg: SAEConfig, batch_size: int) -> int:
+    """Bytes of one training step's transient tensors for the SAE `cfg` on batches of `batch_size` rows."""
+    kind = "sparse" if issubclass(get_sae_class(cfg.architecture), SparseCodes) else "dense"
+    itemsize = max(DTYPES[cfg.dtype].itemsize, 4)
+    return STEP_COPIES[kind] * batch_size * cfg.d_sae * itemsize
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device`: CUDA's free bytes, or the host's available memory (Linux /proc/meminfo
+    MemAvailable, else free pages); None where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    if MEMINFO.is_file():
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_group_fits(
+    names: Sequence[str],
+    cfgs: Sequence[SAEConfig],
+    batch_size: int,
+    device: torch.device,
+    stack_sizes: Sequence[int],
+) -> int:
+    """Raise MemoryError naming the jobs (largest first) and the estimate when the SAEs `cfgs` (jobs `names`)
+    with their Adam state and the largest step (a stack of up to max(stack_sizes) SAEs) do not fit in the
+    memory free on `device`. Returns the estimate in bytes."""
+    states = [state_bytes(cfg) for cfg in cfgs]
+    largest_step = max(step_bytes(cfg, batch_size) for cfg in cfgs) * max(stack_sizes, default=1)
+    total = sum(states) + largest_step
+    free = available_bytes(device)
+    if free is None or total <= free:
+        return total
+    ranked = sorted(zip(states, names, strict=True), reverse=True)
+    listed = ", ".join(f"{name} ({gib(size)})" for size, name in ranked[:8])
+    more = f" and {len(ranked) - 8} more" if len(ranked) > 8 else ""
+    raise MemoryError(
+        f"the {len(cfgs)} SAEs trained together need about {gib(total)} on {device} (weights, gradients and Adam "
+        f"state: {listed}{more}; plus {gib(largest_step)} for a training step) but {gib(free)} is free. Train "
+        "fewer or smaller SAEs per sweep (split it by sae.* values), lower trainer.batch_size, or spread the "
+        "SAEs over several GPUs (torchrun with hydra.launcher.parallel=distribute)."
+    )

@@ -95,24 +95,22 @@ class ModelSource:
         the stream, held out for evaluation; their text is not read again when the dataset repeats.
         skip_contexts: where to start in the text (a resumed run's recorded `contexts_read`) instead of
         `contexts_before(start_batch)` (the bound for checkpoints that do not record it)."""
-        return self.joint_batches(
-            [self.cfg.hook_name], batch_size, start_batch, reserved_batches, skip_contexts
-        )
+        widths = {self.cfg.hook_name: self.d_in}
+        return self.joint_batches(widths, batch_size, start_batch, reserved_batches, skip_contexts)
 
     def joint_batches(
         self,
-        hooks: list[str],
+        widths: dict[str, int],
         batch_size: int,
         start_batch: int = 0,
         reserved_batches: int = 0,
         skip_contexts: int | None = None,
     ) -> ModelBatches:
-        """`batches` of several hooks of this source's harvester (`for_hooks`) in one stream: each item is
-        {hook: [batch_size, d_hook]}, hook h's rows exactly those `batches` of h's own source serves (one
-        mixing buffer holds the hooks' rows side by side, so one shuffle moves them together). One hook: the
-        plain [batch_size, d_in] batches."""
+        """`batches` of several hooks of this source's harvester (`for_hooks`; widths: {hook: d_hook}) in one
+        stream: each item is {hook: [batch_size, d_hook]}, hook h's rows exactly those `batches` of h's own
+        source serves (one mixing buffer holds the hooks' rows side by side, so one shuffle moves them together).
+        One hook: the plain [batch_size, d_in] batches."""
         from saelab.buffer.mixing import MixingBuffer, buffer_device
-        from saelab.harvest.base import hook_widths
         from saelab.harvest.pipeline import harvest_rows
 
         cfg = self.cfg
@@ -131,16 +129,11 @@ class ModelSource:
             streams = 2 if 0 < reserved_batches < start_batch else 1
             skip = self.contexts_before(start_batch, batch_size, reserved, streams)
         rows = harvest_rows(self.pipeline, cfg.model_batch_size, skip=skip, repeat=True, reserved=reserved)
-        widths = (
-            [self.d_in]
-            if hooks == [cfg.hook_name]
-            else [hook_widths(self.pipeline.harvester)[h] for h in hooks]
-        )
-        nbytes = cfg.buffer_tokens * sum(widths) * 4
-        device = buffer_device(cfg.buffer_device, self.train_device, nbytes)
+        width = sum(widths.values())
+        device = buffer_device(cfg.buffer_device, self.train_device, cfg.buffer_tokens * width * 4)
         seed = derive_seed(cfg.seed, "mixing.shuffle", start_batch)
-        buffer = MixingBuffer(cfg.buffer_tokens, sum(widths), batch_size, device, seed=seed)
-        return ModelBatches(rows, skip, dict(zip(hooks, widths, strict=True)), buffer)
+        buffer = MixingBuffer(cfg.buffer_tokens, width, batch_size, device, seed=seed)
+        return ModelBatches(rows, skip, widths, buffer)
 
 
 class ModelBatches:

@@ -86,7 +86,8 @@ def joint_batches(
     (`ModelSource.batches`); the result then has `contexts_read`."""
     model = shared_model(views)
     if model is not None:
-        stream = model.joint_batches(list(views), batch_size, start_batch, reserved_batches, skip_contexts)
+        widths = {hook: view.d_in for hook, view in views.items()}
+        stream = model.joint_batches(widths, batch_size, start_batch, reserved_batches, skip_contexts)
         return stream if len(views) > 1 else _Named(next(iter(views)), stream)
     return ZippedBatches({h: iter(v.batches(batch_size, start_batch=start_batch)) for h, v in views.items()})
 

@@ -58,8 +58,9 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def size_text(n: int) -> str:
+    """Bytes as GiB (two decimals), or MiB (one) below 1 GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def check_group_fits(
@@ -79,11 +80,11 @@ def check_group_fits(
     if free is None or total <= free:
         return total
     ranked = sorted(zip(states, names, strict=True), reverse=True)
-    listed = ", ".join(f"{name} ({gib(size)})" for size, name in ranked[:8])
+    listed = ", ".join(f"{name} ({size_text(size)})" for size, name in ranked[:8])
     more = f" and {len(ranked) - 8} more" if len(ranked) > 8 else ""
     raise MemoryError(
-        f"the {len(cfgs)} SAEs trained together need about {gib(total)} on {device} (weights, gradients and Adam "
-        f"state: {listed}{more}; plus {gib(largest_step)} for a training step) but {gib(free)} is free. Train "
+        f"the {len(cfgs)} SAEs trained together need about {size_text(total)} on {device} (weights, gradients and Adam "
+        f"state: {listed}{more}; plus {size_text(largest_step)} for a training step) but {size_text(free)} is free. Train "
         "fewer or smaller SAEs per sweep (split it by sae.* values), lower trainer.batch_size, or spread the "
         "SAEs over several GPUs (torchrun with hydra.launcher.parallel=distribute)."
     )

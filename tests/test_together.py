@@ -405,3 +405,74 @@ def test_rank_assignment_balances_the_largest_jobs_first():
     assert assign_ranks([1.0, 8.0, 4.0, 4.0, 2.0], 2) == [1, 0, 1, 1, 0]
     assert assign_ranks([3.0, 3.0], 4) == [0, 1]
     assert JobFailure("job 2", ValueError("x"), 7).__str__() == "job 2 failed at step 7: ValueError: x"
+
+
+TORCHRUN_SWEEP = ["sae=topk,relu", "sae.d_sae=64", "source.d_in=16", "trainer.total_tokens=1024",
+                  "trainer.batch_size=64", "trainer.device=cpu", "logging.progress=false"]  # fmt: skip
+
+
+def _torchrun_worker(rank: int, port: int, out: Path) -> None:
+    """One of 2 torchrun-like processes (gloo): 3 SAEs data-parallel through the Python API, then a together
+    sweep with its SAEs spread over the ranks through the command line (which ends the process group)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", WANDB_MODE="disabled")  # fmt: skip
+    torch.set_num_threads(1)
+    from saelab.parallel.distributed import setup
+
+    setup(torch.device("cpu"))  # the process group both runs below use
+    jobs = data_parallel_jobs(out / "data")
+    results = train_together(jobs, SyntheticSource(SOURCE), parallel="data", progress=False)
+    torch.save([r.sae.state_dict() for r in results], out / f"data{rank}.pt")
+    # ${now:...} with microseconds differs per process: rank 0's sweep folder must serve both
+    main(["train", "-m", "hydra/launcher=together", "hydra.launcher.parallel=distribute", *TORCHRUN_SWEEP,
+          f"hydra.sweep.dir={out}/distribute/" + "${now:%H-%M-%S-%f}"])  # fmt: skip
+
+
+def data_parallel_jobs(root: Path | None) -> list[TogetherJob]:
+    cfg = trainer_cfg(checkpoint_every=0)
+    saes = [TopKConfig(d_sae=128, k=4), ReLUConfig(d_sae=32, l1_coefficient=1.0), TopKConfig(d_sae=128, k=4)]
+    cfgs = [cfg, cfg, dataclasses.replace(cfg, lr=1e-3)]
+    return [
+        TogetherJob(sae, c, output_dir=None if root is None else root / str(i))
+        for i, (sae, c) in enumerate(zip(saes, cfgs, strict=True))
+    ]
+
+
+def test_under_torchrun_the_saes_spread_over_ranks_or_train_data_parallel(tmp_path):
+    """2 processes (gloo, CPU). parallel=distribute: one sweep folder, every job trained by one rank on whole
+    batches, bit for bit the single-process together sweep. parallel=data: every SAE data-parallel, equal to
+    its run alone up to the gradient's summation order."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    mp.spawn(_torchrun_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
+    (sweep,) = (tmp_path / "distribute").iterdir()
+    main(
+        ["train", "-m", "hydra/launcher=together", *TORCHRUN_SWEEP, f"hydra.sweep.dir={tmp_path / 'single'}"]
+    )
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(runs) == 2 and runs == sorted(p.name for p in (tmp_path / "single").iterdir() if p.is_dir())
+    for run in runs:
+        assert (sweep / run / ".hydra" / "config.yaml").is_file() and (sweep / run / "summary.json").is_file()
+        want, got = load_sae(tmp_path / "single" / run / "sae"), load_sae(sweep / run / "sae")
+        assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items()), run
+    rows = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["done", "done"]
+    ranks = [torch.load(tmp_path / f"data{r}.pt") for r in range(2)]
+    for job, state0, state1 in zip(data_parallel_jobs(None), *ranks, strict=True):
+        want = alone(job.sae, job.trainer, SyntheticSource(SOURCE)).sae.state_dict()
+        for name, value in want.items():
+            assert torch.equal(state0[name], state1[name]), name  # the ranks hold one SAE
+            torch.testing.assert_close(state0[name], value, rtol=1e-4, atol=2e-5, msg=name)
+    assert sorted(p.name for p in (tmp_path / "data" / "0").iterdir()) == ["sae"]  # rank 0 wrote it
+
+
+def test_stacks_stay_within_the_device_bound():
+    assert stacked.stack_sizes(8, 1024, 2048, 64 * 2**20) == [8]  # 8 MiB of pre-activations each
+    assert stacked.stack_sizes(8, 1024, 4096, 64 * 2**20) == [4, 4]
+    assert stacked.stack_sizes(3, 4096, 65536, 64 * 2**20) == [1, 1, 1]  # too wide: each steps alone
+    assert stacked.stack_sizes(5, 4096, 65536, None) == [5]
+    assert (
+        stacked.stack_limit("off", torch.device("cpu")) == 0
+        and stacked.stack_limit("on", torch.device("cpu")) is None
+    )

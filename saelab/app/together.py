@@ -236,15 +236,16 @@ class TogetherLaunch:
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
         self.ranks = distributed.Distributed()
+        self.sweep_dir: str | None = None  # under torchrun: rank 0's, for every rank's jobs
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
         if distributed.env_world_size() > 1:  # torchrun: every rank uses rank 0's sweep folder
             device = resolve_device(str(OmegaConf.select(config, "trainer.device", default="auto")))
             self.ranks = distributed.setup(device)
-            sweep_dir = self.ranks.broadcast_object(str(config.hydra.sweep.dir))
+            self.sweep_dir = self.ranks.broadcast_object(str(config.hydra.sweep.dir))
             with read_write(config.hydra), open_dict(config.hydra):
-                config.hydra.sweep.dir = sweep_dir
+                config.hydra.sweep.dir = self.sweep_dir  # where the sweeper writes multirun.yaml
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
@@ -255,6 +256,8 @@ class TogetherLaunch:
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(config):
                 config.hydra.job.id = config.hydra.job.num = initial_job_idx + idx
+                if self.sweep_dir is not None:  # each job's config is composed again, with its own ${now:...}
+                    config.hydra.sweep.dir = self.sweep_dir
             configs.append(config)
         specs = [describe_job(config) for config in configs]
         check_specs(specs)  # before any folder is written
@@ -264,6 +267,7 @@ class TogetherLaunch:
             records.append(self.record(spec))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)  # as the basic launcher
         outcomes = train_specs(specs, self.stack, self.parallel)
+        distributed.barrier()  # under torchrun: every rank's files are written before any rank sums the sweep up
         returns = []
         for spec, record, outcome in zip(specs, records, outcomes, strict=True):
             outcome = folder_outcome(spec) if outcome is None else outcome

@@ -29,17 +29,29 @@ from saelab.sae.base import TrainContext, TrainOutput
 from saelab.sae.losses import dead_residual_loss, fraction_of_variance_unexplained, sparse_activity
 from saelab.sae.topk import TopKSAE
 
-#: stack modes: "on" stacks every stackable group, "off" steps each SAE alone, "auto" follows STACK_DEFAULTS.
+#: stack modes: "on" stacks every group of stackable SAEs whole, "off" steps each SAE alone, "auto" splits the
+#: groups into stacks whose pre-activations [S, B, n] stay within AUTO_STACK_BYTES of the device type.
 STACK_MODES = ("auto", "on", "off")
-#: "auto" per device type: whether stacking was measured faster there (scripts/bench_together.py, BENCHMARKS.md).
-STACK_DEFAULTS = {"cpu": False, "cuda": True}
+#: Measured on CPU (scripts/bench_together.py, BENCHMARKS.md "Many SAEs from one activation stream"): 8 TopK SAEs
+#: stacked were 1.2-1.6x faster than looped while their stacked pre-activations took <= 64 MiB, 5-8% slower at
+#: 128-256 MiB. CUDA's bound is not measured (no GPU was at hand): stacking saves kernel launches there, so it is on
+#: for any stack whose pre-activations take up to 2 GiB.
+AUTO_STACK_BYTES = {"cpu": 64 * 2**20, "cuda": 2 * 2**30}
 
 
-def stack_enabled(mode: str, device: torch.device) -> bool:
-    """Whether same-shape SAEs are stacked on `device` under stack `mode` (STACK_MODES)."""
+def stack_limit(mode: str, device: torch.device) -> int | None:
+    """The most bytes of stacked pre-activations one stack may hold under stack `mode` on `device`: None for no
+    bound ("on"), 0 for no stacking ("off", or a device type without a measured bound)."""
     if mode not in STACK_MODES:
         raise ValueError(f"stack={mode!r} must be one of {list(STACK_MODES)}.")
-    return mode == "on" or (mode == "auto" and STACK_DEFAULTS.get(device.type, False))
+    return {"on": None, "off": 0}.get(mode, AUTO_STACK_BYTES.get(device.type, 0))
+
+
+def stack_sizes(count: int, batch_size: int, d_sae: int, limit: int | None) -> list[int]:
+    """How `count` stackable SAEs of width d_sae split into stacks (sizes; 1 = steps alone) so that each stack's
+    float32 pre-activations [S, batch_size, d_sae] take at most `limit` bytes (None: one stack)."""
+    per = max(1, limit // (4 * batch_size * d_sae)) if limit is not None else count
+    return [min(per, count - start) for start in range(0, count, per)]
 
 
 def stack_key(trainer: Any) -> tuple | None:
@@ -178,14 +190,19 @@ def stacked_aux_codes(
     return values, indices
 
 
-def plan_units(trainers: Sequence[Any], hooks: Sequence[Any], stacked: bool) -> list[tuple[Any, Any]]:
+def plan_units(trainers: Sequence[Any], hooks: Sequence[Any], limit: int | None) -> list[tuple[Any, Any]]:
     """How a step runs the trainers: (hook, a TopKStack of 2+ trainers or a single trainer) in trainer order of
-    first appearance; trainers sharing a hook and a `stack_key` form one stack when `stacked`."""
+    first appearance; trainers sharing a hook and a `stack_key` form stacks of `stack_sizes` (limit: bytes of
+    stacked pre-activations, `stack_limit`)."""
     groups: dict[tuple, list[Any]] = {}
     for index, (trainer, hook) in enumerate(zip(trainers, hooks, strict=True)):
-        key = stack_key(trainer) if stacked else None
+        key = stack_key(trainer) if limit != 0 else None
         groups.setdefault((hook, key) if key is not None else (hook, "alone", index), []).append(trainer)
     units = []
     for (hook, *_), members in groups.items():
-        units.append((hook, TopKStack(members) if len(members) > 1 else members[0]))
+        start = 0
+        for size in stack_sizes(len(members), members[0].cfg.batch_size, members[0].sae.d_sae, limit):
+            chunk = members[start : start + size]
+            units.append((hook, TopKStack(chunk) if size > 1 else chunk[0]))
+            start += size
     return units

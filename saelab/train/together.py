@@ -50,7 +50,7 @@ from saelab.sources.registry import source_metadata
 from saelab.train import lock
 from saelab.train.config import LoggingConfig, TrainerConfig
 from saelab.train.memory import check_group_fits
-from saelab.train.stacked import TopKStack, plan_units, stack_enabled
+from saelab.train.stacked import TopKStack, plan_units, stack_limit, stack_sizes
 from saelab.train.trainer import Trainer, TrainResult, check_fresh_output_dir, data_metadata
 
 PARALLEL_MODES = ("data", "distribute")
@@ -205,7 +205,7 @@ class TogetherRun:
         self.jobs, self.progress = jobs, progress
         self.cfg = jobs[0].trainer  # its stream settings are every job's
         self.device = resolve_device(self.cfg.device)
-        self.stacked = stack_enabled(stack, self.device)
+        self.stack_limit = stack_limit(stack, self.device)
         ranks = distributed.setup(self.device)
         self.distribute = parallel == "distribute" and ranks.enabled
         self.trainer_ranks = distributed.Distributed() if self.distribute else None
@@ -299,11 +299,13 @@ class TogetherRun:
         shapes = Counter(
             (self.jobs[i].hook, c.d_in, c.d_sae, getattr(c, "k", 0))
             for i, c in zip(self.mine, cfgs, strict=True)
-            if c.architecture == "topk"
+            if c.architecture == "topk" and self.stack_limit != 0
         )
-        check_group_fits(
-            names, cfgs, self.cfg.batch_size, self.device, list(shapes.values()) if self.stacked else []
-        )
+        batch, limit = self.cfg.batch_size, self.stack_limit
+        stacks = [
+            size for (_, _, n, _), count in shapes.items() for size in stack_sizes(count, batch, n, limit)
+        ]
+        check_group_fits(names, cfgs, batch, self.device, stacks)
         for i in self.mine:
             try:
                 self.trainers[i] = self.make_trainer(i, checkpoints.get(i))
@@ -352,7 +354,7 @@ class TogetherRun:
 
     def plan(self) -> list[tuple[Any, Any]]:
         """The units a step runs, for the trainers still training."""
-        return plan_units(list(self.trainers.values()), list(self.hooks().values()), self.stacked)
+        return plan_units(list(self.trainers.values()), list(self.hooks().values()), self.stack_limit)
 
     def train_from(self, start: int) -> None:
         cfg, total = self.cfg, self.cfg.total_steps

@@ -33,7 +33,7 @@ from saelab.sae.topk import TopKSAE
 #: groups into stacks whose pre-activations [S, B, n] stay within AUTO_STACK_BYTES of the device type.
 STACK_MODES = ("auto", "on", "off")
 #: Measured on CPU (scripts/bench_together.py, BENCHMARKS.md "Many SAEs from one activation stream"): 8 TopK SAEs
-#: stacked were 1.2-1.6x faster than looped while their stacked pre-activations took <= 64 MiB, 5-8% slower at
+#: stacked were 1.05-1.6x faster than looped while their stacked pre-activations took <= 64 MiB, 5-7% slower at
 #: 128-256 MiB. CUDA's bound is not measured (no GPU was at hand): stacking saves kernel launches there, so it is on
 #: for any stack whose pre-activations take up to 2 GiB.
 AUTO_STACK_BYTES = {"cpu": 64 * 2**20, "cuda": 2 * 2**30}

@@ -202,7 +202,7 @@ class TogetherRun:
             job.trainer.validate()
         names = [job.name or "" for job in jobs]
         check_one_stream([stream_settings(job.trainer) for job in jobs], names)
-        self.jobs, self.progress = jobs, progress
+        self.jobs = jobs
         self.cfg = jobs[0].trainer  # its stream settings are every job's
         self.device = resolve_device(self.cfg.device)
         self.stack_limit = stack_limit(stack, self.device)
@@ -223,6 +223,7 @@ class TogetherRun:
             owners = assign_ranks([c.d_in * c.d_sae if c else 0 for c in self.sae_cfgs], ranks.world_size)
         self.mine = [i for i in range(len(jobs)) if owners[i] == ranks.rank and self.results[i] is None]
         self.writes = ranks.is_main or self.distribute  # whether this process writes its jobs' folders
+        self.progress = progress and self.writes  # data-parallel ranks other than 0 stay quiet
         self.trainers: dict[int, Trainer] = {}
         self.job_of: dict[int, int] = {}  # id(trainer) -> job index
         self.loggers: dict[int, Any] = {}

@@ -301,6 +301,15 @@ def test_a_group_that_cannot_fit_the_device_is_refused_naming_its_jobs(monkeypat
     assert "plus 2.0 MiB for a training step) but 1.0 MiB is free" in str(err.value)
 
 
+def test_a_job_with_a_bad_config_fails_alone(tmp_path):
+    jobs = [TogetherJob(TopKConfig(d_sae=8, k=16), trainer_cfg(), output_dir=tmp_path / "bad"),
+            TogetherJob(TopKConfig(d_sae=32, k=4), trainer_cfg(), output_dir=tmp_path / "good")]  # fmt: skip
+    bad, good = train_together(jobs, SyntheticSource(SOURCE), progress=False)
+    assert isinstance(bad, JobFailure) and "sae.k=16 must be in [1, sae.d_sae=8]" in str(bad.error)
+    assert json.loads((tmp_path / "bad" / "error.json").read_text())["step"] == 0
+    assert isinstance(good, TrainResult) and (tmp_path / "good" / "sae").is_dir()
+
+
 def test_a_diverging_job_stops_alone_and_the_sweep_says_so(tmp_path, capsys, monkeypatch):
     """ReLU at lr 1e6 without clipping turns NaN within a few steps: that job fails (error.json, summary.jsonl
     "failed", the sweep exits with its error) while the other job trains on and equals its run alone."""

@@ -223,6 +223,7 @@ class TogetherRun:
             owners = assign_ranks([c.d_in * c.d_sae if c else 0 for c in self.sae_cfgs], ranks.world_size)
         self.mine = [i for i in range(len(jobs)) if owners[i] == ranks.rank and self.results[i] is None]
         self.writes = ranks.is_main or self.distribute  # whether this process writes its jobs' folders
+        self.is_main = ranks.is_main
         self.progress = progress and self.writes  # data-parallel ranks other than 0 stay quiet
         self.trainers: dict[int, Trainer] = {}
         self.job_of: dict[int, int] = {}  # id(trainer) -> job index
@@ -250,8 +251,8 @@ class TogetherRun:
 
     def in_place(self, i: int) -> bool:
         """Whether job i resumes from its own run directory (a restart, or trainer.resume_from on its folder)."""
-        resume, out = self.jobs[i].trainer.resume_from, self.output_dir(i)
-        return bool(resume) and out is not None and Path(resume).resolve() == out.resolve()
+        resume, out = self.jobs[i].trainer.resume_from, self.jobs[i].output_dir
+        return bool(resume) and out is not None and Path(resume).resolve() == Path(out).resolve()
 
     def resume_step(self) -> tuple[int, dict[int, Path]]:
         """The step the group starts at, the newest step every job holds a checkpoint of (0 when a job has
@@ -286,6 +287,10 @@ class TogetherRun:
     def build(self) -> int:
         """Lock the run directories, check memory, build (or restore) every trainer of this rank; returns the
         step the group starts at."""
+        for i, result in enumerate(self.results):  # a bad config: its folder says so (rank 0 writes)
+            out = self.jobs[i].output_dir
+            if isinstance(result, JobFailure) and out is not None and self.is_main:
+                record_failure(Path(out), result)
         for i in self.mine:
             out = self.output_dir(i)
             if out is not None:
@@ -306,7 +311,8 @@ class TogetherRun:
         stacks = [
             size for (_, _, n, _), count in shapes.items() for size in stack_sizes(count, batch, n, limit)
         ]
-        check_group_fits(names, cfgs, batch, self.device, stacks)
+        if cfgs:
+            check_group_fits(names, cfgs, batch, self.device, stacks)
         for i in self.mine:
             try:
                 self.trainers[i] = self.make_trainer(i, checkpoints.get(i))

@@ -6,8 +6,8 @@ Two parts (`--parts`):
   same steps: 8 solo runs (`Trainer.fit` each, each drawing its own batches), together stepping each SAE in
   turn (stack=off), and together as one stacked computation (stack=on). Reports ms per step (one step = all 8
   SAEs one batch further) and the largest weight difference of each SAE to its solo run.
-- live: SmolLM2-135M on CPU (`saelab fetch-assets`), 4 TopK SAEs over 2 hooks (blocks.3 and blocks.6
-  resid_post, k 16 and 32), as one `saelab train -m` sweep with the basic launcher (each job runs the model
+- live: SmolLM2-135M on CPU (`saelab fetch-assets`), 4 TopK SAEs over 2 hooks (`--hooks`, default blocks.3 and
+  blocks.6 resid_post; k 16 and 32), as one `saelab train -m` sweep with the basic launcher (each job runs the model
   itself) and with hydra/launcher=together (the model runs once per batch for both hooks), same tokens per job.
   Each sweep runs in a fresh process: wall time (start to exit, model loading included) and that process's
   peak resident memory; the two sweeps' SAEs are compared.
@@ -40,7 +40,6 @@ from saelab.train.together import train_together
 from saelab.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-HOOKS = ("blocks.3.hook_resid_post", "blocks.6.hook_resid_post")
 
 
 # ----------------------------------------------------------------------------------------------- synthetic
@@ -124,7 +123,7 @@ MEASURE = (
 def sweep_command(args: argparse.Namespace, launcher: str, sweep_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "saelab.app.cli", "train", "-m", f"hydra/launcher={launcher}",
-        "source=smollm2", f"source.assets_dir={args.assets}", f"source.hook_name={','.join(HOOKS)}",
+        "source=smollm2", f"source.assets_dir={args.assets}", f"source.hook_name={args.hooks}",
         "sae.k=16,32", "sae.expansion_factor=4", f"source.buffer_tokens={args.buffer_tokens}",
         f"source.context_size={args.context}", f"trainer.batch_size={args.live_batch}",
         f"trainer.total_tokens={args.live_tokens}", "trainer.device=cpu", "logging.progress=false",
@@ -166,7 +165,7 @@ def bench_live(args: argparse.Namespace) -> dict:
         for name, m in (("basic launcher", basic), ("together", together))
     ]
     title = (
-        f"SmolLM2-135M on CPU ({args.threads} thread(s)): 4 TopK SAEs (k 16, 32) on {', '.join(HOOKS)}, "
+        f"SmolLM2-135M on CPU ({args.threads} thread(s)): 4 TopK SAEs (k 16, 32) on {args.hooks}, "
         f"{args.live_tokens} tokens each; wall ratio {ratio:.2f}x, max |W_together - W_basic| {diff:.1e}"
     )
     benchutil.print_table(title, ["launcher", "wall s", "peak RSS MiB"], rows)
@@ -193,6 +192,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--assets", default=str(REPO / "assets"))
+    parser.add_argument(
+        "--hooks", default="blocks.3.hook_resid_post,blocks.6.hook_resid_post", help="two hooks"
+    )
     parser.add_argument("--live-tokens", type=int, default=2048, help="tokens each live SAE trains on")
     parser.add_argument("--live-batch", type=int, default=256)
     parser.add_argument("--buffer-tokens", type=int, default=2048)

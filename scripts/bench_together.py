@@ -9,8 +9,9 @@ Two parts (`--parts`):
 - live: SmolLM2-135M on CPU (`saelab fetch-assets`), 4 TopK SAEs over 2 hooks (`--hooks`, default blocks.3 and
   blocks.6 resid_post; k 16 and 32), as one `saelab train -m` sweep with the basic launcher (each job runs the model
   itself) and with hydra/launcher=together (the model runs once per batch for both hooks), same tokens per job.
-  Each sweep runs in a fresh process: wall time (start to exit, model loading included) and that process's
-  peak resident memory; the two sweeps' SAEs are compared.
+  Each sweep runs in a fresh process: wall time (start to exit, model loading included), its CPU time (on a
+  shared machine the figure load does not stretch; single-threaded, it is the wall time of an idle machine) and
+  its peak resident memory; the two sweeps' SAEs are compared.
 
     python scripts/bench_together.py --json together.json
     python scripts/bench_together.py --parts synthetic --device cuda --d-in 768 --n 16384 --k 32 --batch 4096
@@ -115,8 +116,9 @@ def bench_synthetic(args: argparse.Namespace) -> dict:
 MEASURE = (
     "import json, resource, subprocess, sys, time; start = time.perf_counter(); "
     "done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+    "use = resource.getrusage(resource.RUSAGE_CHILDREN); "
     "print(json.dumps({'rc': done.returncode, 'wall_s': time.perf_counter() - start, "
-    "'peak_rss_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 'stderr': done.stderr[-3000:]}))"
+    "'cpu_s': use.ru_utime + use.ru_stime, 'peak_rss_mib': use.ru_maxrss / 1024, 'stderr': done.stderr[-3000:]}))"
 )
 
 
@@ -151,6 +153,7 @@ def bench_live(args: argparse.Namespace) -> dict:
                     raise SystemExit(f"the {launcher} sweep failed:\n{run['stderr']}")
                 rounds[launcher].append(run)
         measured = {name: min(runs, key=lambda r: r["wall_s"]) for name, runs in rounds.items()}
+        cpu = {name: min(r["cpu_s"] for r in runs) for name, runs in rounds.items()}
         runs = sorted(p.name for p in dirs["basic"].iterdir() if p.is_dir())
         diff = 0.0
         for run in runs:
@@ -161,19 +164,21 @@ def bench_live(args: argparse.Namespace) -> dict:
     basic, together = measured["basic"], measured["together"]
     ratio = basic["wall_s"] / together["wall_s"]
     rows = [
-        [name, f"{m['wall_s']:.1f}", f"{m['peak_rss_mib']:.0f}"]
-        for name, m in (("basic launcher", basic), ("together", together))
+        [name, f"{m['wall_s']:.1f}", f"{cpu[key]:.1f}", f"{m['peak_rss_mib']:.0f}"]
+        for key, name, m in (("basic", "basic launcher", basic), ("together", "together", together))
     ]
     title = (
         f"SmolLM2-135M on CPU ({args.threads} thread(s)): 4 TopK SAEs (k 16, 32) on {args.hooks}, "
         f"{args.live_tokens} tokens each; wall ratio {ratio:.2f}x, max |W_together - W_basic| {diff:.1e}"
     )
-    benchutil.print_table(title, ["launcher", "wall s", "peak RSS MiB"], rows)
+    benchutil.print_table(title, ["launcher", "wall s", "CPU s", "peak RSS MiB"], rows)
     return {
         "basic": {k: basic[k] for k in ("wall_s", "peak_rss_mib")},
         "together": {k: together[k] for k in ("wall_s", "peak_rss_mib")},
         "rounds_wall_s": {name: [r["wall_s"] for r in runs] for name, runs in rounds.items()},
         "wall_ratio_basic_over_together": ratio,
+        "cpu_s": cpu,
+        "cpu_ratio_basic_over_together": cpu["basic"] / cpu["together"],
         "max_weight_diff": diff,
     }
 

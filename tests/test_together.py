@@ -400,7 +400,7 @@ def test_restarts_and_torchrun_sweeps_resume_in_place(tmp_path, monkeypatch):
     """A requeued (SLURM_RESTART_COUNT) or restarted (TORCHELASTIC_RESTART_COUNT) together sweep continues each
     job in its own folder; trainer.resume_from on a sweep folder means each job's folder there; a multirun
     under torchrun is allowed for the together launcher alone."""
-    from saelab.app.together import JobSpec, resume_target
+    from saelab.app.together import JobSpec, finished_outcome, resume_target
 
     run = tmp_path / "sweep" / "0_sae.k=4"
     (run / "checkpoints" / "step_000000004").mkdir(parents=True)
@@ -411,6 +411,10 @@ def test_restarts_and_torchrun_sweeps_resume_in_place(tmp_path, monkeypatch):
         assert resume_target(spec, {counter: "1"}) == str(run)
     resumed = dataclasses.replace(spec, trainer=TrainerConfig(resume_from=str(tmp_path / "sweep")))
     assert resume_target(resumed, {}) == str(run)
+    (run / "sae").mkdir()
+    (run / "summary.json").write_text('{"fvu": 0.5}')  # a job that finished before the requeue stays done
+    assert finished_outcome(spec, None, {"SLURM_RESTART_COUNT": "2"}) == {"fvu": 0.5}
+    assert finished_outcome(spec, None, {}) is None
     monkeypatch.setenv("WORLD_SIZE", "2")
     check_not_multirun_under_torchrun(["-m", "hydra/launcher=together", "sae.k=4,8"])
     with pytest.raises(SystemExit, match="hydra/launcher=together"):

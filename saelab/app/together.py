@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from saelab.app.config import sae_config, to_dataclass
 from saelab.app.hydra_callbacks import _drop_file_handlers
 from saelab.app.sweep import RUN_SUMMARY, sweep_logging
-from saelab.app.train_job import restarted_run, summary_line, write_summary
+from saelab.app.train_job import RESTART_COUNTERS, restarted_run, summary_line, write_summary
 from saelab.core.device import resolve_device
 from saelab.core.seeds import derive_seed
 from saelab.parallel import distributed
@@ -142,10 +142,14 @@ def resume_target(spec: JobSpec, env: dict[str, str]) -> str | None:
     return str(restarted) if restarted is not None else None
 
 
-def finished_outcome(spec: JobSpec, resume: str | None) -> dict[str, Any] | JobFailure | None:
-    """A job resumed in its own folder that already finished there: its summary (done) or its failure record
-    (failed); None otherwise (it trains)."""
-    if resume is None or Path(resume).resolve() != spec.output_dir.resolve():
+def finished_outcome(
+    spec: JobSpec, resume: str | None, env: dict[str, str]
+) -> dict[str, Any] | JobFailure | None:
+    """A job resumed in its own folder, or restarted (a requeue), that already finished there: its summary
+    (done) or its failure record (failed); None otherwise (it trains)."""
+    restarted = any(env.get(name, "0").isdigit() and int(env.get(name, "0")) > 0 for name in RESTART_COUNTERS)
+    in_place = resume is not None and Path(resume).resolve() == spec.output_dir.resolve()
+    if not (in_place or restarted):
         return None
     summary, failure = spec.output_dir / RUN_SUMMARY, spec.output_dir / FAILURE_FILE
     if summary.is_file() and (spec.output_dir / "sae").is_dir():
@@ -166,7 +170,7 @@ def train_specs(specs: Sequence[JobSpec], stack: str, parallel: str) -> list[Any
     jobs: list[TogetherJob] = []
     for spec in specs:
         resume = resume_target(spec, dict(os.environ))
-        outcomes.append(finished_outcome(spec, resume))
+        outcomes.append(finished_outcome(spec, resume, dict(os.environ)))
         trainer = dataclasses.replace(spec.trainer, resume_from=resume)
         jobs.append(
             TogetherJob(

@@ -11,7 +11,7 @@ each setting that differs with its values per job), writes each job's folder and
 needs is captured in one pass) and trains all jobs together. A restart resumes every job from its folder:
 `trainer.resume_from=<sweep dir>` (each job continues from `<sweep dir>/<its folder>`; in place with
 `hydra.sweep.dir=<sweep dir>`), a SLURM requeue or a torchrun restart (as `saelab.app.train_job.restarted_run`);
-jobs already done or failed there are left as they are.
+jobs already done there are left as they are (and, on a restart, the failed ones).
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def finished_outcome(
     spec: JobSpec, resume: str | None, env: dict[str, str]
 ) -> dict[str, Any] | JobFailure | None:
     """A job resumed in its own folder, or restarted (a requeue), that already finished there: its summary
-    (done) or its failure record (failed); None otherwise (it trains)."""
+    (done); for a restart also a job that failed there (its failure record: a requeue does not retry it, an
+    explicit trainer.resume_from does); None otherwise (it trains)."""
     restarted = any(env.get(name, "0").isdigit() and int(env.get(name, "0")) > 0 for name in RESTART_COUNTERS)
     in_place = resume is not None and Path(resume).resolve() == spec.output_dir.resolve()
     if not (in_place or restarted):
@@ -154,7 +155,7 @@ def finished_outcome(
     summary, failure = spec.output_dir / RUN_SUMMARY, spec.output_dir / FAILURE_FILE
     if summary.is_file() and (spec.output_dir / "sae").is_dir():
         return json.loads(summary.read_text())
-    if failure.is_file():
+    if restarted and failure.is_file():
         record = json.loads(failure.read_text())
         return JobFailure(spec.name, RuntimeError(record.get("error", "failed")), int(record.get("step", 0)))
     return None

@@ -317,6 +317,9 @@ class TogetherRun:
             try:
                 self.trainers[i] = self.make_trainer(i, checkpoints.get(i))
                 self.job_of[id(self.trainers[i])] = i
+                out = self.output_dir(i)
+                if out is not None:  # a job retried from its checkpoint: its earlier failure record goes
+                    (out / FAILURE_FILE).unlink(missing_ok=True)
                 if step == 0:
                     check_fresh_output_dir(self.trainers[i].output_dir)
             except Exception as err:

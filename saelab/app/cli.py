@@ -103,12 +103,13 @@ def check_not_multirun_under_torchrun(argv: list[str]) -> None:
     would launch the whole sweep."""
     from saelab.parallel.distributed import env_world_size
 
-    if env_world_size() > 1 and any(a in ("-m", "--multirun") for a in argv):
+    together = any(a.startswith("hydra/launcher=together") for a in argv)  # one process trains every job
+    if env_world_size() > 1 and any(a in ("-m", "--multirun") for a in argv) and not together:
         raise SystemExit(
             "a Hydra multirun (-m) cannot run under torchrun: every rank would launch the whole sweep. Run the "
             "sweep with one process per job (locally, or on SLURM with hydra/launcher=slurm and "
-            "hydra.launcher.tasks_per_node=hydra.launcher.gpus_per_node for data-parallel jobs), or call "
-            "torchrun once per configuration."
+            "hydra.launcher.tasks_per_node=hydra.launcher.gpus_per_node for data-parallel jobs), call "
+            "torchrun once per configuration, or train the sweep's jobs together (hydra/launcher=together)."
         )
 
 

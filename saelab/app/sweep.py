@@ -6,7 +6,8 @@ sweep every run's wandb group defaults to the sweep directory and its name to th
 
 `write_sweep_summary(dir)` gathers the runs' summaries into `<sweep dir>/summary.jsonl`, one row per run:
 `job` (its number), `run` (its folder), `status`, `overrides` and the run's final metrics. Status: "done" (it
-wrote summary.json); for a SLURM job (hydra-submitit-launcher's `.submitit/` folder) "pending", "running" or
+wrote summary.json); "failed" for a job of hydra/launcher=together that stopped alone (its error.json: `error`,
+`failed_at_step`); for a SLURM job (hydra-submitit-launcher's `.submitit/` folder) "pending", "running" or
 "failed" by squeue and submitit's result file, with `slurm_job_id`, `slurm_state` and the job's `error`;
 "running" for a local run whose process still holds its run directory's lock; "not started" for a job of the
 sweep (as Hydra's basic sweeper expands the `multirun.yaml` it wrote) with no run folder yet, e.g. after the
@@ -30,6 +31,7 @@ from omegaconf import OmegaConf
 from saelab.app.slurm_jobs import ACTIVE, SUBMITIT, WAITING, SubmittedJob, queue_states, submitted_jobs
 from saelab.core.atomic import atomic_file
 from saelab.eval.frontier import write_sweep_frontier
+from saelab.io.layout import FAILURE_FILE
 from saelab.train.config import LoggingConfig
 from saelab.train.lock import held_elsewhere
 
@@ -94,6 +96,9 @@ def _run_row(root: Path, run: Path) -> dict[str, Any]:
         summary = json.loads((run / RUN_SUMMARY).read_text())
         summary.pop("config", None)
         row.update(status="done", **summary)
+    elif (run / FAILURE_FILE).is_file():  # a job of hydra/launcher=together that stopped alone says why
+        failure = json.loads((run / FAILURE_FILE).read_text())
+        row.update(status="failed", error=failure.get("error"), failed_at_step=failure.get("step"))
     elif held_elsewhere(run):  # a job still training there holds its run directory's lock
         row["status"] = "running"
     return row

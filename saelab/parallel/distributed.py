@@ -65,6 +65,12 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait until every rank got here (nothing without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def setup(device: torch.device) -> Distributed:
     """This process's place in the run. Under torchrun the default process group is created on first call
     (gloo for CPU tensors, NCCL for CUDA ones) and destroyed at exit; without it, a single-process run."""

@@ -73,6 +73,18 @@ class ModelSource:
         used = start_batch * batch_size + streams * ahead
         return self.pipeline.contexts.contexts_holding(used, self.pipeline.excluded, reserved)
 
+    def for_hooks(self, hooks: list[str]) -> dict[str, ModelSource]:
+        """One source per hook, all on one harvester of this model over every hook (one forward pass per model
+        batch, stopping after the deepest hook): `joint_batches` of any of them serves them together."""
+        from saelab.harvest.models import make_harvester
+
+        harvester = make_harvester(self.pipeline.harvester.model, self.cfg.backend, list(hooks))
+        pipeline = dataclasses.replace(self.pipeline, harvester=harvester)
+        return {
+            hook: ModelSource(dataclasses.replace(self.cfg, hook_name=hook), self.train_device, pipeline)
+            for hook in hooks
+        }
+
     def text_holds(self, contexts: int) -> bool:
         """Whether one pass over the text holds more than `contexts` contexts (tokenizes at most that many + 1,
         not the whole of a large dataset)."""
@@ -89,6 +101,26 @@ class ModelSource:
         the stream, held out for evaluation; their text is not read again when the dataset repeats.
         skip_contexts: where to start in the text (a resumed run's recorded `contexts_read`) instead of
         `contexts_before(start_batch)` (the bound for checkpoints that do not record it)."""
+        widths = {self.cfg.hook_name: self.d_in}
+        if self.d_out is not None:  # a transcoder's rows [x | y]
+            widths[self.cfg.target_hook] = self.d_out
+        return self.joint_batches(
+            widths, batch_size, start_batch, reserved_batches, skip_contexts, split=False
+        )
+
+    def joint_batches(
+        self,
+        widths: dict[str, int],
+        batch_size: int,
+        start_batch: int = 0,
+        reserved_batches: int = 0,
+        skip_contexts: int | None = None,
+        split: bool = True,
+    ) -> ModelBatches:
+        """`batches` of several hooks of this source's harvester (`for_hooks`; widths: {hook: d_hook}) in one
+        stream: each item is {hook: [batch_size, d_hook]}, hook h's rows exactly those `batches` of h's own
+        source serves (one mixing buffer holds the hooks' rows side by side, so one shuffle moves them together).
+        One hook, or split=False: the plain [batch_size, sum of widths] rows."""
         from saelab.buffer.mixing import MixingBuffer, buffer_device
         from saelab.harvest.pipeline import harvest_rows
 
@@ -108,25 +140,31 @@ class ModelSource:
             streams = 2 if 0 < reserved_batches < start_batch else 1
             skip = self.contexts_before(start_batch, batch_size, reserved, streams)
         rows = harvest_rows(self.pipeline, cfg.model_batch_size, skip=skip, repeat=True, reserved=reserved)
-        width = self.d_in + (self.d_out or 0)
-        nbytes = cfg.buffer_tokens * width * 4
-        device = buffer_device(cfg.buffer_device, self.train_device, nbytes)
+        width = sum(widths.values())
+        device = buffer_device(cfg.buffer_device, self.train_device, cfg.buffer_tokens * width * 4)
         seed = derive_seed(cfg.seed, "mixing.shuffle", start_batch)
         buffer = MixingBuffer(cfg.buffer_tokens, width, batch_size, device, seed=seed)
-        return ModelBatches(rows, skip, self.hooks, buffer)
+        return ModelBatches(rows, skip, widths, buffer, split)
 
 
 class ModelBatches:
-    """A live source's batches [B, d] (an iterator; d = the hooks' widths side by side), and `contexts_read`:
-    the text position after every context read so far (from the start of the text, passes after the first
-    counted without their reserved contexts), so the batches served came from text before it. Starts at the
-    stream's skip."""
+    """A live source's batches (an iterator): [B, d] rows (d: the hooks' widths side by side; one hook, or
+    split=False), else {hook: [B, d_hook]}; and
+    `contexts_read`: the text position after every context read so far (from the start of the text, passes
+    after the first counted without their reserved contexts), so the batches served came from text before it.
+    Starts at the stream's skip."""
 
     def __init__(
-        self, rows: Iterator[tuple[dict[str, Tensor], Tensor, int]], skip: int, hooks: list[str], buffer: Any
+        self,
+        rows: Iterator[tuple[dict[str, Tensor], Tensor, int]],
+        skip: int,
+        widths: dict[str, int],
+        buffer: Any,
+        split: bool = True,
     ):
         self.contexts_read = skip
-        self._batches = buffer.batches(self._activations(rows, hooks))
+        self.widths, self.split = widths, split
+        self._batches = buffer.batches(self._activations(rows, list(widths)))
 
     def _activations(
         self, rows: Iterator[tuple[dict[str, Tensor], Tensor, int]], hooks: list[str]
@@ -138,8 +176,12 @@ class ModelBatches:
     def __iter__(self) -> ModelBatches:
         return self
 
-    def __next__(self) -> Tensor:
-        return next(self._batches)
+    def __next__(self) -> Tensor | dict[str, Tensor]:
+        batch = next(self._batches)
+        if not self.split or len(self.widths) == 1:
+            return batch
+        parts = batch.split(list(self.widths.values()), dim=1)
+        return {hook: part.contiguous() for hook, part in zip(self.widths, parts, strict=True)}
 
     def close(self) -> None:
         self._batches.close()
@@ -171,16 +213,24 @@ class CacheSourceConfig:
 class CacheSource:
     """Batches read from a cache in shuffled shard order; batch b is a pure function of (seed, b)."""
 
-    def __init__(self, cfg: CacheSourceConfig):
+    def __init__(self, cfg: CacheSourceConfig, cache: Any = None):
+        """cache: the opened `ActivationCache` of cfg.path to share (`for_hooks`); None opens it."""
         from saelab.buffer.cache import ActivationCache
 
         cfg.validate()
         self.cfg = cfg
-        self.cache = ActivationCache(cfg.path)
+        self.cache = cache or ActivationCache(cfg.path)
         self.hook_name = self.cache.check_hook(cfg.hook_name or None)
         self.d_in = self.cache.d_in(self.hook_name)
         self.target_hook = self.cache.check_hook(cfg.target_hook) if cfg.target_hook else None
         self.d_out: int | None = self.cache.d_in(self.target_hook) if self.target_hook else None
+
+    def for_hooks(self, hooks: list[str]) -> dict[str, CacheSource]:
+        """One source per hook of this cache, sharing its reader; batch b of each holds the same token rows (the
+        reading order does not depend on the hook)."""
+        return {
+            hook: CacheSource(dataclasses.replace(self.cfg, hook_name=hook), self.cache) for hook in hooks
+        }
 
     @property
     def distinct_rows(self) -> int:

@@ -232,7 +232,10 @@ class Trainer:
         logging: LoggingConfig | None = None,
         output_dir: str | Path | None = None,
         run_config: dict[str, Any] | None = None,
+        ranks: distributed.Distributed | None = None,
     ):
+        """ranks: this process's place in a data-parallel run; None: the process group's, as `distributed.setup`
+        finds it (`Distributed()` trains alone even inside a process group, e.g. SAEs spread over ranks)."""
         cfg.validate()
         cfg = cfg.for_source(
             None
@@ -240,7 +243,7 @@ class Trainer:
         check_trainable_dtype(sae.W_dec.dtype)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.dist = distributed.setup(self.device)
+        self.dist = ranks if ranks is not None else distributed.setup(self.device)
         self.dist.check(sae, cfg.batch_size)
         self.sae = sae.to(self.device)
         self.logging = logging or LoggingConfig(progress=False)
@@ -293,6 +296,8 @@ class Trainer:
         self.heldout: list[Tensor] = []
         self.clock = CheckpointClock(cfg.checkpoint_every_minutes)  # time-based checkpoints, restarted by fit
         self.eval_history: list[dict[str, float]] = []
+        #: Start time and tokens of the throughput window the next log row reports (`open_run`, `record_step`).
+        self.window_start, self.window_tokens = time.perf_counter(), 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -346,6 +351,7 @@ class Trainer:
         output_dir: str | Path | None = None,
         run_config: dict[str, Any] | None = None,
         sae_config: SAEConfig | None = None,
+        ranks: distributed.Distributed | None = None,
     ) -> Trainer:
         """Rebuild a trainer (SAE, optimizer, schedule, tracker, RNG) from a checkpoint to continue the run.
 
@@ -363,7 +369,7 @@ class Trainer:
                 f"{cfg.total_steps} steps of {cfg.batch_size}); raise trainer.total_tokens to train further."
             )
         sae.train()
-        trainer = cls(sae, cfg, logging, output_dir, run_config)
+        trainer = cls(sae, cfg, logging, output_dir, run_config, ranks)
         trainer.load_state_dict(state)
         return trainer
 
@@ -421,6 +427,18 @@ class Trainer:
         that repeats its rows after `distinct_rows` (an activation cache) must not reach them again."""
         if not self.heldout_offset:
             return []
+        self.check_heldout_fits(source)
+        if not hasattr(source, "batches"):
+            return [next(stream).to(self.device) for _ in range(self.heldout_offset)]
+        held = source.batches(self.cfg.batch_size, start_batch=0)
+        batches = [next(held).to(self.device) for _ in range(self.heldout_offset)]
+        if hasattr(held, "close"):
+            held.close()  # release the held-out stream's buffers
+        return batches
+
+    def check_heldout_fits(self, source: object) -> None:
+        """Refuse a run whose training would reach the held-out rows again: a source that repeats its rows after
+        `distinct_rows` (an activation cache) must hold the held-out batches and every training batch."""
         rows = getattr(source, "distinct_rows", None)
         needed = (self.heldout_offset + self.cfg.total_steps) * self.cfg.batch_size
         if rows is not None and needed > rows:
@@ -431,13 +449,6 @@ class Trainer:
                 f"rows would be trained on. Lower trainer.total_tokens to at most {max(most, 0):,}, or set "
                 "trainer.eval_every=0 and evaluate afterwards with `saelab eval`."
             )
-        if not hasattr(source, "batches"):
-            return [next(stream).to(self.device) for _ in range(self.heldout_offset)]
-        held = source.batches(self.cfg.batch_size, start_batch=0)
-        batches = [next(held).to(self.device) for _ in range(self.heldout_offset)]
-        if hasattr(held, "close"):
-            held.close()  # release the held-out stream's buffers
-        return batches
 
     def prepare(self, first: Tensor) -> Tensor:
         """First batch [B, d_in] of a fresh run (the whole global batch under torchrun): estimate the input
@@ -472,14 +483,7 @@ class Trainer:
         check_heldout_finite(self.heldout)
         pending = [self.prepare(next(stream))] if self.step == 0 else []
         self.input_scale = self.dist.broadcast_start(sae, self.input_scale)
-        logger = RunLogger(self.logging, total, self.run_config, self.output_dir)
-        logger.start_at(self.step)
-        self.refresh_dead()
-        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
-        self.inputs_checked_at = self.weights_checked_at = self.loss_checked_at = self.step
-        window_start, window_tokens = time.perf_counter(), 0
-        self.clock.restart()
-        sae.train()
+        logger = self.open_run()
         x = pending[0] if pending else torch.empty(0)  # the last batch trained on, once the loop has run
         try:
             while self.step < total:
@@ -488,21 +492,7 @@ class Trainer:
                 except BatchesExhausted as err:
                     raise BatchesExhausted(f"{err} {self.save_for_later()}") from None
                 out = self.train_step(self.dist.shard(x))
-                window_tokens += x.shape[0]
-                logger.advance()
-                self.periodic_checks()
-                if self.step % cfg.log_every == 0 or self.step == total:
-                    elapsed = time.perf_counter() - window_start
-                    row = self._metrics_row(out, window_tokens / max(elapsed, 1e-9))
-                    self.history.append(row)
-                    logger.log(self.step, row)
-                    window_start, window_tokens = time.perf_counter(), 0
-                evaluate = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total)
-                if evaluate and self.dist.is_main:
-                    row = {"step": float(self.step), **heldout_metrics(sae, self.heldout, self.input_scale)}
-                    warn_non_finite(row)
-                    self.eval_history.append(row)
-                    logger.log(self.step, row)
+                self.record_step(out, x.shape[0], logger)
                 if self.step < total:
                     self.checkpoint_or_stop()
             self.check_finite()
@@ -512,23 +502,66 @@ class Trainer:
         return result
 
     def checkpoint_or_stop(self) -> None:
-        """Between two steps: checkpoint every trainer.checkpoint_every steps and every
-        trainer.checkpoint_every_minutes, and when a stop signal was caught (then raise TrainingStopped). One
-        process reads its clock and signal flag without a device sync; under torchrun the ranks agree on both
-        at the dead_check_every steps (one small all-reduce), so that they checkpoint and stop together."""
-        cfg = self.cfg
-        by_steps = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
-        due, stop = self.clock.due(), stop_requested() is not None
-        if self.dist.enabled:
-            agree = self.step % cfg.dead_check_every == 0
-            due, stop = self.dist.any_true([due, stop], self.device) if agree else (False, False)
-        if not (by_steps or due or stop):
+        """Between two steps: checkpoint when `checkpoint_decision` says so, then raise TrainingStopped if a stop
+        signal was caught."""
+        due, stop = self.checkpoint_decision()
+        if not (due or stop):
             return
         self.check_finite()
         path = self.save_checkpoint()
         self.clock.restart()
         if stop:
             raise TrainingStopped(stop_requested() or signal.SIGTERM, self.step, path, self.output_dir)
+
+    def checkpoint_decision(self) -> tuple[bool, bool]:
+        """(checkpoint now, stop now) after this step (never at the last one: the final SAE is saved then): a
+        checkpoint every trainer.checkpoint_every steps and every trainer.checkpoint_every_minutes, and a stop
+        when a signal was caught (`catch_stop_signals`). One process reads its clock and signal flag without a
+        device sync; under torchrun the ranks agree on both at the dead_check_every steps (one small
+        all-reduce), so that they checkpoint and stop together."""
+        cfg = self.cfg
+        if self.step >= cfg.total_steps:
+            return False, False
+        by_steps = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+        due, stop = self.clock.due(), stop_requested() is not None
+        if self.dist.enabled:
+            agree = self.step % cfg.dead_check_every == 0
+            due, stop = self.dist.any_true([due, stop], self.device) if agree else (False, False)
+        return by_steps or due or stop, stop
+
+    def open_run(self) -> RunLogger:
+        """Start the logged part of a run, after `prepare` (or a resume) and before its first step: the logger
+        (progress bar, wandb) at this step, the dead-latent list, the finiteness checks and the throughput window
+        reset, the SAE in training mode. Loops that drive `train_step` themselves call it, then `record_step`."""
+        logger = RunLogger(self.logging, self.cfg.total_steps, self.run_config, self.output_dir)
+        logger.start_at(self.step)
+        self.refresh_dead()
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.inputs_checked_at = self.weights_checked_at = self.loss_checked_at = self.step
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.clock.restart()
+        self.sae.train()
+        return logger
+
+    def record_step(self, out: TrainOutput, rows: int, logger: RunLogger) -> None:
+        """What follows each step (`rows`: the global batch's): progress, `periodic_checks`, the log row every
+        log_every steps and the held-out evaluation every eval_every steps (and both at the last step)."""
+        cfg, total = self.cfg, self.cfg.total_steps
+        self.window_tokens += rows
+        logger.advance()
+        self.periodic_checks()
+        if self.step % cfg.log_every == 0 or self.step == total:
+            elapsed = time.perf_counter() - self.window_start
+            row = self._metrics_row(out, self.window_tokens / max(elapsed, 1e-9))
+            self.history.append(row)
+            logger.log(self.step, row)
+            self.window_start, self.window_tokens = time.perf_counter(), 0
+        evaluate = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total)
+        if evaluate and self.dist.is_main:
+            row = {"step": float(self.step), **heldout_metrics(self.sae, self.heldout, self.input_scale)}
+            warn_non_finite(row)
+            self.eval_history.append(row)
+            logger.log(self.step, row)
 
     def periodic_checks(self) -> None:
         """What `fit` does after each step, for loops that drive `train_step` themselves: every dead_check_every
@@ -548,20 +581,36 @@ class Trainer:
         """One optimisation step on a raw batch x [B, d_in] (this rank's slice of the global batch under
         torchrun); no host sync (NaN/Inf inputs are flagged in `self.finite`, checked by `fit` every
         dead_check_every steps and, with the weights, before every save)."""
-        cfg, sae = self.cfg, self.sae
-        x = x.to(self.device, dtype=sae.W_enc.dtype, non_blocking=True)
-        check_batch(x, sae.row_width, self.step)
-        self.finite &= torch.isfinite(x).all()
-        ctx = TrainContext(
-            self.step, cfg.total_steps, self.tracker.dead_mask, self.any_dead, self.dead_latents
-        )
-        with torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        ):
-            out = self.forward(x * self.input_scale, ctx)
+        scaled, ctx = self.step_inputs(x)
+        with self.autocast():
+            out = self.forward(scaled, ctx)
         fired = self.dist.any_fired(out.fired)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        self.apply_gradients(fired, x.shape[0])
+        return out
+
+    def step_inputs(self, x: Tensor) -> tuple[Tensor, TrainContext]:
+        """A step's training input from a raw batch x [B, d_in]: x on the device in the SAE's dtype, times the
+        input scale, and the step's TrainContext; NaN/Inf inputs are flagged in `self.finite` (no host sync)."""
+        x = x.to(self.device, dtype=self.sae.W_enc.dtype, non_blocking=True)
+        check_batch(x, self.sae.row_width, self.step)
+        self.finite &= torch.isfinite(x).all()
+        ctx = TrainContext(
+            self.step, self.cfg.total_steps, self.tracker.dead_mask, self.any_dead, self.dead_latents
+        )
+        return x * self.input_scale, ctx
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context of the training forward (trainer.autocast_dtype; disabled when None)."""
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
+
+    def apply_gradients(self, fired: Any, rows: int) -> None:
+        """The rest of a step once its loss's backward has filled the gradients: decoder-gradient projection,
+        clipping, Adam, the SAE's after-step hooks, schedule, dead-latent bookkeeping. fired: the step's fired
+        latents as `Distributed.any_fired` returns them; rows: this rank's batch rows."""
+        cfg, sae = self.cfg, self.sae
         sae.before_optimizer_step()
         if cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm, foreach=True)
@@ -569,9 +618,8 @@ class Trainer:
         self.dist.sync_state(sae)
         sae.after_optimizer_step()
         self.scheduler.step()
-        self.tracker.update(fired.result(), x.shape[0] * self.dist.world_size)
+        self.tracker.update(fired.result(), rows * self.dist.world_size)
         self.step += 1
-        return out
 
     def _metrics_row(self, out: Any, tokens_per_s: float) -> dict[str, float]:
         """The log row: step, tokens, lr, throughput, dead fraction, and the step's loss / L0 / variant metrics
@@ -662,7 +710,8 @@ class Trainer:
         (None for other sources)."""
         return getattr(self.source_stream, "contexts_read", self.resume_contexts)
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, keep: int | None = None) -> Path | None:
+        """Write checkpoints/step_<step>/ and prune all but the newest `keep` (default trainer.keep_checkpoints)."""
         if self.output_dir is None:
             return None
         data = self.data_record()
@@ -672,7 +721,7 @@ class Trainer:
             self.step,
             self.sae,
             self.state_dict(),
-            self.cfg.keep_checkpoints,
+            keep or self.cfg.keep_checkpoints,
             record,
         )
 

@@ -23,7 +23,7 @@ forward pass at the hook.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -174,7 +174,6 @@ def spliced(
     False; special_token_ids default to `model_special_token_ids(model)`. An explicit `mask` [batch, pos]
     (True = substitute) overrides both.
     """
-    check_hook_name(model, hook_name)
     ids = list(special_token_ids) if special_token_ids is not None else model_special_token_ids(model)
     keep = torch.tensor(ids, dtype=torch.long) if keep_special_tokens and mask is None and ids else None
     splice = Splice(sae, hook_name, mode, mask, keep)
@@ -184,21 +183,34 @@ def spliced(
 
     handles = [model.register_forward_pre_hook(read_tokens, with_kwargs=True)] if keep is not None else []
     try:
-        if is_transformer_lens(model):
-            with model.hooks(fwd_hooks=[(hook_name, lambda act, hook: splice.substitute(act))]):
-                yield splice
-            return
-
-        def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if isinstance(output, tuple):
-                return (splice.substitute(output[0]), *output[1:])
-            return splice.substitute(output)
-
-        handles.append(model.get_submodule(hook_name).register_forward_hook(forward_hook))
-        yield splice
+        with edited(model, hook_name, splice.substitute):
+            yield splice
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def edited(model: nn.Module, hook_name: str, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """For the duration of the block, the rest of the model sees edit(act) instead of the activation act
+    [..., d] at `hook_name` (a TransformerLens hook point, or a submodule whose output, or the first element
+    of its tuple output, is replaced)."""
+    check_hook_name(model, hook_name)
+    if is_transformer_lens(model):
+        with model.hooks(fwd_hooks=[(hook_name, lambda act, hook: edit(act))]):
+            yield
+        return
+
+    def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
+
+    handle = model.get_submodule(hook_name).register_forward_hook(forward_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()

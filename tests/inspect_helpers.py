@@ -92,7 +92,9 @@ def chromium_browser() -> Iterator:
 
     if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
         pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (`apt-get install -y chromium`).")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the dev extra's playwright is not installed")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the dev extra's playwright is not installed"
+    )
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         try:

@@ -248,8 +248,8 @@ class LatentCollector:
         return fixed + tables + self.store.nbytes()
 
     def exact_cofiring(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(partner ids [n, m] by Jaccard descending, exact co-firing counts [n, m], Jaccard [n, m]) of the
-        Misra-Gries candidates, and the capped firing counts [n] the Jaccard index uses."""
+        """(partner ids [n, m] by Jaccard descending, exact co-firing counts [n, m], Jaccard [n, m], -1 for an
+        empty slot) of the Misra-Gries candidates; the Jaccard index uses the spill's capped firing counts."""
         partner = self.cofiring.partner.cpu()
         if self.spill is None:
             empty = torch.zeros(self.n, 0)
@@ -257,9 +257,7 @@ class LatentCollector:
         counts = self.spill.exact_counts(partner)
         fires = self.spill.fire_count
         union = fires[:, None] + fires[partner.clamp_min(0)] - counts
-        jaccard = torch.where(
-            partner >= 0, counts / union.clamp_min(1), torch.full_like(counts, -1.0).double()
-        )
+        jaccard = torch.where(partner >= 0, counts.double() / union.clamp_min(1).double(), -1.0)
         order = jaccard.argsort(dim=1, descending=True, stable=True)
         self.spill.close()
         return partner.gather(1, order), counts.gather(1, order), jaccard.gather(1, order).float()

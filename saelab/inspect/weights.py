@@ -129,7 +129,9 @@ def logit_effects(
         low, high = logits.amin(dim=1), logits.amax(dim=1)
         counts = row_histograms(logits, low, high, bins)
         for part, t in zip(
-            parts, (hi.indices, hi.values, lo.indices, lo.values, torch.stack([low, high], 1), counts), strict=True
+            parts,
+            (hi.indices, hi.values, lo.indices, lo.values, torch.stack([low, high], 1), counts),
+            strict=True,
         ):
             part.append(t.cpu())
     return LogitEffects(*(torch.cat(p) for p in parts))

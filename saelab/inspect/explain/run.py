@@ -76,9 +76,11 @@ def explain_latent(
     client: Client,
     cfg: ExplainConfig,
     windows: list[tuple[SiteExample, set[int]]],
-) -> dict[str, Any]:
-    """Explain one latent and score the explanation on held-out examples."""
+) -> dict[str, Any] | None:
+    """Explain one latent and score the explanation on held-out examples; None for a latent without examples."""
     shown, held = split_examples(site, latent, cfg)
+    if not shown:
+        return None
     peak = max((max(ex.acts) for ex in shown), default=0.0)
     text = parse_explanation(client.complete(explanation_messages(shown, peak)))
     result: dict[str, Any] = {"text": text, "by": client.name, "failures": 0}
@@ -121,7 +123,7 @@ def explain_site(site_dir: str | Path, client: Client, cfg: ExplainConfig, progr
     windows = site.random_windows()
     workers = cfg.concurrency if client.concurrent else 1
 
-    def one(latent: int) -> tuple[int, dict[str, Any]]:
+    def one(latent: int) -> tuple[int, dict[str, Any] | None]:
         return latent, explain_latent(site, latent, client, cfg, windows)
 
     with (
@@ -129,7 +131,8 @@ def explain_site(site_dir: str | Path, client: Client, cfg: ExplainConfig, progr
         tqdm(total=len(latents), desc="explain", unit="latent", disable=not progress) as bar,
     ):
         for n, (latent, result) in enumerate(pool.map(one, latents), 1):
-            payload["latents"][str(latent)] = result
+            if result is not None:  # a latent that never fired has nothing to explain
+                payload["latents"][str(latent)] = result
             bar.update()
             if n % SAVE_EVERY == 0:
                 write_explanations(site_dir, payload)

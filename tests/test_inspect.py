@@ -614,6 +614,11 @@ def test_saelab_inspect_command_on_a_local_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["inspect-serve", *command, f"output_dir={tmp_path / 'nothing'}"])
     assert "holds no feature browser to serve" in capsys.readouterr().err
+    TopKSAE(TopKConfig(d_in=32, d_sae=12, k=3, metadata=metadata)).save(tmp_path / "other" / "sae")
+    with pytest.raises(SystemExit):  # serving the site with another SAE than it was collected for
+        main(["inspect-serve", *[a.replace(str(tmp_path / "run"), str(tmp_path / "other")) for a in command],
+              f"output_dir={out}"])  # fmt: skip
+    assert "shows 24 latents but sae=" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["inspect", f"sae={tmp_path / 'run'}", "source=synthetic", "logging.progress=false"])
     assert "needs source=smollm2 or source=model" in capsys.readouterr().err

@@ -153,6 +153,13 @@ def inspect_from_config(node: DictConfig) -> FeatureData | None:
             "source=...` first, or pass output_dir= the folder it wrote."
         )
     loaded = load(cfg) if needs_model else None
+    if loaded is not None and not cfg.collect:
+        site_width = read_script(out / "data" / "index.js")["meta"]["d_sae"]
+        if site_width != loaded.sae.d_sae:
+            raise ValueError(
+                f"the site in {out} shows {site_width} latents but sae={cfg.sae_path} has {loaded.sae.d_sae}; "
+                "serve it with the SAE it was collected for, or collect again (collect=true)."
+            )
     data = collect(cfg, loaded, out) if cfg.collect and loaded is not None else None
     if cfg.explain.enabled:
         explain(cfg, out)

@@ -254,7 +254,7 @@ class LatentCollector:
         if self.spill is None:
             empty = torch.zeros(self.n, 0)
             return partner, empty.long(), empty
-        counts = self.spill.exact_counts(partner)
+        counts = self.spill.exact_counts(partner, self.fire_count.device)
         fires = self.spill.fire_count
         union = fires[:, None] + fires[partner.clamp_min(0)] - counts
         jaccard = torch.where(partner >= 0, counts.double() / union.clamp_min(1).double(), -1.0)

@@ -341,26 +341,27 @@ class CofiringSpill:
             for start in range(0, rows, self.chunk_tokens):
                 yield ids[start : start + self.chunk_tokens]
 
-    def exact_counts(self, partner: Tensor) -> Tensor:
+    def exact_counts(self, partner: Tensor, device: torch.device | None = None) -> Tensor:
         """partner [n, m] int64 (-1: none) -> [n, m] exact number of tokens on which latent i and partner[i, j]
-        both were among the token's co-firing latents. Counts are symmetric, so each token's unordered pairs
-        are looked up once, keyed (smaller id, larger id)."""
-        partner = partner.cpu()
+        both were among the token's co-firing latents, counted on `device` (default: the CPU). Counts are
+        symmetric, so each token's unordered pairs are looked up once, keyed (smaller id, larger id)."""
+        device = device or torch.device("cpu")
+        partner = partner.to(device)
         held = partner >= 0
-        i = torch.arange(self.n)[:, None].expand_as(partner)
+        i = torch.arange(self.n, device=device)[:, None].expand_as(partner)
         keys = torch.minimum(i, partner) * self.n + torch.maximum(i, partner)
         wanted = torch.unique(keys[held])
-        counts = torch.zeros(wanted.numel(), dtype=torch.long)
+        counts = torch.zeros(wanted.numel(), dtype=torch.long, device=device)
         if wanted.numel():
             for active in self._active_chunks():
-                a, b = cofiring_pairs(active, unordered=True)
+                a, b = cofiring_pairs(active.to(device), unordered=True)
                 pair = torch.minimum(a, b) * self.n + torch.maximum(a, b)
                 at = torch.searchsorted(wanted, pair).clamp_max(wanted.numel() - 1)
                 hit = wanted[at] == pair
                 counts += torch.bincount(at[hit], minlength=wanted.numel())
         out = torch.zeros_like(partner)
         out[held] = counts[torch.searchsorted(wanted, keys[held])]
-        return out
+        return out.cpu()
 
     def close(self) -> None:
         self.file.close()

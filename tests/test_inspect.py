@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import threading
@@ -470,8 +471,15 @@ def test_site_files_are_complete_and_read_back(site):
     windows = reader.random_windows()
     assert len(windows) == InspectConfig().n_random
     assert [sorted(f) for _, f in windows] == [t.tolist() for t in data.random_latents]
-    text = (out / "data" / f"latents_{PLANTED_LATENT // 10}.js").read_text()
-    assert ",0.0," not in text and ",0," not in text.split('"top"')[1].split("]]")[0]
+    # examples are binary: per example a head (context, position, value, count) and 3 bytes per other
+    # nonzero activation of its window; the window's zeros take no space
+    raw = read_script(out / "data" / f"latents_{PLANTED_LATENT // 10}.js")[PLANTED_LATENT % 10]["top"]
+    head = reader.codec.head.itemsize
+    assert reader.meta["context_bytes"] == 2 and reader.meta["position_bytes"] == 1 and head == 6
+    nonzero = sum(
+        int((torch.tensor(e.acts).nan_to_num(0) != 0).sum()) - 1 for e in data.examples(PLANTED_LATENT)
+    )
+    assert len(base64.b64decode(raw)) == head * len(data.examples(PLANTED_LATENT)) + 3 * nonzero
 
 
 @contextlib.contextmanager
@@ -600,7 +608,7 @@ def test_saelab_inspect_command_on_a_local_checkpoint(tmp_path, capsys):
         hidden = hf(tokens, output_hidden_states=True).hidden_states[2].reshape(-1, 32)
     z = topk_codes(hidden, sae, 3) * keep_of(tokens)[:, None]
     assert index["fires"] == (z > 0).sum(0).tolist()
-    assert read_script(out / "data" / "contexts_0.js")[0] == tokens[0].tolist()
+    assert SiteReader(out).context(0) == tokens[0].tolist()
     # explanations imported into the written site (a Neuronpedia-style export), kept when it is re-collected
     export = tmp_path / "export.json"
     export.write_text(json.dumps([{"modelId": "tiny", "layer": "1", "index": "3", "description": " commas",

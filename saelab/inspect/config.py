@@ -71,11 +71,11 @@ class InspectConfig:
             "n_cofiring",
             "n_neighbours",
             "n_logit_tokens",
-            "window_before",
-            "window_after",
         ):
             check_number(f"inspect.{name}", getattr(self, name), low=0, integer=True)
         check_number("inspect.start_context", self.start_context, low=-1, integer=True)
+        for name, high in (("window_before", 128), ("window_after", 127)):  # the site stores offsets in int8
+            check_number(f"inspect.{name}", getattr(self, name), low=0, high=high, integer=True)
         check_number("inspect.seed", self.seed, integer=True)
         check_number("inspect.hist_min", self.hist_min, low=0, low_open=True)
         check_number(

@@ -10,9 +10,9 @@ Layout under the output directory:
     data/explanations.js            explanations and their scores (`saelab.inspect.explain`), maybe none
 
 Data files are scripts that assign globals (`window.SAELAB_*`), since browsers refuse fetch() on file://;
-`read_script` reads one back in Python. An example is stored sparsely as [site context, position, value,
-offset, value, ...]: the latent's other nonzero activations in the window, at offsets from the example's
-position (the window's zeros are not stored). Activations keep 3 significant digits.
+`read_script` reads one back in Python. The bulk numbers (examples, ranked lists, co-firing, context tokens) are
+binary, base64 inside the JSON (`saelab.inspect.codec`): an example is its context, position and value plus the
+latent's other nonzero activations in its window (zeros are not stored), activations in float16.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from saelab.core.atomic import atomic_directory, atomic_file
+from saelab.inspect.codec import ExampleCodec, encode_cofiring, encode_pairs, encode_tokens, field_bytes
 from saelab.inspect.data import FeatureData
 
 STATIC_FILES = ("index.html", "app.js", "style.css")
@@ -65,95 +67,67 @@ def read_script(path: str | Path) -> Any:
     return json.loads(match.group(1))
 
 
-class ExampleTable:
-    """Examples of a block of latents in the site's sparse form (module docstring): values, tokens [L, k] and
-    windows [L, k, W] of the block's latents."""
-
-    def __init__(self, data: FeatureData, values, tokens, windows):
-        T = data.context_size
-        L, k = tokens.shape
-        self.valid = (tokens >= 0).tolist()
-        ctx, pos = tokens.clamp_min(0) // T, tokens.clamp_min(0) % T
-        if data.context_ids.numel():
-            row = torch.searchsorted(data.context_ids, ctx).clamp_max(data.context_ids.numel() - 1)
-        else:
-            row = torch.zeros_like(ctx)
-        self.context, self.pos, self.value = row.tolist(), pos.tolist(), rounded(values.float(), 3)
-        offsets = torch.arange(windows.shape[-1]) - data.window_before
-        nonzero = (windows != 0) & ~windows.isnan() & (offsets != 0)
-        where = nonzero.nonzero()  # [M, 3] (latent, example, window position), sorted
-        self.extra: list[list[list[Any]]] = [[[] for _ in range(k)] for _ in range(L)]
-        acts = rounded(windows[nonzero].float(), 3)
-        for (r, j, _), offset, act in zip(where.tolist(), offsets[where[:, 2]].tolist(), acts, strict=True):
-            self.extra[r][j] += [offset, act]
-
-    def rows(self, r: int) -> list[list[Any]]:
-        """The valid examples of the block's r-th latent."""
-        return [
-            [self.context[r][j], self.pos[r][j], self.value[r][j], *self.extra[r][j]]
-            for j, valid in enumerate(self.valid[r])
-            if valid
-        ]
+def example_codec(data: FeatureData) -> ExampleCodec:
+    """The example layout for the site of `data` (field widths from its contexts' count and length)."""
+    return ExampleCodec(field_bytes(data.context_ids.numel(), 2), field_bytes(data.context_size, 1))
 
 
-def _pairs(ids: torch.Tensor | None, values: torch.Tensor | None, latents: range) -> list[list[list[Any]]]:
-    """Per latent of the block: [[id, value], ...] of a ranked list (empty without data; id -1 dropped)."""
-    if ids is None or values is None:
-        return [[] for _ in latents]
-    block_ids = ids[latents.start : latents.stop].tolist()
-    block_values = rounded(values[latents.start : latents.stop], 4)
-    return [
-        [[i, v] for i, v in zip(row_ids, row_values, strict=True) if i >= 0]
-        for row_ids, row_values in zip(block_ids, block_values, strict=True)
-    ]
-
-
-def _cofiring(data: FeatureData, latents: range) -> list[list[list[Any]]]:
-    """Per latent of the block: [[partner, exact count, Jaccard], ...]."""
-    block = slice(latents.start, latents.stop)
-    ids, counts = data.cofiring_ids[block].tolist(), data.cofiring_counts[block].tolist()
-    jaccard = rounded(data.cofiring_jaccard[block], 3)
-    return [
-        [[j, c, s] for j, c, s in zip(*row, strict=True) if j >= 0 and c > 0]
-        for row in zip(ids, counts, jaccard, strict=True)
-    ]
+def encode_examples(data: FeatureData, values: Tensor, tokens: Tensor, windows: Tensor) -> list[str]:
+    """Groups of examples (a latent's top list, or one activation interval's sample): values, tokens [G, k]
+    (token -1: empty) and windows [G, k, W] -> one string per group, its examples by value, descending."""
+    G, k = tokens.shape
+    order = torch.where(tokens >= 0, -values.float(), torch.inf).argsort(dim=1, stable=True)
+    tokens, values = tokens.gather(1, order), values.gather(1, order)
+    windows = windows.gather(1, order[..., None].expand_as(windows))
+    group, slot = (tokens >= 0).nonzero(as_tuple=True)
+    token = tokens[group, slot]
+    if data.context_ids.numel():
+        context = torch.searchsorted(data.context_ids, token // data.context_size)
+    else:
+        context = torch.zeros_like(token)
+    extras = windows[group, slot].float().nan_to_num(0.0)
+    extras[:, data.window_before] = 0
+    return example_codec(data).encode(
+        group, context, token % data.context_size, values[group, slot], extras, data.window_before, G
+    )
 
 
 def latent_records(data: FeatureData, latents: range) -> list[dict[str, Any]]:
     """Everything the latent panel shows, for each latent of a block."""
     block = slice(latents.start, latents.stop)
     L = len(latents)
-    top = ExampleTable(data, data.top_value[block], data.top_token[block], data.top_window[block])
+    top = encode_examples(data, data.top_value[block], data.top_token[block], data.top_window[block])
     n_bands, per_band = data.band_value.shape[1:3]
-    bands = ExampleTable(
+    bands = encode_examples(
         data,
-        data.band_value[block].reshape(L, -1),
-        data.band_token[block].reshape(L, -1),
-        data.band_window[block].reshape(L, n_bands * per_band, -1),
+        data.band_value[block].reshape(L * n_bands, per_band),
+        data.band_token[block].reshape(L * n_bands, per_band),
+        data.band_window[block].reshape(L * n_bands, per_band, -1),
     )
-    band_tokens = data.band_token[block].tolist()
     band_counts = data.band_count[block].tolist()
-    lists = {
-        "promoted": _pairs(data.promoted_ids, data.promoted_logits, latents),
-        "suppressed": _pairs(data.suppressed_ids, data.suppressed_logits, latents),
-        "nearest": _pairs(data.nearest_ids, data.nearest_cos, latents),
-        "cofiring": _cofiring(data, latents),
-    }
+    lists: dict[str, list[str]] = {}
+    for name, ids, values in (
+        ("promoted", data.promoted_ids, data.promoted_logits),
+        ("suppressed", data.suppressed_ids, data.suppressed_logits),
+        ("nearest", data.nearest_ids, data.nearest_cos),
+    ):
+        lists[name] = encode_pairs(ids[block], values[block]) if ids is not None else [""] * L
+    lists["cofiring"] = encode_cofiring(
+        data.cofiring_ids[block], data.cofiring_counts[block], data.cofiring_jaccard[block]
+    )
     scales = data.band_scale[block].tolist()
     records = []
     for r, i in enumerate(latents):
         hist = data.hist_counts[i]
         nonzero = hist.nonzero().flatten()
-        examples = iter(bands.rows(r))
-        band_rows = []
-        for b in range(n_bands):
-            held = [next(examples) for t in band_tokens[r][b] if t >= 0]
-            if band_counts[r][b]:
-                band_rows.append([b, band_counts[r][b], sorted(held, key=lambda e: -e[2])])
         record = {
-            "top": top.rows(r),
+            "top": top[r],
             "scale": scales[r],
-            "bands": band_rows[::-1],
+            "bands": [
+                [b, band_counts[r][b], bands[r * n_bands + b]]
+                for b in reversed(range(n_bands))
+                if band_counts[r][b]
+            ],
             "hist": list(zip(nonzero.tolist(), hist[nonzero].tolist(), strict=True)),
             **{name: rows[r] for name, rows in lists.items()},
             "cofiring_error": int(data.cofiring_error[i]),
@@ -193,6 +167,9 @@ def index_record(data: FeatureData, latents_per_file: int, metadata: dict[str, A
             "latents_per_file": latents_per_file,
             "contexts_per_file": CONTEXTS_PER_FILE,
             "n_bands": data.band_count.shape[1],
+            "context_bytes": example_codec(data).context_bytes,
+            "position_bytes": example_codec(data).position_bytes,
+            "token_bytes": token_width(data),
             "hist_edges": [float(e) for e in data.hist_edges.tolist()],
             "logit_note": data.logit_note,
             "cofiring_cap": data.cofiring_cap,
@@ -206,6 +183,14 @@ def index_record(data: FeatureData, latents_per_file: int, metadata: dict[str, A
         "maxcos": rounded(data.max_cos),
         "tokens": top_token_ids(data),
     }
+
+
+def token_width(data: FeatureData) -> int:
+    """Bytes per stored token id: 2 unless some id shown needs more."""
+    largest = max(
+        [*data.vocab, int(data.context_tokens.max()) if data.context_tokens.numel() else 0], default=0
+    )
+    return 2 if largest < 2**16 else 4
 
 
 def random_windows(data: FeatureData) -> list[list[Any]]:
@@ -246,8 +231,9 @@ def write_site(
             records = latent_records(data, range(start, stop))
             (folder / f"latents_{k}.js").write_text(script("SAELAB_LATENTS", records, k), encoding="utf-8")
         for k, start in enumerate(range(0, data.context_ids.numel(), CONTEXTS_PER_FILE)):
-            rows = data.context_tokens[start : start + CONTEXTS_PER_FILE].tolist()
-            (folder / f"contexts_{k}.js").write_text(script("SAELAB_CONTEXTS", rows, k), encoding="utf-8")
+            rows = data.context_tokens[start : start + CONTEXTS_PER_FILE]
+            packed = encode_tokens(rows.reshape(-1), token_width(data))
+            (folder / f"contexts_{k}.js").write_text(script("SAELAB_CONTEXTS", packed, k), encoding="utf-8")
         (folder / "random.js").write_text(script("SAELAB_RANDOM", random_windows(data)), encoding="utf-8")
         payload = explanations or {"latents": {}}
         (tmp / EXPLANATIONS_FILE).write_text(script("SAELAB_EXPLANATIONS", payload), encoding="utf-8")

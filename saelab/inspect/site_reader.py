@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saelab.inspect.codec import COFIRING, PAIR, ExampleCodec, decode_list, decode_tokens
 from saelab.inspect.site import read_script
 
 
@@ -41,6 +42,7 @@ class SiteReader:
         self.meta: dict[str, Any] = self.index["meta"]
         self.d_sae: int = self.meta["d_sae"]
         self.vocab: dict[str, str] = read_script(self.site / "data" / "vocab.js")
+        self.codec = ExampleCodec(self.meta["context_bytes"], self.meta["position_bytes"])
         self._files: dict[str, Any] = {}
 
     def _file(self, name: str) -> Any:
@@ -49,15 +51,28 @@ class SiteReader:
         return self._files[name]
 
     def record(self, latent: int) -> dict[str, Any]:
-        """The latent's panel record (see `saelab.inspect.site.latent_records`)."""
+        """The latent's panel record (see `saelab.inspect.site.latent_records`), its examples and lists decoded:
+        top / bands examples as [context, position, value, offset, act, ...], promoted / suppressed / nearest
+        as [id, value], co-firing as [id, count, Jaccard]."""
         if not 0 <= latent < self.d_sae:
             raise IndexError(f"latent {latent} does not exist: the site has latents 0-{self.d_sae - 1}.")
         per_file = self.meta["latents_per_file"]
-        return self._file(f"latents_{latent // per_file}.js")[latent % per_file]
+        record = dict(self._file(f"latents_{latent // per_file}.js")[latent % per_file])
+        record["top"] = self.codec.decode(record["top"])
+        record["bands"] = [[b, count, self.codec.decode(rows)] for b, count, rows in record["bands"]]
+        for name in ("promoted", "suppressed", "nearest"):
+            record[name] = decode_list(record[name], PAIR)
+        record["cofiring"] = decode_list(record["cofiring"], COFIRING)
+        return record
 
     def context(self, row: int) -> list[int]:
         per_file = self.meta["contexts_per_file"]
-        return self._file(f"contexts_{row // per_file}.js")[row % per_file]
+        name = f"contexts_{row // per_file}.js"
+        if name not in self._files:
+            tokens = decode_tokens(read_script(self.site / "data" / name), self.meta["token_bytes"])
+            size = self.meta["context_size"]
+            self._files[name] = [tokens[i : i + size] for i in range(0, len(tokens), size)]
+        return self._files[name][row % per_file]
 
     def token_text(self, token_id: int) -> str:
         return self.vocab.get(str(token_id), f"<{token_id}>")

@@ -132,10 +132,58 @@
     return loaded[src];
   }
 
+  // ------------------------------------------------------------------ binary fields (saelab/inspect/codec.py)
+  function bytesOf(b64) {
+    const text = atob(b64), out = new Uint8Array(text.length);
+    for (let i = 0; i < text.length; i++) out[i] = text.charCodeAt(i);
+    return new DataView(out.buffer);
+  }
+  function half(view, at) {  // little-endian float16
+    const h = view.getUint16(at, true), sign = h >> 15 ? -1 : 1, exp = (h >> 10) & 31, frac = h & 1023;
+    if (exp === 0) return sign * frac * Math.pow(2, -24);
+    if (exp === 31) return frac ? NaN : sign * Infinity;
+    return sign * (1 + frac / 1024) * Math.pow(2, exp - 15);
+  }
+  function unsigned(view, at, bytes) {
+    return bytes === 1 ? view.getUint8(at) : bytes === 2 ? view.getUint16(at, true) : view.getUint32(at, true);
+  }
+  // examples -> [[context, position, value, offset, act, ...], ...]
+  function decodeExamples(b64) {
+    const view = bytesOf(b64), cb = META.context_bytes, pb = META.position_bytes, rows = [];
+    for (let at = 0; at < view.byteLength;) {
+      const row = [unsigned(view, at, cb), unsigned(view, at + cb, pb), half(view, at + cb + pb)];
+      const n = view.getUint8(at + cb + pb + 2);
+      at += cb + pb + 3;
+      for (let j = 0; j < n; j++, at += 3) row.push(view.getInt8(at), half(view, at + 1));
+      rows.push(row);
+    }
+    return rows;
+  }
+  // ranked lists -> [[id, value], ...]; co-firing (withCount) -> [[id, count, jaccard], ...]
+  function decodeList(b64, withCount) {
+    const view = bytesOf(b64), size = withCount ? 10 : 6, rows = [];
+    for (let at = 0; at + size <= view.byteLength; at += size) {
+      rows.push(withCount ? [view.getUint32(at, true), view.getUint32(at + 4, true), half(view, at + 8)]
+        : [view.getUint32(at, true), half(view, at + 4)]);
+    }
+    return rows;
+  }
+
+  function decodeRecord(raw) {
+    return {
+      top: decodeExamples(raw.top), scale: raw.scale, hist: raw.hist, logit_hist: raw.logit_hist,
+      bands: raw.bands.map(([b, count, rows]) => [b, count, decodeExamples(rows)]),
+      promoted: decodeList(raw.promoted, false), suppressed: decodeList(raw.suppressed, false),
+      nearest: decodeList(raw.nearest, false), cofiring: decodeList(raw.cofiring, true), cofiring_error: raw.cofiring_error,
+    };
+  }
+
+  const records = {}, contexts = {};
   async function latentRecord(i) {
     const file = Math.floor(i / META.latents_per_file);
     await loadScript("data/latents_" + file + ".js");
-    const rec = window.SAELAB_LATENTS[file][i - file * META.latents_per_file];
+    if (!records[i]) records[i] = decodeRecord(window.SAELAB_LATENTS[file][i - file * META.latents_per_file]);
+    const rec = records[i];
     const examples = rec.top.concat(...rec.bands.map((b) => b[2]));
     const files = new Set(examples.map((e) => Math.floor(e[0] / META.contexts_per_file)));
     await Promise.all([...files].map((k) => loadScript("data/contexts_" + k + ".js")));
@@ -143,8 +191,14 @@
   }
 
   function contextTokens(ctx) {
-    const k = Math.floor(ctx / META.contexts_per_file);
-    return window.SAELAB_CONTEXTS[k][ctx - k * META.contexts_per_file];
+    const k = Math.floor(ctx / META.contexts_per_file), T = META.context_size;
+    if (!contexts[k]) {
+      const view = bytesOf(window.SAELAB_CONTEXTS[k]), bytes = META.token_bytes, ids = [];
+      for (let at = 0; at < view.byteLength; at += bytes) ids.push(unsigned(view, at, bytes));
+      contexts[k] = ids;
+    }
+    const row = ctx - k * META.contexts_per_file;
+    return contexts[k].slice(row * T, (row + 1) * T);
   }
 
   // ------------------------------------------------------------------ latent panel
@@ -390,6 +444,7 @@
     ev.preventDefault();
     const at = order.indexOf(state.latent);
     const next = order[at < 0 ? 0 : Math.max(0, Math.min(order.length - 1, at + step))];
+    state.latent = next;  // now, so that a key pressed before the hashchange event moves on from here
     setHash({ latent: next, page: Math.floor(order.indexOf(next) / PAGE_SIZE) });
     const row = document.querySelector('#index tr[data-latent="' + next + '"]');
     if (row) row.scrollIntoView({ block: "nearest" });

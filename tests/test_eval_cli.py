@@ -72,7 +72,8 @@ def test_saelab_eval_writes_report_and_plots_and_logs_to_wandb(tmp_path, monkeyp
     calls = dict(FakeRunLogger.calls)
     assert calls["init"] == "offline" and "close" in calls
     assert calls["summary"]["eval/reconstruction/fvu"] == report["reconstruction"]["fvu"]
-    assert sorted(calls["log"]) == ["eval/cosine", "eval/density", "eval/spectrum"]
+    assert sorted(calls["log"]) == ["eval/cosine", "eval/density", "eval/frontier_position", "eval/spectrum"]
+    assert (out / "report.html").is_file()
 
 
 def test_saelab_eval_rejects_a_missing_sae_and_a_wrong_width(tmp_path, capsys):

@@ -36,9 +36,10 @@ class TrainRunConfig:
 @dataclass
 class EvalRunConfig:
     """Everything `saelab eval` needs. sae_path (`sae=PATH` on the command line): an SAE directory, a run
-    directory holding `sae/`, or a training checkpoint. output_dir: null -> `<hydra run dir>/eval`."""
+    directory holding `sae/`, a training checkpoint, a list of those (`sae=[A,B]`) or a sweep folder.
+    output_dir: null -> `<hydra run dir>/eval`."""
 
-    sae_path: str = MISSING
+    sae_path: Any = MISSING
     source: Any = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

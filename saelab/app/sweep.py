@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from saelab.app.slurm_jobs import ACTIVE, SUBMITIT, WAITING, SubmittedJob, queue_states, submitted_jobs
 from saelab.core.atomic import atomic_file
+from saelab.eval.frontier import write_sweep_frontier
 from saelab.train.config import LoggingConfig
 from saelab.train.lock import held_elsewhere
 
@@ -182,11 +183,15 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[dict[str, Any]]]:
-    """Write <sweep_dir>/summary.jsonl (atomically); returns its path and the rows."""
+    """Write <sweep_dir>/summary.jsonl (atomically) and the frontier of its runs (`saelab.eval.frontier`);
+    returns the summary's path and the rows."""
     rows = collect_sweep(sweep_dir)
     path = Path(sweep_dir) / SWEEP_SUMMARY
     with atomic_file(path) as tmp:
         tmp.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
+    write_sweep_frontier(
+        sweep_dir, rows
+    )  # frontier_*.png + frontier.html: L0 against FVU / CE loss recovered
     return path, rows
 
 

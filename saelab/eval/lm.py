@@ -4,7 +4,8 @@ Per batch of tokens [B, T], three forward passes share one installed hook (`sael
 clean, with the activation at the hook replaced by the SAE reconstruction, and zero-ablated. Averaged
 over counted next-token predictions (float64 sums):
     ce_clean, ce_sae, ce_zero;  ce_loss_score = (ce_zero - ce_sae) / (ce_zero - ce_clean)
-    kl_div = KL(p_clean || p_sae) = sum_v p_clean (log p_clean - log p_sae)
+    kl_div = KL(p_clean || p_sae) = sum_v p_clean (log p_clean - log p_sae); kl_div_zero the same for the
+    zero-ablated pass; kl_div_score = (kl_div_zero - kl_div) / kl_div_zero (SAEBench's)
 Special tokens (BOS, EOS, pad, ...) are left untouched at the hook, and the prediction at position t is
 counted only when neither token t nor the target t + 1 is special.
 """
@@ -72,7 +73,7 @@ class LMEvaluator:
         self.model, self.sae, self.hook_name = model, sae, hook_name
         self.special_token_ids = list(special_token_ids)
         self.forward_kwargs = forward_kwargs or {}
-        self.sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_div": 0.0}
+        self.sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_div": 0.0, "kl_div_zero": 0.0}
         self.predictions = 0
 
     def _run(self, tokens: Tensor) -> Tensor:
@@ -103,9 +104,12 @@ class LMEvaluator:
             self._add("ce_sae", token_ce(with_sae, tokens), counted)
             kl = (clean.exp() * (clean - with_sae)).sum(dim=-1)
             self._add("kl_div", kl, counted)
-            del with_sae, clean
+            del with_sae
             splice.mode = "zero"
-            self._add("ce_zero", token_ce(next_token_log_probs(self._run(tokens)), tokens), counted)
+            zero = next_token_log_probs(self._run(tokens))
+            self._add("ce_zero", token_ce(zero, tokens), counted)
+            self._add("kl_div_zero", (clean.exp() * (clean - zero)).sum(dim=-1), counted)
+            del zero, clean
         self.predictions += int(counted.sum())
         keep = rearrange(evaluated, "b t -> (b t)")
         return SplicedBatch(
@@ -125,5 +129,7 @@ class LMEvaluator:
         gap = out["ce_zero"] - out["ce_clean"]
         out["ce_loss_score"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap != 0 else float("nan")
         out["ce_degradation"] = out["ce_sae"] - out["ce_clean"]
+        zero_kl = out["kl_div_zero"]
+        out["kl_div_score"] = (zero_kl - out["kl_div"]) / zero_kl if zero_kl != 0 else float("nan")
         out["predictions"] = self.predictions
         return out

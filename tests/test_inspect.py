@@ -482,6 +482,49 @@ def test_site_files_are_complete_and_read_back(site):
     assert len(base64.b64decode(raw)) == head * len(data.examples(PLANTED_LATENT)) + 3 * nonzero
 
 
+def test_codec_round_trips_wide_fields():
+    """Sites past 65,536 contexts, contexts over 256 tokens and vocabularies past 65,536 ids use the wide
+    fields; float16 keeps ~3 significant digits and clips at its range."""
+    from saelab.inspect.codec import (
+        COFIRING,
+        PAIR,
+        ExampleCodec,
+        decode_list,
+        decode_tokens,
+        encode_cofiring,
+        encode_pairs,
+        encode_tokens,
+        field_bytes,
+    )  # fmt: skip
+
+    assert (field_bytes(65_536, 2), field_bytes(65_537, 2), field_bytes(256, 1), field_bytes(300, 1)) == (
+        2,
+        4,
+        1,
+        2,
+    )
+    codec = ExampleCodec(4, 2)
+    extras = torch.zeros(3, 7)
+    extras[0, 0], extras[0, 6], extras[2, 4] = 1.5, -2.25, 0.1
+    strings = codec.encode(
+        torch.tensor([0, 0, 2]), torch.tensor([70_000, 3, 65_536]), torch.tensor([300, 0, 511]),
+        torch.tensor([1.0, 1e6, 0.123456]), extras, 3, 4,
+    )  # fmt: skip
+    assert strings[1] == strings[3] == "" and len(strings) == 4
+    assert codec.decode(strings[0]) == [[70_000, 300, 1.0, -3, 1.5, 3, -2.25], [3, 0, 65504.0]]
+    (row,) = codec.decode(strings[2])
+    assert row[:2] == [65_536, 511] and row[2] == pytest.approx(0.123456, rel=5e-4) and row[3] == 1
+    ids, values = torch.tensor([[70_000, -1, 5]]), torch.tensor([[0.5, 9.0, -1.0]])
+    assert decode_list(encode_pairs(ids, values)[0], PAIR) == [[70_000, 0.5], [5, -1.0]]
+    got = decode_list(
+        encode_cofiring(ids, torch.tensor([[9, 4, 0]]), torch.tensor([[0.25, 1.0, 1.0]]))[0], COFIRING
+    )
+    assert got == [[70_000, 9, 0.25]]
+    tokens = torch.tensor([0, 65_535, 100_000])
+    assert decode_tokens(encode_tokens(tokens, 4), 4) == tokens.tolist()
+    assert decode_tokens(encode_tokens(tokens[:2], 2), 2) == [0, 65_535]
+
+
 @contextlib.contextmanager
 def serving(out, live=None, log_requests=False):
     """The site served on a free localhost port in a thread; yields its base URL."""

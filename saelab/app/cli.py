@@ -147,9 +147,21 @@ def _inspect(cfg: DictConfig) -> object:
     return inspect_from_config(cfg)
 
 
-def _inspect_command(argv: list[str]) -> None:
-    """`saelab inspect sae=PATH ...`: like `saelab eval`, `sae=` is passed on as `sae_path=`."""
-    hydra_app("inspect", _inspect)([f"sae_path={a[4:]}" if a.startswith("sae=") else a for a in argv])
+def _inspect_command(argv: list[str], preset: tuple[str, ...] = ()) -> None:
+    """`saelab inspect sae=PATH ...`: like `saelab eval`, `sae=` is passed on as `sae_path=`; `preset`
+    overrides come first, so the command line can still change them."""
+    args = [f"sae_path={a[4:]}" if a.startswith("sae=") else a for a in argv]
+    hydra_app("inspect", _inspect)([*preset, *args])
+
+
+def _inspect_serve(argv: list[str]) -> None:
+    """`saelab inspect-serve sae=PATH source=...`: serve the written site with the text box, no collection."""
+    _inspect_command(argv, ("collect=false", "serve=true"))
+
+
+def _inspect_explain(argv: list[str]) -> None:
+    """`saelab inspect-explain output_dir=SITE explain.explainer=...`: explain a written site's latents."""
+    _inspect_command(argv, ("collect=false",))
 
 
 def _harvest(cfg: DictConfig) -> object:
@@ -181,6 +193,8 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "eval": _eval_command,
     "harvest": hydra_app("harvest", _harvest),
     "inspect": _inspect_command,
+    "inspect-serve": _inspect_serve,
+    "inspect-explain": _inspect_explain,
     "fetch-assets": _fetch_assets,
     "sweep-summary": _sweep_summary,
     "sweep-resubmit": _sweep_resubmit,

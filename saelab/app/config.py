@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from saelab.core.checks import check_flags
 from saelab.eval.config import EvalConfig
 from saelab.inspect.config import InspectConfig
+from saelab.inspect.explain.config import ExplainConfig
 from saelab.sae.base import SAEConfig
 from saelab.sae.registry import variant_classes
 from saelab.sources import source_config_classes
@@ -64,15 +65,21 @@ class EvalRunConfig:
 class InspectRunConfig:
     """Everything `saelab inspect` needs. sae_path (`sae=PATH` on the command line): an SAE directory, a run
     directory, a checkpoint or a hub repo id. output_dir: null -> `<sae_path>/inspect` for a local SAE, else
-    `<hydra run dir>/inspect`. serve: after writing, serve the site on http://127.0.0.1:<port>/."""
+    `<hydra run dir>/inspect`. collect: run the model and write the site (false: use the site in output_dir).
+    serve: then serve the site on http://127.0.0.1:<port>/, with the text box when `live` (the model and SAE
+    are loaded for it). log_requests: print every request the server answers. explain: explanations."""
 
-    sae_path: str = MISSING
+    sae_path: str | None = None
     source: Any = MISSING
     inspect: InspectConfig = field(default_factory=InspectConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output_dir: str | None = None
+    collect: bool = True
     serve: bool = False
+    live: bool = True
     port: int = 8000
+    log_requests: bool = False
 
 
 @dataclass

@@ -26,7 +26,7 @@ A transcoder (`sae.is_transcoder`) reads its input at `hook_name` and replaces t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -179,8 +179,6 @@ def spliced(
     (True = substitute) overrides both. A transcoder reads `hook_name` and replaces `target_hook` (default:
     its metadata's hook_name_out), yielding a `saelab.splice.transcoder.TranscoderSplice`.
     """
-    if not sae.is_transcoder:
-        check_hook_name(model, hook_name)
     ids = list(special_token_ids) if special_token_ids is not None else model_special_token_ids(model)
     keep = torch.tensor(ids, dtype=torch.long) if keep_special_tokens and mask is None and ids else None
     splice = Splice(sae, hook_name, mode, mask, keep)
@@ -206,21 +204,34 @@ def spliced(
             yield installed
         return
     try:
-        if is_transformer_lens(model):
-            with model.hooks(fwd_hooks=[(hook_name, lambda act, hook: splice.substitute(act))]):
-                yield splice
-            return
-
-        def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if isinstance(output, tuple):
-                return (splice.substitute(output[0]), *output[1:])
-            return splice.substitute(output)
-
-        handles.append(model.get_submodule(hook_name).register_forward_hook(forward_hook))
-        yield splice
+        with edited(model, hook_name, splice.substitute):
+            yield splice
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def edited(model: nn.Module, hook_name: str, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """For the duration of the block, the rest of the model sees edit(act) instead of the activation act
+    [..., d] at `hook_name` (a TransformerLens hook point, or a submodule whose output, or the first element
+    of its tuple output, is replaced)."""
+    check_hook_name(model, hook_name)
+    if is_transformer_lens(model):
+        with model.hooks(fwd_hooks=[(hook_name, lambda act, hook: edit(act))]):
+            yield
+        return
+
+    def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
+
+    handle = model.get_submodule(hook_name).register_forward_hook(forward_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()

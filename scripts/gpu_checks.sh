@@ -50,4 +50,7 @@ stage variants 60 python3 scripts/bench_train.py --device cuda --d-in 768 --n 32
 stage vs_peers_rows_bf16 90 env SAELAB_SPARSE_ROWS=autocast python3 scripts/bench_vs_peers.py --device cuda \
     --steps 300 --libs saelab --no-memory --json "$res/vs_peers_rows_bf16.json"
 stage profile 60 python3 .gpu/profile_step.py "$res" 768,32768,32,8192
+# hydra/launcher=together: stacked vs looped same-shape TopK SAEs on a GPU (sets stacked.AUTO_STACK_BYTES["cuda"])
+stage together 120 python3 scripts/bench_together.py --parts synthetic --device cuda --saes 8 --d-in 768 \
+    --n 16384 --k 32 --batch 4096 --steps 30 --repeats 2 --json "$res/together.json"
 echo "done after $(($(date +%s) - start))s"

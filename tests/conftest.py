@@ -10,3 +10,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+
+# Under pytest-xdist (`-n 2`) each worker trains on one thread, and so do the processes its tests start: two
+# workers then share two cores instead of four threads contending for them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)

@@ -48,6 +48,12 @@ def _free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
+#: Lifetime of a job step's credential, and how long SLURM holds a requeued job before it may start again
+#: (default 120 s): short, so that a test's requeued job runs again within seconds (the backfill scheduler, run
+#: every second here instead of every 30 s, starts it once it may).
+CRED_EXPIRE_S = 10
+
+
 def _machine_memory_mb() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
 
@@ -103,7 +109,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={root / "state"}
 SlurmdSpoolDir={root / "spool"}
 SlurmctldPidFile={root / "run" / "slurmctld.pid"}
@@ -126,6 +132,7 @@ SlurmdTimeout=30
 InactiveLimit=0
 KillWait=2
 MinJobAge=300
+SchedulerParameters=bf_interval=1
 NodeName={node} CPUs=2 RealMemory={memory} State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """

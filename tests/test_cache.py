@@ -180,6 +180,7 @@ def test_interrupted_harvest_resumes_to_the_same_cache(tiny, tiny_cache, tmp_pat
     assert harvest(tiny, early, progress=False)["shard_rows"] == full["shard_rows"]
     with pytest.raises(FileExistsError, match="overwrite=true"):
         harvest(tiny, out, progress=False)
+    b.close()  # a reader holds the cache until it is closed (or dropped): an overwrite waits for that
     assert harvest(tiny, out, total_tokens=100, overwrite=True, progress=False)["total_rows"] == 100
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

@@ -10,6 +10,7 @@ from saelab.app.cli import main
 from saelab.eval import EvalConfig, evaluate
 from saelab.sae import available_architectures, get_sae_class
 from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.sources.pairs import PairsConfig, PairsSource
 from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
@@ -72,7 +73,8 @@ def test_saelab_eval_writes_report_and_plots_and_logs_to_wandb(tmp_path, monkeyp
     calls = dict(FakeRunLogger.calls)
     assert calls["init"] == "offline" and "close" in calls
     assert calls["summary"]["eval/reconstruction/fvu"] == report["reconstruction"]["fvu"]
-    assert sorted(calls["log"]) == ["eval/cosine", "eval/density", "eval/spectrum"]
+    assert sorted(calls["log"]) == ["eval/cosine", "eval/density", "eval/frontier_position", "eval/spectrum"]
+    assert (out / "report.html").is_file()
 
 
 def test_saelab_eval_rejects_a_missing_sae_and_a_wrong_width(tmp_path, capsys):
@@ -118,22 +120,30 @@ def test_trainer_periodic_eval_on_held_out_batches():
 
 @pytest.mark.parametrize("arch", sorted({get_sae_class(a).architecture for a in available_architectures()}))
 def test_evaluate_runs_on_every_variant(arch):
-    """Streamed FVU and L0 of each registered variant equal float64 formulas on the same rows."""
+    """Streamed FVU and L0 of each registered variant equal float64 formulas on the same rows (a transcoder's: of
+    its prediction of y, skip term included, on planted pairs)."""
     torch.manual_seed(5)
     cls = get_sae_class(arch)
-    sae = cls(cls.config_class(d_in=16, d_sae=64)).eval()
+    sae = cls(cls.config_class(d_in=16, d_sae=64, **({"d_out": 12} if cls.is_transcoder else {}))).eval()
     with torch.no_grad():
         threshold = getattr(sae, "threshold", None)
         if threshold is not None and bool(threshold.isnan().any()):
             threshold.fill_(0.1)  # BatchTopK has no inference threshold before training
-    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=32, mean_active=3))
+        if cls.is_transcoder and cls.has_skip:
+            sae.W_skip.normal_(0, 0.1)
+    if cls.is_transcoder:
+        source = PairsSource(PairsConfig(d_in=16, d_out=12, n_features=32, mean_active=3))
+    else:
+        source = SyntheticSource(SyntheticConfig(d_in=16, n_features=32, mean_active=3))
     report = evaluate(
         sae, source, EvalConfig(total_tokens=1000, batch_size=512, cooccurrence_latents=0)
     ).report
-    x = torch.cat(list(islice(source.batches(512), 2)))[:1000]
+    rows = torch.cat(list(islice(source.batches(512), 2)))[:1000]
+    x, target = rows[:, :16], rows[:, 16:] if cls.is_transcoder else rows
     with torch.no_grad():
         z = sae.encode(x)
-        want_fvu = fvu64(x, sae.decode(z))
+        skip = x @ sae.W_skip.T if cls.is_transcoder and cls.has_skip else 0.0
+        want_fvu = fvu64(target, sae.decode(z) + skip)
     assert report["tokens"] == 1000
     assert report["reconstruction"]["fvu"] == pytest.approx(want_fvu, rel=1e-5)
     assert report["reconstruction"]["l0"] == pytest.approx((z != 0).sum(1).double().mean().item())

@@ -21,6 +21,7 @@ from saelab import load_sae
 from saelab.io import export_dictionary_learning
 from saelab.io.dictionary_learning import variant_for
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saelab.sae.gated import GatedConfig, GatedSAE
 from saelab.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saelab.sae.mp import MatchingPursuitSAE, MPConfig
 from saelab.sae.relu import ReLUConfig, ReLUSAE
@@ -38,13 +39,18 @@ def import_peer() -> dict[str, type] | None:
         import dictionary_learning  # noqa: F401
     except ImportError:  # a --no-deps install: the package __init__ imports nnsight for its activation buffer
         sys.modules["dictionary_learning"] = importlib.util.module_from_spec(spec)
-    from dictionary_learning.dictionary import AutoEncoder, AutoEncoderNew, JumpReluAutoEncoder
+    from dictionary_learning.dictionary import (
+        AutoEncoder,
+        AutoEncoderNew,
+        GatedAutoEncoder,
+        JumpReluAutoEncoder,
+    )
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE as PeerBatchTopK
     from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE
     from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
     classes = (AutoEncoder, AutoEncoderNew, AutoEncoderTopK, PeerBatchTopK, MatryoshkaBatchTopKSAE)
-    return {c.__name__: c for c in (*classes, JumpReluAutoEncoder)}
+    return {c.__name__: c for c in (*classes, JumpReluAutoEncoder, GatedAutoEncoder)}
 
 
 try:
@@ -93,6 +99,14 @@ def random_state(dict_class: str, gen: torch.Generator) -> dict[str, torch.Tenso
             s.update(k=torch.tensor(K, dtype=torch.int32), threshold=torch.tensor(0.2))
             s["group_sizes"] = torch.tensor([8, 32])
         return s
+    if dict_class == "GatedAutoEncoder":
+        names = ("decoder_bias", "gate_bias", "mag_bias", "r_mag")
+        shapes = {"decoder_bias": (D,)}
+        return {
+            "encoder.weight": randn(gen, N, D),
+            "decoder.weight": randn(gen, D, N),
+            **{name: randn(gen, *shapes.get(name, (N,))) for name in names},
+        }
     s = {
         "encoder.weight": randn(gen, N, D),
         "encoder.bias": randn(gen, N),
@@ -119,6 +133,10 @@ def reference(dict_class: str, state: dict[str, torch.Tensor], x: torch.Tensor):
         r = ((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).relu()
         z = r * (r > p["threshold"])
         return z, z @ p["W_dec"] + p["b_dec"]
+    if dict_class == "GatedAutoEncoder":  # gate and magnitude paths on the same projection
+        u = (x - p["decoder_bias"]) @ p["encoder.weight"].T
+        z = (u + p["gate_bias"] > 0) * (p["r_mag"].exp() * u + p["mag_bias"]).relu()
+        return z, z @ p["decoder.weight"].T + p["decoder_bias"]
     b_dec = p.get("bias", p.get("decoder.bias", p.get("b_dec")))
     centred = x if dict_class == "AutoEncoderNew" else x - b_dec  # AutoEncoderNew: encoder(x), no centring
     r = (centred @ p["encoder.weight"].T + p["encoder.bias"]).relu()
@@ -137,6 +155,7 @@ CLASSES = {
     # the Matryoshka variant where one exports this class, else BatchTopK (the same inference rule)
     "MatryoshkaBatchTopKSAE": variant_for("MatryoshkaBatchTopKSAE"),
     "JumpReluAutoEncoder": JumpReLUSAE,
+    "GatedAutoEncoder": GatedSAE,
 }
 #: saelab architecture -> the dict_class export writes.
 EXPORTED = {
@@ -144,6 +163,7 @@ EXPORTED = {
     "topk": "AutoEncoderTopK",
     "batchtopk": "BatchTopKSAE",
     "jumprelu": "JumpReluAutoEncoder",
+    "gated": "GatedAutoEncoder",
 }
 
 
@@ -161,6 +181,7 @@ def make(arch: str) -> ReLUSAE | TopKSAE | BatchTopKSAE | JumpReLUSAE:
         "topk": lambda: TopKSAE(TopKConfig(d_in=D, d_sae=N, k=K, metadata=meta)),
         "batchtopk": lambda: BatchTopKSAE(BatchTopKConfig(d_in=D, d_sae=N, k=K, metadata=meta)),
         "jumprelu": lambda: JumpReLUSAE(JumpReLUConfig(d_in=D, d_sae=N, metadata=meta)),
+        "gated": lambda: GatedSAE(GatedConfig(d_in=D, d_sae=N, metadata=meta)),
     }[arch]()
     with torch.no_grad():
         for name, p in sae.named_parameters():
@@ -194,8 +215,8 @@ def test_folder_matches_formula(tmp_path, gen, dict_class):
 
 def test_unsupported_and_inconsistent_folders_are_named(tmp_path, gen):
     state = random_state("AutoEncoderTopK", gen)
-    with pytest.raises(ValueError, match=r"trainer\.dict_class='GatedAutoEncoder' is not supported"):
-        load_sae(write_folder(tmp_path / "gated", "GatedAutoEncoder", state))
+    with pytest.raises(ValueError, match=r"trainer\.dict_class='CrossCoder' is not supported"):
+        load_sae(write_folder(tmp_path / "crosscoder", "CrossCoder", state))
     with pytest.raises(ValueError, match=r"trainer\.k=7 in the config but .*ae\.pt has k=5"):
         load_sae(write_folder(tmp_path / "k", "AutoEncoderTopK", state, k=7))
     with pytest.raises(ValueError, match=r"trainer\.dict_size=41 but ae\.pt has 40"):
@@ -257,7 +278,7 @@ def test_export_refuses_variants_the_peer_lacks(tmp_path):
 def peer_module(dict_class: str, gen: torch.Generator):
     """An instance of dictionary_learning's `dict_class` with random parameters and a set threshold."""
     cls = PEER[dict_class]
-    if dict_class in ("AutoEncoder", "AutoEncoderNew", "JumpReluAutoEncoder"):
+    if dict_class in ("AutoEncoder", "AutoEncoderNew", "JumpReluAutoEncoder", "GatedAutoEncoder"):
         module = cls(D, N)
     elif dict_class == "MatryoshkaBatchTopKSAE":
         module = cls(D, N, K, group_sizes=[8, 32])
@@ -298,7 +319,7 @@ def test_export_loads_in_dictionary_learning_with_the_same_outputs(tmp_path, arc
             module = cls.from_pretrained(folder / "ae.pt", normalize_decoder=False)
             rescaled = cls.from_pretrained(folder / "ae.pt")
             torch.testing.assert_close(rescaled(x), sae(x), rtol=1e-5, atol=1e-5)
-        elif arch == "jumprelu":
+        elif arch in ("jumprelu", "gated"):
             module = cls.from_pretrained(folder / "ae.pt")
         else:  # what dictionary_learning.utils.load_dictionary does for these classes
             module = cls.from_pretrained(folder / "ae.pt", k=trainer["k"])

@@ -19,6 +19,7 @@ from saelab import load_sae
 from saelab.io import export_sparsify
 from saelab.sae.relu import ReLUConfig, ReLUSAE
 from saelab.sae.topk import TopKConfig, TopKSAE
+from saelab.sae.transcoder import transcoder_class
 
 try:  # importing sparsify takes ~5 s (transformers, accelerate); done once for the module
     import sparsify
@@ -58,7 +59,8 @@ def write_coder(path: Path, tensors: dict[str, torch.Tensor], **cfg) -> Path:
 
 
 def reference(t: dict[str, torch.Tensor], x: torch.Tensor, transcode: bool = False):
-    """sparsify's rule in float64, top-k by sorting each row: (dense codes [B, N], output [B, D_IN])."""
+    """sparsify's rule in float64, top-k by sorting each row: (dense codes [B, N], output [B, D_IN]; with a
+    skip connection the output adds x @ W_skip^T)."""
     t = {k: v.double() for k, v in t.items()}
     x = x.double()
     pre = ((x if transcode else x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"]).relu()
@@ -66,7 +68,8 @@ def reference(t: dict[str, torch.Tensor], x: torch.Tensor, transcode: bool = Fal
     for row in range(pre.shape[0]):
         keep = pre[row].argsort(descending=True)[:K]
         z[row, keep] = pre[row, keep]
-    return z, z @ t["W_dec"] + t["b_dec"]
+    skip = x @ t["W_skip"].T if "W_skip" in t else 0.0
+    return z, z @ t["W_dec"] + t["b_dec"] + skip
 
 
 @pytest.fixture
@@ -76,25 +79,31 @@ def gen() -> torch.Generator:
 
 # -------------------------------------------------------------- hand-written folders (no package needed)
 @pytest.mark.parametrize("transcode", [False, True])
-def test_folder_matches_formula(tmp_path, gen, transcode):
+@pytest.mark.parametrize("skip", [False, True])
+def test_folder_matches_formula(tmp_path, gen, transcode, skip):
+    """SAEs load as topk, transcoders and skip connections (with or without transcode) as topk transcoders."""
     t = random_coder(gen)
-    folder = write_coder(tmp_path / "layers.6", t, transcode=transcode, multi_topk=True)
+    if skip:
+        t["W_skip"] = torch.randn(D_IN, D_IN, generator=gen) * 0.2
+    folder = write_coder(tmp_path / "layers.6", t, transcode=transcode, multi_topk=True, skip_connection=skip)
     sae = load_sae(folder)
-    assert type(sae) is TopKSAE and (sae.d_in, sae.d_sae, sae.cfg.k) == (D_IN, N, K)
+    want = transcoder_class("topk", skip) if transcode or skip else TopKSAE
+    assert type(sae) is want and (sae.d_in, sae.d_sae, sae.cfg.k) == (D_IN, N, K)
     x = torch.randn(64, D_IN, generator=gen) * 2
     z_ref, out_ref = reference(t, x, transcode)
     torch.testing.assert_close(sae.encode(x).double(), z_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae(x).double(), out_ref, rtol=1e-5, atol=1e-5)
     meta = sae.cfg.metadata
     assert (meta["hookpoint"], meta["hook_layer"], meta["sparsify"]["multi_topk"]) == ("layers.6", 6, True)
-    assert meta.get("transcoder", False) is transcode
+    back = load_sae(export_sparsify(sae, tmp_path / "again" / "layers.6"))  # written back as it came
+    assert json.loads((tmp_path / "again" / "layers.6" / "cfg.json").read_text())["transcode"] is transcode
+    torch.testing.assert_close(back(x).double(), out_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_options_are_refused_naming_the_field(tmp_path, gen):
     t = random_coder(gen)
-    skip = {**t, "W_skip": torch.zeros(D_IN, D_IN)}
-    with pytest.raises(ValueError, match=r"cfg\.json: skip_connection=true is not supported"):
-        load_sae(write_coder(tmp_path / "skip", skip, skip_connection=True))
+    with pytest.raises(ValueError, match=r"skip_connection=true has exactly \['W_dec', 'W_skip'"):
+        load_sae(write_coder(tmp_path / "skip", t, skip_connection=True))  # no W_skip tensor
     with pytest.raises(ValueError, match=r"activation='groupmax' is not supported"):
         load_sae(write_coder(tmp_path / "groupmax", t, activation="groupmax"))
     with pytest.raises(ValueError, match=r"field\(s\) \['signed'\] = \[True\]"):
@@ -151,6 +160,7 @@ def make_topk(seed: int = 0) -> TopKSAE:
 
 @pytest.mark.parametrize("transcoder", [False, True])
 def test_export_writes_sparsify_names_and_round_trips(tmp_path, transcoder):
+    """A TopK SAE (one loaded by an older saelab from a sparsify transcoder says so in its metadata)."""
     sae = make_topk()
     sae.cfg.metadata["transcoder"] = transcoder
     folder = export_sparsify(sae, tmp_path / "layers.2")
@@ -175,13 +185,18 @@ def test_export_writes_sparsify_names_and_round_trips(tmp_path, transcoder):
     torch.testing.assert_close(sae(x).double(), reference(t, x, transcoder)[1], rtol=1e-5, atol=1e-5)
     back = load_sae(folder)
     torch.testing.assert_close(back(x), sae(x), rtol=1e-6, atol=1e-6)
-    assert back.cfg.metadata.get("transcoder", False) is transcoder
+    assert type(back) is (transcoder_class("topk") if transcoder else TopKSAE)
 
 
 def test_export_refuses_variants_sparsify_lacks(tmp_path):
-    with pytest.raises(ValueError, match=r"saelab's 'relu' SAE has no sparsify equivalent"):
+    with pytest.raises(ValueError, match=r"saelab's 'relu' has no sparsify equivalent"):
         export_sparsify(ReLUSAE(ReLUConfig(d_in=D_IN, d_sae=N)), tmp_path / "relu")
-    assert not (tmp_path / "relu").exists()
+    wide = transcoder_class("topk")(
+        transcoder_class("topk").config_class(d_in=D_IN, d_out=D_IN + 1, d_sae=N, k=K)
+    )
+    with pytest.raises(ValueError, match=r"maps d_in=12 to d_out=13; export it with export_saelens"):
+        export_sparsify(wide, tmp_path / "wide")
+    assert not (tmp_path / "relu").exists() and not (tmp_path / "wide").exists()
 
 
 # ------------------------------------------------------------------ against the real sparsify package
@@ -200,24 +215,34 @@ def sparsify_outputs(coder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         return torch.zeros(x.shape[0], N).scatter_(1, idx, acts), coder.decode(acts, idx)
 
 
+SPARSIFY_CONFIGS = [
+    {},
+    {"multi_topk": True},
+    {"transcode": True},
+    {"transcode": True, "skip_connection": True},
+    {"skip_connection": True},
+]
+
+
 @needs_sparsify
-@pytest.mark.parametrize("cfg", [{}, {"multi_topk": True}, {"transcode": True}])
-def test_coder_saved_by_sparsify_gives_its_outputs(tmp_path, gen, cfg):
+@pytest.mark.parametrize("cfg", SPARSIFY_CONFIGS)
+def test_coder_saved_by_sparsify_gives_its_outputs_and_goes_back(tmp_path, gen, cfg):
+    """sparsify's own forward (skip term included) in saelab, and saelab's export of it back in sparsify."""
     coder = random_sparsify_coder(gen, **cfg)
     coder.save_to_disk(tmp_path / "layers.4")
     sae = load_sae(tmp_path / "layers.4")
     x = torch.randn(64, D_IN, generator=gen) * 2
     z, out = sparsify_outputs(coder, x)
     with torch.no_grad():  # decoders sum the k rows in different orders: output agrees to float32 rounding
+        want = out if cfg.get("multi_topk") else coder(x).sae_out  # multi_topk's forward decodes 4k latents
         torch.testing.assert_close(sae.encode(x), z, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(sae(x), out, rtol=1e-5, atol=1e-5)
-
-
-@needs_sparsify
-def test_skip_connection_coder_is_refused(tmp_path, gen):
-    random_sparsify_coder(gen, skip_connection=True).save_to_disk(tmp_path / "skip")
-    with pytest.raises(ValueError, match="skip_connection=true is not supported"):
-        load_sae(tmp_path / "skip")
+        torch.testing.assert_close(sae(x), want, rtol=1e-5, atol=1e-5)
+    export_sparsify(sae, tmp_path / "back" / "layers.4")
+    again = sparsify.SparseCoder.load_from_disk(tmp_path / "back" / "layers.4")
+    same = {k: v for k, v in vars(again.cfg).items() if k != "expansion_factor"}  # training-only, from d_sae
+    assert same == {k: v for k, v in vars(coder.cfg).items() if k != "expansion_factor"}
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).sae_out, coder(x).sae_out, rtol=1e-5, atol=1e-5)
 
 
 @needs_sparsify

@@ -241,6 +241,7 @@ def trained() -> tuple[JumpReLUSAE, SyntheticSource]:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_training_recovers_planted_features(trained):
     sae, source = trained
     metrics = recovery_metrics(source.features, sae.W_dec.detach())
@@ -255,6 +256,7 @@ def test_training_recovers_planted_features(trained):
 
 
 @needs_saelens
+@pytest.mark.slow
 def test_saved_trained_sae_loads_in_saelens_with_the_same_codes(trained, tmp_path):
     sae, source = trained
     sae.save(tmp_path / "jr")

@@ -72,7 +72,7 @@ def test_every_registered_variant_round_trips(tmp_path, arch):
     """Every variant's own save (parameters and persistent buffers) comes back bit for bit."""
     cls = get_sae_class(arch)
     torch.manual_seed(1)
-    sae = cls(cls.config_class(d_in=D_IN, d_sae=D_SAE))
+    sae = cls(cls.config_class(d_in=D_IN, d_sae=D_SAE, **({"d_out": 5} if cls.is_transcoder else {})))
     with torch.no_grad():
         for p in sae.parameters():
             p.copy_(torch.randn_like(p) * 0.3)

@@ -34,8 +34,11 @@ needs_peer = pytest.mark.skipif(PEER is None, reason=WHY)
 
 
 def make_sae(seed: int = 0, sizes=SIZES, k: int = K, aux_k: int = 4) -> MatryoshkaSAE:
+    """The batch-level rule from the first step (topk_warmup_frac 0): the per-row warm-up is TopK's selection."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = MatryoshkaConfig(d_in=D, d_sae=sum(sizes), k=k, aux_k=aux_k, group_sizes=sizes, dtype="float64")
+    cfg = MatryoshkaConfig(
+        d_in=D, d_sae=sum(sizes), k=k, aux_k=aux_k, group_sizes=sizes, dtype="float64", topk_warmup_frac=0.0
+    )
     sae = MatryoshkaSAE(cfg, gen)
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(sae.d_sae, generator=gen, dtype=torch.float64) * 0.3)
@@ -110,7 +113,9 @@ def test_loss_and_gradient_match_a_dense_loop_over_prefixes(dead_ids, auxk_path)
 def test_one_group_is_batchtopk():
     x = batch(2, rows=16)
     ours = make_sae(sizes=[N])
-    plain = BatchTopKSAE(BatchTopKConfig(d_in=D, d_sae=N, k=K, aux_k=4, dtype="float64"))
+    plain = BatchTopKSAE(
+        BatchTopKConfig(d_in=D, d_sae=N, k=K, aux_k=4, dtype="float64", topk_warmup_frac=0.0)
+    )
     plain.load_state_dict(ours.state_dict())
     dead = torch.zeros(N, dtype=torch.bool)
     dead[[2, 5, 11]] = True

@@ -77,6 +77,7 @@ def train(make_sae, source, steps=2000, batch_size=512):
     return Trainer(make_sae(), cfg).fit(source).sae
 
 
+@pytest.mark.slow
 def test_gba_recovers_the_toy_features_and_beats_topk_k30():
     """The GBA paper's toy (128 features in d=42, half the rows 3-sparse, half 20-sparse): with default settings
     and the same budget, GBA recovers >= 93% of the features at cosine >= 0.9; TopK with k=30 does not.

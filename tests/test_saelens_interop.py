@@ -253,9 +253,9 @@ def test_runtime_normalisations_are_refused(tmp_path, gen, norm):
 
 def test_unknown_saelens_architecture_names_it_and_the_file(tmp_path, gen):
     folder = write_saelens_dir(
-        tmp_path / "g", {"architecture": "gated", "d_in": D_IN, "d_sae": D_SAE}, random_params(gen)
+        tmp_path / "g", {"architecture": "temporal", "d_in": D_IN, "d_sae": D_SAE}, random_params(gen)
     )
-    with pytest.raises(ValueError, match=r"cfg\.json: architecture='gated' is unknown"):
+    with pytest.raises(ValueError, match=r"cfg\.json: architecture='temporal' is unknown"):
         load_sae(folder)
 
 

@@ -3,10 +3,12 @@ the SLURM launcher config (composed and rendered to an sbatch script by submitit
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+import saelab
 from saelab.app.cli import CONFIG_DIR, main
 from saelab.app.config import register_configs
 from saelab.buffer.cache import CacheWriter
@@ -25,15 +29,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class RecordingLogger:
-    """Stands in for RunLogger; records the logging config each run starts with."""
+    """Stands in for RunLogger; records the logging config each run starts with, and the step it starts at."""
 
     configs: list = []
+    starts: list = []
 
     def __init__(self, cfg, total_steps, run_config, output_dir):
         RecordingLogger.configs.append(cfg)
 
     def start_at(self, step):
-        pass
+        RecordingLogger.starts.append(step)
 
     def advance(self, steps=1):
         pass
@@ -64,8 +69,8 @@ def test_local_multirun_of_two_configurations_from_one_cache(tmp_path, monkeypat
     write_cache(cache)
     main([
         "train", "-m", "source=cache", f"source.path={cache}", "sae.k=2,4", "sae.d_sae=64",
-        "trainer.total_tokens=4096", "trainer.batch_size=256", "trainer.device=cpu", "logging.progress=false",
-        f"hydra.sweep.dir={sweep}",
+        "trainer.total_tokens=4096", "trainer.batch_size=256", "trainer.device=cpu", "trainer.checkpoint_every=4",
+        "logging.progress=false", f"hydra.sweep.dir={sweep}",
     ])  # fmt: skip
 
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -93,6 +98,26 @@ def test_local_multirun_of_two_configurations_from_one_cache(tmp_path, monkeypat
     assert "2 runs (1 done)" in out and "missing" in out
     rows = [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rows] == ["done", "missing"] and "fvu" not in rows[1]
+
+    # sweep-resubmit: job 1 (as if killed after its step-12 checkpoint) resumes in its own folder; job 0, whose
+    # folder is gone (never started), runs from the start in the folder the sweep gave it. Both end with the
+    # weights they had.
+    trained = [saelab.load_sae(run).state_dict() for run in runs]
+    shutil.rmtree(runs[1] / "sae")
+    shutil.rmtree(runs[0])
+    assert [r["status"] for r in _collect(sweep)] == ["not started", "missing"]
+    RecordingLogger.starts = []
+    main(["sweep-resubmit", str(sweep)])
+    rows = _rows(sweep)
+    assert [(r["run"], r["status"]) for r in rows] == [(p.name, "done") for p in runs]
+    assert RecordingLogger.starts == [0, 12]  # job 1 resumed from its newest checkpoint
+    for run, weights in zip(runs, trained, strict=True):
+        for name, tensor in saelab.load_sae(run).state_dict().items():
+            torch.testing.assert_close(tensor, weights[name], rtol=1e-5, atol=1e-6)
+    assert list((runs[1] / ".hydra").glob("attempt-*/overrides.yaml"))  # the earlier record, kept
+    capsys.readouterr()
+    main(["sweep-resubmit", str(sweep)])
+    assert "nothing to resubmit" in capsys.readouterr().out
 
 
 def test_a_sweep_with_a_failed_run_still_writes_its_summary(tmp_path):
@@ -267,6 +292,12 @@ def test_sweep_summary_says_which_slurm_jobs_are_pending_running_or_failed(tmp_p
     ]  # no queue: unknown
 
 
+def _collect(sweep) -> list[dict]:
+    from saelab.app.sweep import collect_sweep
+
+    return collect_sweep(sweep)
+
+
 def _rows(sweep) -> list[dict]:
     return [json.loads(line) for line in (sweep / "summary.jsonl").read_text().splitlines()]
 
@@ -434,3 +465,91 @@ def test_sweep_summary_adds_no_planned_rows_where_run_folders_carry_no_job_numbe
         (None, "missing", ["a=1"]),
         (None, "missing", ["a=2"]),
     ]
+
+
+# ------------------------------------------------------------------ search sweepers and job results
+SEARCH_RUN = ["source.d_in=16", "source.n_features=48", "sae.d_sae=64", "trainer.total_tokens=4096",
+              "trainer.batch_size=256", "trainer.device=cpu", "logging.progress=false"]  # fmt: skip
+
+
+def test_optuna_gets_each_runs_objective_and_a_failed_run_is_a_failed_trial(tmp_path):
+    """hydra/sweeper=optuna_search, 2 trials of k in {4, 65} drawn by Optuna's seeded random sampler (seed 0: 65,
+    then 4): k=65 (> d_sae) fails, which Optuna records as a failed trial, the search goes on, and k=4 returns its
+    held-out FVU, the best value. (The grid sampler is avoided: hydra-optuna-sweeper 1.3 crashes when a grid's
+    last trial fails.)"""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs hydra-optuna-sweeper (dev extra)")
+    sweep = tmp_path / "sweep"
+    main(["train", "-m", "hydra/sweeper=optuna_search", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
+          "hydra.sweeper.n_trials=2", "sweep.objective=heldout/fvu", "trainer.eval_every=4", "sae.k=choice(4,65)",
+          *SEARCH_RUN, f"hydra.sweep.dir={sweep}"])  # fmt: skip
+    rows = _rows(sweep)
+    assert [(row["job"], row["overrides"][0], row["status"]) for row in rows] == [
+        (0, "sae.k=65", "missing"),
+        (1, "sae.k=4", "done"),
+    ]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert dict(best.best_params) == {"sae.k": 4}
+    assert (
+        best.best_value
+        == rows[1]["heldout/fvu"]
+        == json.loads((sweep / rows[1]["run"] / "summary.json").read_text())["heldout/fvu"]
+    )
+
+
+def test_sweep_settings_the_runs_cannot_honour_stop_the_sweep_before_any_job(tmp_path):
+    with pytest.raises(
+        SystemExit, match=r"sweep.objective='heldout/fvu' is not a metric .*trainer.eval_every > 0"
+    ):
+        main(
+            [
+                "train",
+                "-m",
+                "sweep.objective=heldout/fvu",
+                "sae.k=2,4",
+                *SEARCH_RUN,
+                f"hydra.sweep.dir={tmp_path / 'a'}",
+            ]
+        )
+    with pytest.raises(SystemExit, match=r"sweep.direction='up' must be one of \['minimize', 'maximize'\]"):
+        main(
+            [
+                "train",
+                "-m",
+                "sweep.direction=up",
+                "sae.k=2,4",
+                *SEARCH_RUN,
+                f"hydra.sweep.dir={tmp_path / 'b'}",
+            ]
+        )
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
+        with pytest.raises(
+            SystemExit, match=r"OptunaSweeper, which needs a number from every run: set sweep.objective"
+        ):
+            main(
+                [
+                    "train",
+                    "-m",
+                    "hydra/sweeper=optuna_search",
+                    *SEARCH_RUN,
+                    f"hydra.sweep.dir={tmp_path / 'c'}",
+                ]
+            )
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_a_train_job_returns_a_small_result_that_unpickles_without_torch():
+    """What a launcher pickles (submitit: into the job's result file, read by the submitting process, often on a
+    CPU-only login node): numbers and paths, no SAE, no tensors."""
+    from saelab.app.cli import _train
+
+    register_configs()
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("config", overrides=[*SEARCH_RUN, "sae.k=4"])
+    data = pickle.dumps(_train(cfg))
+    assert len(data) < 2048
+    code = (
+        "import json, pickle, sys; sys.modules['torch'] = None; "
+        "print(json.dumps(pickle.loads(sys.stdin.buffer.read())['metrics']))"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True)
+    assert set(json.loads(shown.stdout)) >= {"fvu", "l0", "dead_frac", "loss"}

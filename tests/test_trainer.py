@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from variants import small_configs
+from variants import planted_source, small_configs
 
 from saelab.sae.registry import build_sae
 from saelab.sae.relu import ReLUConfig
@@ -117,6 +117,7 @@ def test_relu_with_default_lr_recovers_planted_features_in_the_l0_band_its_lambd
     assert heldout_fvu(result.sae, source) <= max_fvu
 
 
+@pytest.mark.slow
 def test_relu_l0_falls_as_lambda_rises():
     l0s = []
     for lam in (0.5, 8.0):
@@ -162,15 +163,18 @@ class StopAfter:
 
 #: Every trainable variant (a new variant file with its yaml is covered without editing this test). GBA's biases
 #: update every 3 steps: the checkpoint at step 20 falls inside a window, whose statistics must resume.
-RESUMABLE = sorted(small_configs({"d_in": 16, "d_sae": 64}, gba={"update_every": 3}))
+#: A skip transcoder (its b_in and target_scale buffers, the skip weights) resumes too.
+TRANSCODERS = ("topk_skip_transcoder",)
+RESUMABLE = sorted(small_configs({"d_in": 16, "d_sae": 64}, gba={"update_every": 3}, transcoders=TRANSCODERS))
 
 
 @pytest.mark.parametrize("variant", RESUMABLE)
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_loss_curve(tmp_path, variant):
     def make_cfg():
-        return small_configs({"d_in": 16, "d_sae": 64}, gba={"update_every": 3})[variant]
+        configs = small_configs({"d_in": 16, "d_sae": 64}, gba={"update_every": 3}, transcoders=TRANSCODERS)
+        return configs[variant]
 
-    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3, seed=2))
+    source = planted_source(variant, SyntheticConfig(d_in=16, n_features=48, mean_active=3, seed=2))
     cfg = TrainerConfig(
         total_tokens=40 * 64,
         batch_size=64,

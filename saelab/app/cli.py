@@ -1,15 +1,23 @@
-"""`saelab <command> [hydra overrides]`: each command is a Hydra app over the `configs/` tree."""
+"""`saelab <command> [hydra overrides]`: each command is a Hydra app over the `configs/` tree.
+
+A failing command prints its error's message alone and exits 1: a bad setting, a missing file, a refused
+target explain themselves (the message names the field and the fix); `SAELAB_DEBUG=1` (or Hydra's
+`HYDRA_FULL_ERROR=1`) shows the full traceback instead. Unexpected errors (a bug) always show it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 import saelab.app.resolvers  # noqa: F401  (registers the resolvers the configs use)
+from saelab.train.preemption import TrainingStopped
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -26,7 +34,8 @@ def hydra_app(config_name: str, task: Callable[[DictConfig], object]) -> Callabl
         saved = sys.argv
         sys.argv = [f"saelab {config_name}", *argv]
         try:
-            app()
+            with errors_reported():
+                app()
             from saelab.parallel.distributed import finish
 
             finish()  # under torchrun: all ranks end together (a failed rank exits without waiting)
@@ -36,24 +45,89 @@ def hydra_app(config_name: str, task: Callable[[DictConfig], object]) -> Callabl
     return command
 
 
+#: Built-in error types saelab raises for conditions it explains (bad values, missing or refused files, a
+#: diverged run, too little memory); errors of classes saelab defines are explained too.
+EXPLAINED = (ValueError, TypeError, OSError, FloatingPointError, MemoryError)
+
+
+def debugging() -> bool:
+    """Whether the user asked for tracebacks: SAELAB_DEBUG set (not 0), or Hydra's HYDRA_FULL_ERROR=1."""
+    return os.environ.get("SAELAB_DEBUG", "0") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def explained(err: BaseException) -> bool:
+    """Whether `err` explains itself: a config error of Hydra / OmegaConf, an EXPLAINED type, or a saelab class."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    own = type(err).__module__.startswith("saelab.")
+    return own or isinstance(err, (*EXPLAINED, HydraException, OmegaConfBaseException))
+
+
+def error_message(err: BaseException) -> str:
+    """The text to print for an explained error; a missing config option lists the group's real choices (not
+    the `*_schema` entries that type-check them)."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, MissingConfigException) and err.options is not None:
+        choices = sorted(o for o in err.options if not o.endswith("_schema"))
+        return f"{str(err).splitlines()[0]}; choose one of: {', '.join(choices)}"
+    cause = err.__cause__
+    return f"{err}\n{cause}" if isinstance(cause, OmegaConfBaseException) else str(err)
+
+
+@contextlib.contextmanager
+def errors_reported() -> Iterator[None]:
+    """Inside: Hydra raises errors instead of printing them (HYDRA_FULL_ERROR=1); an explained one is printed
+    alone and ends the process with exit code 1 (unless `debugging`, which re-raises it)."""
+    debug = debugging()
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except Exception as err:
+        if debug or not explained(err):
+            raise
+        print(f"error: {error_message(err)}\n(set SAELAB_DEBUG=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
 def check_not_multirun_under_torchrun(argv: list[str]) -> None:
     """Refuse `-m` under torchrun before Hydra starts (Hydra turns a callback's error into a warning): every rank
     would launch the whole sweep."""
     from saelab.parallel.distributed import env_world_size
 
-    if env_world_size() > 1 and any(a in ("-m", "--multirun") for a in argv):
+    together = any(a.startswith("hydra/launcher=together") for a in argv)  # one process trains every job
+    if env_world_size() > 1 and any(a in ("-m", "--multirun") for a in argv) and not together:
         raise SystemExit(
             "a Hydra multirun (-m) cannot run under torchrun: every rank would launch the whole sweep. Run the "
             "sweep with one process per job (locally, or on SLURM with hydra/launcher=slurm and "
-            "hydra.launcher.tasks_per_node=hydra.launcher.gpus_per_node for data-parallel jobs), or call "
-            "torchrun once per configuration."
+            "hydra.launcher.tasks_per_node=hydra.launcher.gpus_per_node for data-parallel jobs), call "
+            "torchrun once per configuration, or train the sweep's jobs together (hydra/launcher=together)."
         )
 
 
 def _train(cfg: DictConfig) -> object:
-    from saelab.app.train_job import train_from_config
+    from saelab.app.train_job import train_task
 
-    return train_from_config(cfg)
+    try:
+        return train_task(cfg)
+    except TrainingStopped as stopped:  # its line is printed: end as the signal asked, without a traceback
+        raise SystemExit(128 + stopped.signum) from None
+
+
+def _train_command(argv: list[str]) -> None:
+    """`saelab train ...`: a resume path is taken as typed, and a resumed run keeps its recorded overrides
+    (`saelab.app.resume`)."""
+    from saelab.app.resume import resume_arguments
+
+    hydra_app("config", _train)(resume_arguments(argv))
 
 
 def _eval(cfg: DictConfig) -> object:
@@ -73,9 +147,21 @@ def _inspect(cfg: DictConfig) -> object:
     return inspect_from_config(cfg)
 
 
-def _inspect_command(argv: list[str]) -> None:
-    """`saelab inspect sae=PATH ...`: like `saelab eval`, `sae=` is passed on as `sae_path=`."""
-    hydra_app("inspect", _inspect)([f"sae_path={a[4:]}" if a.startswith("sae=") else a for a in argv])
+def _inspect_command(argv: list[str], preset: tuple[str, ...] = ()) -> None:
+    """`saelab inspect sae=PATH ...`: like `saelab eval`, `sae=` is passed on as `sae_path=`; `preset`
+    overrides come first, so the command line can still change them."""
+    args = [f"sae_path={a[4:]}" if a.startswith("sae=") else a for a in argv]
+    hydra_app("inspect", _inspect)([*preset, *args])
+
+
+def _inspect_serve(argv: list[str]) -> None:
+    """`saelab inspect-serve sae=PATH source=...`: serve the written site with the text box, no collection."""
+    _inspect_command(argv, ("collect=false", "serve=true"))
+
+
+def _inspect_explain(argv: list[str]) -> None:
+    """`saelab inspect-explain output_dir=SITE explain.explainer=...`: explain a written site's latents."""
+    _inspect_command(argv, ("collect=false",))
 
 
 def _harvest(cfg: DictConfig) -> object:
@@ -96,13 +182,22 @@ def _sweep_summary(argv: list[str]) -> None:
     sweep_main(argv)
 
 
+def _sweep_resubmit(argv: list[str]) -> None:
+    from saelab.app.resubmit import main as resubmit_main
+
+    resubmit_main(argv, hydra_app("config", _train))
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "train": hydra_app("config", _train),
+    "train": _train_command,
     "eval": _eval_command,
     "harvest": hydra_app("harvest", _harvest),
     "inspect": _inspect_command,
+    "inspect-serve": _inspect_serve,
+    "inspect-explain": _inspect_explain,
     "fetch-assets": _fetch_assets,
     "sweep-summary": _sweep_summary,
+    "sweep-resubmit": _sweep_resubmit,
 }
 
 

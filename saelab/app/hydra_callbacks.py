@@ -1,8 +1,10 @@
 """Hydra callbacks of `saelab train`, listed under `hydra.callbacks` in configs/config.yaml.
 
-SharedRunDir: under torchrun every rank composes its own config, and Hydra's `${now:...}` resolves to each
-process's own clock, so the ranks could pick different run directories. Rank 0's resolved directory is
-broadcast to all ranks before any of them creates it; the other ranks also skip `.hydra/` and the log file.
+SharedRunDir: a single run resuming with trainer.resume_from runs in the resumed run's directory, its Hydra
+record going to `.hydra/resume-<time>/` (saelab.app.resume). Under torchrun every rank composes its own config,
+and Hydra's `${now:...}` resolves to each process's own clock, so the ranks could pick different run
+directories. Rank 0's resolved directory is broadcast to all ranks before any of them creates it; the other
+ranks also skip `.hydra/` and the log file.
 In a SLURM job that submitit started with several tasks, each task first exports torchrun's variables. Rank 0
 takes the run directory's lock (saelab.train.lock) before Hydra writes `.hydra/` there (the job re-enters it);
 where another live run holds it, Hydra is told to write neither `.hydra/` nor its log there, and the job then
@@ -10,6 +12,9 @@ fails naming the holder, so the live run's records stay intact (Hydra only warns
 
 SlurmJobStates: with a SLURM launcher, poll job states with squeue once sacct fails (clusters without
 accounting), instead of a warning every poll and a wait without end for a cancelled job (saelab.app.slurm_watcher).
+
+SweepObjective: before a multirun launches anything, check its `sweep` settings (a search sweeper such as Optuna
+needs sweep.objective, one the runs report; saelab.app.objective) and stop with the message if they are wrong.
 
 SweepSummary: when a multirun ends, gather the runs' summary.json files into the sweep's summary.jsonl
 (saelab.app.sweep), also when it ends with an error (a failed or cancelled job) or is interrupted (Ctrl-C, or
@@ -66,9 +71,11 @@ class SharedRunDir(Callback):
     locked: str | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from saelab.app.resume import resume_in_place
         from saelab.parallel import distributed
         from saelab.train import lock
 
+        resume_in_place(config)
         if distributed.env_world_size() > 1:
             from saelab.core.device import resolve_device
 
@@ -108,6 +115,25 @@ class SlurmJobStates(Callback):
             from saelab.app import slurm_watcher
 
             slurm_watcher.install()
+
+
+class SweepObjective(Callback):
+    """Refuse a multirun whose sweep settings the runs cannot honour, before any job starts (a SystemExit: Hydra
+    turns a callback's other exceptions into warnings)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from saelab.app.objective import check_sweep, search_sweeper
+
+        try:
+            check_sweep(
+                OmegaConf.select(config, "sweep.objective", default=None),
+                OmegaConf.select(config, "sweep.direction", default="minimize"),
+                int(OmegaConf.select(config, "trainer.eval_every", default=0)),
+                OmegaConf.select(config, "source.kind", default=None),
+                search_sweeper(OmegaConf.select(config, "hydra.sweeper._target_", default=None)),
+            )
+        except ValueError as err:
+            raise SystemExit(f"Error: {err}") from None
 
 
 def exit_on_sigterm() -> bool:

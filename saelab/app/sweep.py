@@ -6,7 +6,8 @@ sweep every run's wandb group defaults to the sweep directory and its name to th
 
 `write_sweep_summary(dir)` gathers the runs' summaries into `<sweep dir>/summary.jsonl`, one row per run:
 `job` (its number), `run` (its folder), `status`, `overrides` and the run's final metrics. Status: "done" (it
-wrote summary.json); for a SLURM job (hydra-submitit-launcher's `.submitit/` folder) "pending", "running" or
+wrote summary.json); "failed" for a job of hydra/launcher=together that stopped alone (its error.json: `error`,
+`failed_at_step`); for a SLURM job (hydra-submitit-launcher's `.submitit/` folder) "pending", "running" or
 "failed" by squeue and submitit's result file, with `slurm_job_id`, `slurm_state` and the job's `error`;
 "running" for a local run whose process still holds its run directory's lock; "not started" for a job of the
 sweep (as Hydra's basic sweeper expands the `multirun.yaml` it wrote) with no run folder yet, e.g. after the
@@ -29,6 +30,8 @@ from omegaconf import OmegaConf
 
 from saelab.app.slurm_jobs import ACTIVE, SUBMITIT, WAITING, SubmittedJob, queue_states, submitted_jobs
 from saelab.core.atomic import atomic_file
+from saelab.eval.frontier import write_sweep_frontier
+from saelab.io.layout import FAILURE_FILE
 from saelab.train.config import LoggingConfig
 from saelab.train.lock import held_elsewhere
 
@@ -71,8 +74,18 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(runs, key=lambda d: _order(_job_number(d.name), d.relative_to(sweep_dir).as_posix()))
 
 
+#: A resume's path is bookkeeping, not a setting of the job (Hydra's override_dirname leaves it out too).
+RESUME_OVERRIDE = "trainer.resume_from="
+
+
+def _job_overrides(overrides: list[Any]) -> list[str]:
+    """A job's settings among its overrides: without the resume path (sweep-resubmit adds one) and Hydra's own."""
+    return [str(o) for o in overrides if not str(o).startswith((RESUME_OVERRIDE, "hydra.", "hydra/"))]
+
+
 def _run_row(root: Path, run: Path) -> dict[str, Any]:
-    overrides = OmegaConf.to_container(OmegaConf.load(run / OVERRIDES)) if (run / OVERRIDES).is_file() else []
+    recorded = OmegaConf.to_container(OmegaConf.load(run / OVERRIDES)) if (run / OVERRIDES).is_file() else []
+    overrides = _job_overrides(recorded)
     row: dict[str, Any] = {
         "job": _job_number(run.name),
         "run": run.relative_to(root).as_posix(),
@@ -83,13 +96,38 @@ def _run_row(root: Path, run: Path) -> dict[str, Any]:
         summary = json.loads((run / RUN_SUMMARY).read_text())
         summary.pop("config", None)
         row.update(status="done", **summary)
+    elif (run / FAILURE_FILE).is_file():  # a job of hydra/launcher=together that stopped alone says why
+        failure = json.loads((run / FAILURE_FILE).read_text())
+        row.update(status="failed", error=failure.get("error"), failed_at_step=failure.get("step"))
     elif held_elsewhere(run):  # a job still training there holds its run directory's lock
         row["status"] = "running"
     return row
 
 
-def _not_started_row(job: SubmittedJob) -> dict[str, Any]:
+def submission(job: SubmittedJob) -> tuple[int | None, list[str]]:
+    """A submitted job's number and overrides (`SubmittedJob.submission`). A job that `saelab sweep-resubmit`
+    launched again names its run folder in a hydra.sweep.subdir override: the folder's number is the job's (its
+    position in the resubmitted batch is not)."""
     num, overrides = job.submission()
+    subdirs = [o.split("=", 1)[1].strip("'\"") for o in overrides if o.startswith("hydra.sweep.subdir=")]
+    if subdirs:
+        num = _job_number(Path(subdirs[-1]).name)
+    return num, _job_overrides(overrides)
+
+
+def latest_submissions(
+    jobs: list[SubmittedJob], submissions: dict[str, tuple[int | None, list[str]]]
+) -> list[SubmittedJob]:
+    """The jobs (in job id order) without those a later submission of the same job number replaced
+    (sweep-resubmit); `submissions`: each job id's `submission`."""
+    latest = {submissions[job.job_id][0]: job for job in jobs}  # in job id order: the last one wins
+    return [
+        job for job in jobs if submissions[job.job_id][0] is None or latest[submissions[job.job_id][0]] is job
+    ]
+
+
+def _not_started_row(submitted: tuple[int | None, list[str]]) -> dict[str, Any]:
+    num, overrides = submitted
     return {"job": num, "run": None, "status": "missing", "overrides": overrides}
 
 
@@ -147,6 +185,26 @@ def _unfinished_status(job: SubmittedJob, states: dict[str, str] | None) -> dict
     return {"status": "failed", "slurm_state": state}  # ended (even COMPLETED) without writing its summary
 
 
+def _run_of_job(
+    runs: dict[Path, dict[str, Any]],
+    jobs: list[SubmittedJob],
+    submissions: dict[str, tuple[int | None, list[str]]],
+) -> dict[str | None, Path]:
+    """Each run folder under the SLURM job that runs (or ran) it: the job id its .hydra/hydra.yaml records or,
+    where sweep-resubmit submitted that job number again, the newest submission's."""
+    if not jobs:
+        return {}
+    ids = {job.job_id for job in jobs}
+    newest = {submissions[job.job_id][0]: job.job_id for job in jobs}
+    found: dict[str | None, Path] = {}
+    for run, row in runs.items():
+        job_id = _slurm_job_id(run)
+        if job_id not in ids and row["job"] is not None:
+            job_id = newest.get(row["job"], job_id)
+        found[job_id] = run
+    return found
+
+
 def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per run of the sweep: job (number), run (folder; None for a job that has not started),
     status, overrides and the run's summary.json (without its config). A run without summary.json that was
@@ -157,10 +215,14 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory {str(root)!r} does not exist.")
     runs = {run: _run_row(root, run) for run in run_dirs(root)}
-    jobs = submitted_jobs(root)
-    run_of_job = {_slurm_job_id(run): run for run in runs} if jobs else {}
+    submitted = submitted_jobs(root)
+    submissions = {job.job_id: submission(job) for job in submitted}
+    jobs = latest_submissions(submitted, submissions)
+    run_of_job = _run_of_job(runs, jobs, submissions)
     job_rows = {  # a job that has not started has no run folder yet: its row comes from submitit's pickle
-        job.job_id: runs[run_of_job[job.job_id]] if job.job_id in run_of_job else _not_started_row(job)
+        job.job_id: runs[run_of_job[job.job_id]]
+        if job.job_id in run_of_job
+        else _not_started_row(submissions[job.job_id])
         for job in jobs
     }
     unfinished = [job for job in jobs if job_rows[job.job_id]["status"] != "done"]
@@ -182,11 +244,15 @@ def collect_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[dict[str, Any]]]:
-    """Write <sweep_dir>/summary.jsonl (atomically); returns its path and the rows."""
+    """Write <sweep_dir>/summary.jsonl (atomically) and the frontier of its runs (`saelab.eval.frontier`);
+    returns the summary's path and the rows."""
     rows = collect_sweep(sweep_dir)
     path = Path(sweep_dir) / SWEEP_SUMMARY
     with atomic_file(path) as tmp:
         tmp.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
+    write_sweep_frontier(
+        sweep_dir, rows
+    )  # frontier_*.png + frontier.html: L0 against FVU / CE loss recovered
     return path, rows
 
 

@@ -15,14 +15,23 @@ file's checksum the first time it reads it (`ActivationCache.verify` checks them
 hook, another harvest or a damaged disk is refused instead of trained on. Version-1 caches (no checksums)
 are still read, with shape and dtype checks only.
 The reader memory-maps shards and serves rows in a shuffled shard order (see `ActivationCache.batches`).
+
+Concurrent use (`saelab.core.lock`, lock file `.<name>.lock` beside the cache folder): a harvest holds it
+exclusively from start to end, so a second harvest into the same folder is refused naming the first; each
+reader holds it shared while open, so `overwrite=True` is refused while a reader lives (naming it) and a
+reader is refused while a harvest writes. Where locks do not reach (a file system without them, a writer that
+ignores them) a reader still notices a replaced shard file: it records each file's identity (device, inode,
+size, modification time) when it opens the cache and stops, naming the file, instead of reading other data.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
+import weakref
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saelab.core import lock as file_lock
 from saelab.core.atomic import (
     atomic_file,
     make_temporary_directory,
@@ -84,6 +94,31 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.npy"
 
 
+def check_hook_folders(hooks: list[str], where: str) -> None:
+    """Refuse hook names that cannot be cache folder names: empty, "tokens", hidden, or holding a path
+    separator ("../x" would reach outside the cache folder). `where` says whose names they are."""
+    bad = [h for h in hooks if not isinstance(h, str) or "/" in h or h in (TOKENS, "") or h.startswith(".")]
+    if bad:
+        raise ValueError(
+            f"{where}: hook names {bad} cannot be cache folder names (a hook's shards live in <cache>/<hook>/; "
+            "no path separators, no leading dot, not 'tokens')."
+        )
+
+
+def lock_path(root: Path) -> Path:
+    """The lock file of cache folder `root`: `.<name>.lock` beside it (it stays put when a cache is swapped)."""
+    return root.parent / f".{root.name}.lock"
+
+
+class CacheChangedError(RuntimeError):
+    """A shard file of an open cache was replaced (another harvest overwrote the cache under the reader)."""
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """(device, inode, size, modification time in ns): a replaced or rewritten file differs in one of them."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 #: A shard file's name (any number of digits: `shard_name` pads to five).
 SHARD_FILE = re.compile(r"^shard_\d{5,}\.npy$")
 
@@ -119,6 +154,14 @@ def _save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
     return {"shape": list(array.shape), "dtype": array.dtype.str, "crc32": checksum(array)}
 
 
+def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy file open in `f`, which is left at the start of the data."""
+    major, _ = np.lib.format.read_magic(f)
+    if major == 1:
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2))
@@ -128,7 +171,7 @@ def _read_json(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """The JSON object in `path`, which must hold the keys `required`; errors name the file and the fix."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: JSON or UTF-8 decoding
         raise ValueError(
             f"cannot read {path}: {err}; the cache folder is damaged, harvest it again."
         ) from err
@@ -160,9 +203,7 @@ class CacheWriter:
         check_storage_dtype(dtype)
         if shard_tokens <= 0:
             raise ValueError(f"shard_tokens={shard_tokens} must be > 0.")
-        bad = [h for h in widths if "/" in h or h in (TOKENS, "") or h.startswith(".")]
-        if bad:
-            raise ValueError(f"hook names {bad} cannot be used as cache folder names.")
+        check_hook_folders(list(widths), "harvest")
         self.final = self.root = Path(root)
         self.widths, self.dtype, self.shard_tokens = dict(widths), dtype, shard_tokens
         self.fingerprint = json.loads(json.dumps(fingerprint))  # normalise (tuples -> lists)
@@ -181,12 +222,12 @@ class CacheWriter:
         """Rows already written to shards."""
         return sum(self.shard_rows)
 
-    def _prepare_folder(self, overwrite: bool) -> None:
-        root = self.root
+    def _check_target(self, overwrite: bool) -> bool:
+        """Refuse an output folder this harvest must not write into; returns whether it holds a cache (complete,
+        to be replaced, or interrupted, to be resumed)."""
+        root = self.final
         if root.exists() and not root.is_dir():
             raise FileExistsError(f"output_dir={root} is a file; give a folder path for the cache.")
-        remove_stale_temporaries(root.parent, root.name)  # e.g. the new cache of a crashed overwrite
-        remove_stale_temporaries(root)  # e.g. a manifest.json a crashed harvest was writing
         is_cache = (root / MANIFEST).exists() or (root / PROGRESS).exists()
         if root.exists() and any(root.iterdir()) and not is_cache:
             raise FileExistsError(
@@ -204,6 +245,35 @@ class CacheWriter:
                     f"output_dir={root} holds files a harvest did not write ({', '.join(foreign[:8])}"
                     f"{' ...' if len(foreign) > 8 else ''}); move them out of the cache folder first."
                 )
+        return is_cache
+
+    def _take_lock(self) -> None:
+        """Hold the cache folder's lock exclusively until `finish` or `abort` (or this writer's end)."""
+        path = lock_path(self.final)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        refusal = (
+            f"output_dir={self.final} is in use by {{holders}}: a second harvest would mix its shards with the "
+            "first's, and a reader of the cache would see it change under it. Wait for them to finish, or "
+            "harvest into another output_dir."
+        )
+        fd = file_lock.lock(path, shared=False, role="harvest", refusal=refusal)
+        self._release = weakref.finalize(self, file_lock.unlock, path, fd)
+
+    def _prepare_folder(self, overwrite: bool) -> None:
+        root = self.root
+        self._check_target(overwrite)  # before locking: a refused target gets no lock file beside it
+        self._take_lock()
+        try:
+            is_cache = self._check_target(overwrite)  # again: it may have changed until the lock was ours
+            remove_stale_temporaries(root.parent, root.name)  # e.g. the new cache of a crashed overwrite
+            remove_stale_temporaries(root)  # e.g. a manifest.json a crashed harvest was writing
+            self._open_folder(overwrite, is_cache)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open_folder(self, overwrite: bool, is_cache: bool) -> None:
+        root = self.root
         if overwrite and is_cache:  # build beside the old cache; `finish` swaps it in
             self.root = root = make_temporary_directory(self.final)
         root.mkdir(parents=True, exist_ok=True)
@@ -289,9 +359,10 @@ class CacheWriter:
 
     def abort(self) -> None:
         """After a failed harvest: delete the half-built replacement of an overwrite (the old cache stays);
-        a plain harvest keeps its shards, to be resumed."""
+        a plain harvest keeps its shards, to be resumed. Releases the folder's lock."""
         if self.root != self.final:
             shutil.rmtree(self.root, ignore_errors=True)
+        self._release()
 
     def finish(self, metadata: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
         """Write the last shard and the manifest (last, atomically), then swap a replacement cache into
@@ -322,14 +393,38 @@ class CacheWriter:
         if self.root != self.final:
             replace_directory(self.root, self.final)
             self.root = self.final
+        self._release()
         return manifest
 
 
 class ActivationCache:
-    """A complete cache folder, read through memory maps."""
+    """A complete cache folder, read through memory maps. Holds the folder's lock shared while open (until
+    `close`, or until the object is garbage collected), so a harvest cannot replace the cache under it."""
 
     def __init__(self, root: str | Path, verify: bool = False):
         self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"{self.root} is not an activation cache (no such folder); run `saelab harvest`."
+            )
+        refusal = (
+            f"the cache at {self.root} is being written by {{holders}}; wait for that harvest to finish (an "
+            "overwrite swaps the new cache in when it is complete), then start again."
+        )
+        path = lock_path(self.root)
+        fd = file_lock.lock(path, shared=True, role="reader", refusal=refusal)
+        self._release = weakref.finalize(self, file_lock.unlock, path, fd)
+        try:
+            self._open(verify)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the folder's reader lock (reading after this still works, unprotected)."""
+        self._release()
+
+    def _open(self, verify: bool) -> None:
         if not (self.root / MANIFEST).exists():
             if (self.root / PROGRESS).exists():
                 raise ValueError(
@@ -346,14 +441,18 @@ class ActivationCache:
                 f"{path} is not a {FORMAT} manifest of version {READABLE_VERSIONS} (found "
                 f"{self.manifest['format']!r} version {self.manifest['version']!r}); harvest the cache again."
             )
+        self.opened_at = time.strftime("%Y-%m-%d %H:%M:%S")
         self.dtype: str = self.manifest["dtype"]
         check_storage_dtype(self.dtype)
         self.shard_rows: list[int] = self.manifest["shard_rows"]
         self.total_rows: int = self.manifest["total_rows"]
         self.hook_names: list[str] = list(self.manifest["hooks"])
+        check_hook_folders(self.hook_names, str(path))
         #: folder -> per-shard records (shape, dtype, crc32); None for version-1 caches
         self.files: dict[str, list[dict[str, Any]]] | None = self.manifest.get("shards")
         self._verified: set[tuple[str, int]] = set()
+        #: (folder, shard) -> `file_identity` of the file when the cache was opened
+        self._identities: dict[tuple[str, int], tuple[int, int, int, int]] = {}
         for folder in [*self.hook_names, TOKENS]:
             numpy_dtype = np.dtype(np.int32 if folder == TOKENS else STORAGE[self.dtype][0])
             for i, rows in enumerate(self.shard_rows):
@@ -398,16 +497,40 @@ class ActivationCache:
         return hook
 
     def _map(self, folder: str, index: int) -> np.ndarray:
-        """Memory map of one shard file (opened per read: thousands of shards would exhaust file handles)."""
+        """Memory map of one shard file (opened per read: thousands of shards would exhaust file handles). The
+        file must be the one this cache opened (`file_identity`); the map is made from the same open file."""
         path = self.root / folder / shard_name(index)
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing; the cache is damaged, harvest it again.")
-        try:
-            return np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as err:  # e.g. "mmap length is greater than file size" (truncated)
-            raise ValueError(
-                f"{path} cannot be read ({err}): the file is truncated or corrupt; harvest the cache again."
-            ) from err
+        with open(path, "rb") as f:
+            self._check_identity(folder, index, path, os.fstat(f.fileno()))
+            try:
+                shape, fortran_order, dtype = _read_npy_header(f)
+                return np.memmap(
+                    f,
+                    dtype=dtype,
+                    mode="r",
+                    shape=shape,
+                    order="F" if fortran_order else "C",
+                    offset=f.tell(),
+                )
+            except (ValueError, OSError) as err:  # e.g. "mmap length is greater than file size" (truncated)
+                raise ValueError(
+                    f"{path} cannot be read ({err}): the file is truncated or corrupt; harvest the cache again."
+                ) from err
+
+    def _check_identity(self, folder: str, index: int, path: Path, stat: os.stat_result) -> None:
+        """Record a shard file's identity on first sight; later, raise CacheChangedError if it is another file."""
+        found = file_identity(stat)
+        expected = self._identities.setdefault((folder, index), found)
+        if found != expected:
+            raise CacheChangedError(
+                f"{path} is not the file this process opened at {self.opened_at}: the cache at {self.root} was "
+                "replaced or rewritten while it was being read (e.g. by `saelab harvest overwrite=true` from a "
+                "saelab that does not lock caches, or by hand). Stopping rather than reading other data; what "
+                "was read before came from the old cache. Start again on the new cache (a training run: from "
+                "scratch, or trainer.resume_from only if the data is meant to be the same)."
+            )
 
     def _read(self, folder: str, index: int) -> np.ndarray:
         """Shard file `index` of `folder` in memory; its checksum is checked on the first read."""
@@ -438,8 +561,11 @@ class ActivationCache:
                 self._read(folder, index)
         return len(folders) * len(self.shard_rows)
 
-    def shard(self, hook: str, index: int) -> Tensor:
-        """Activations of shard `index` [rows, d] (a copy in memory)."""
+    def shard(self, hook: str | list[str], index: int) -> Tensor:
+        """Activations of shard `index` [rows, d] (a copy in memory); for a list of hooks their rows side by side
+        [rows, d_1 + d_2 + ...] (a transcoder's [x | y])."""
+        if isinstance(hook, list):
+            return torch.cat([self.shard(h, index) for h in hook], dim=1)
         array = self._read(self.check_hook(hook), index)
         x = torch.from_numpy(array)
         return x.view(torch.bfloat16) if self.dtype == "bfloat16" else x
@@ -469,7 +595,9 @@ class ActivationCache:
             size += self.shard_rows[i]
         return groups
 
-    def _row_chunks(self, hook: str, start_row: int, seed: int, group_rows: int) -> Iterator[Tensor]:
+    def _row_chunks(
+        self, hook: str | list[str], start_row: int, seed: int, group_rows: int
+    ) -> Iterator[Tensor]:
         """Endless row stream from global row `start_row`: per epoch, groups of shuffled shards, rows
         shuffled within each group. A pure function of (seed, row index): resuming is exact and cheap."""
         epoch, skip = divmod(start_row, self.total_rows)
@@ -487,14 +615,15 @@ class ActivationCache:
 
     def batches(
         self,
-        hook: str | None,
+        hook: str | list[str] | None,
         batch_size: int,
         start_batch: int = 0,
         seed: int = 0,
         group_rows: int = 131072,
     ) -> Iterator[Tensor]:
-        """Endless batches [batch_size, d] (storage dtype, CPU), batch b being a pure function of (seed, b)."""
-        hook = self.check_hook(hook)
+        """Endless batches [batch_size, d] (storage dtype, CPU), batch b being a pure function of (seed, b). A list
+        of hooks gives each row's activations at all of them side by side (rows are shuffled whole)."""
+        hook = [self.check_hook(h) for h in hook] if isinstance(hook, list) else self.check_hook(hook)
         if self.total_rows == 0:
             raise ValueError(f"the cache at {self.root} holds no rows.")
         carry: list[Tensor] = []

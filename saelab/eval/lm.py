@@ -4,9 +4,14 @@ Per batch of tokens [B, T], three forward passes share one installed hook (`sael
 clean, with the activation at the hook replaced by the SAE reconstruction, and zero-ablated. Averaged
 over counted next-token predictions (float64 sums):
     ce_clean, ce_sae, ce_zero;  ce_loss_score = (ce_zero - ce_sae) / (ce_zero - ce_clean)
-    kl_div = KL(p_clean || p_sae) = sum_v p_clean (log p_clean - log p_sae)
+    kl_div = KL(p_clean || p_sae) = sum_v p_clean (log p_clean - log p_sae); kl_div_zero the same for the
+    zero-ablated pass; kl_div_score = (kl_div_zero - kl_div) / kl_div_zero (SAEBench's)
 Special tokens (BOS, EOS, pad, ...) are left untouched at the hook, and the prediction at position t is
 counted only when neither token t nor the target t + 1 is special.
+
+A transcoder reads its input at the hook and replaces the activation at its target hook; the hook activations
+returned are the target's (y, y_hat), and a fourth pass mean-ablates the target (its mean over the batch's
+substituted positions): ce_mean and ce_loss_score_mean = (ce_mean - ce_sae) / (ce_mean - ce_clean).
 """
 
 from __future__ import annotations
@@ -68,11 +73,15 @@ class LMEvaluator:
         hook_name: str,
         special_token_ids: Sequence[int] = (),
         forward_kwargs: dict[str, Any] | None = None,
+        target_hook: str | None = None,
     ):
         self.model, self.sae, self.hook_name = model, sae, hook_name
+        self.target_hook = target_hook  # a transcoder's (None: its metadata's hook_name_out)
         self.special_token_ids = list(special_token_ids)
         self.forward_kwargs = forward_kwargs or {}
-        self.sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_div": 0.0}
+        self.sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_div": 0.0, "kl_div_zero": 0.0}
+        if sae.is_transcoder:
+            self.sums["ce_mean"] = 0.0
         self.predictions = 0
 
     def _run(self, tokens: Tensor) -> Tensor:
@@ -93,7 +102,9 @@ class LMEvaluator:
             order = rearrange(evaluated, "b t -> (b t)").long().cumsum(0).reshape(evaluated.shape)
             evaluated = evaluated & (order <= max_positions)
         counted = evaluated[:, :-1] & ~special[:, 1:]
-        with spliced(self.model, self.sae, self.hook_name, mode="clean", mask=~special) as splice:
+        with spliced(
+            self.model, self.sae, self.hook_name, mode="clean", mask=~special, target_hook=self.target_hook
+        ) as splice:
             clean = next_token_log_probs(self._run(tokens))
             x = splice.x
             splice.mode = "reconstruct"
@@ -103,9 +114,15 @@ class LMEvaluator:
             self._add("ce_sae", token_ce(with_sae, tokens), counted)
             kl = (clean.exp() * (clean - with_sae)).sum(dim=-1)
             self._add("kl_div", kl, counted)
-            del with_sae, clean
+            del with_sae
             splice.mode = "zero"
-            self._add("ce_zero", token_ce(next_token_log_probs(self._run(tokens)), tokens), counted)
+            zero = next_token_log_probs(self._run(tokens))
+            self._add("ce_zero", token_ce(zero, tokens), counted)
+            self._add("kl_div_zero", (clean.exp() * (clean - zero)).sum(dim=-1), counted)
+            del zero, clean
+            if "ce_mean" in self.sums:
+                splice.mode = "mean"
+                self._add("ce_mean", token_ce(next_token_log_probs(self._run(tokens)), tokens), counted)
         self.predictions += int(counted.sum())
         keep = rearrange(evaluated, "b t -> (b t)")
         return SplicedBatch(
@@ -124,6 +141,13 @@ class LMEvaluator:
         out = {k: v / self.predictions for k, v in self.sums.items()}
         gap = out["ce_zero"] - out["ce_clean"]
         out["ce_loss_score"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap != 0 else float("nan")
+        if "ce_mean" in out:
+            mean_gap = out["ce_mean"] - out["ce_clean"]
+            out["ce_loss_score_mean"] = (
+                (out["ce_mean"] - out["ce_sae"]) / mean_gap if mean_gap else float("nan")
+            )
         out["ce_degradation"] = out["ce_sae"] - out["ce_clean"]
+        zero_kl = out["kl_div_zero"]
+        out["kl_div_score"] = (zero_kl - out["kl_div"]) / zero_kl if zero_kl != 0 else float("nan")
         out["predictions"] = self.predictions
         return out

@@ -21,12 +21,13 @@ def check_hook(sae_hook: str | None, source_hook: str | None) -> None:
 
 #: Fields that decide a synthetic source's features and batches, and a cache source's rows and their order.
 SYNTHETIC_IDENTITY = ("structure", "n_features", "seed")
-CACHE_IDENTITY = ("cache_path", "hook_name", "reading")
+CACHE_IDENTITY = ("cache_path", "hook_name", "hook_name_out", "reading")
 #: ... and a live model source's text and how far a run's batches reach into it.
 MODEL_IDENTITY = (
     "model_name",
     "model_backend",
     "hook_name",
+    "hook_name_out",
     "context_size",
     "prepend_bos",
     "dataset_path",
@@ -34,15 +35,23 @@ MODEL_IDENTITY = (
     "dataset_split",
     "reading",
 )
-IDENTITY = {"synthetic": SYNTHETIC_IDENTITY, "cache": CACHE_IDENTITY, "model": MODEL_IDENTITY}
+#: Planted pairs (saelab.sources.pairs) are a synthetic source with a target.
+PAIRS_IDENTITY = (*SYNTHETIC_IDENTITY, "d_out", "linear_scale")
+IDENTITY = {
+    "synthetic": SYNTHETIC_IDENTITY,
+    "pairs": PAIRS_IDENTITY,
+    "cache": CACHE_IDENTITY,
+    "model": MODEL_IDENTITY,
+}
 
 
 def check_same_synthetic_source(trained_on: dict[str, Any], source: dict[str, Any]) -> None:
     """Refuse to evaluate an SAE trained on one synthetic source against another: its planted features (the
     recovery figures) and its data would be a different problem. Other sources are not compared."""
-    if trained_on.get("source") != "synthetic" or source.get("source") != "synthetic":
+    kind = trained_on.get("source")
+    if kind not in ("synthetic", "pairs") or source.get("source") != kind:
         return
-    differ = [k for k in SYNTHETIC_IDENTITY if k in trained_on and trained_on[k] != source.get(k)]
+    differ = [k for k in IDENTITY[kind] if k in trained_on and trained_on[k] != source.get(k)]
     if differ:
         wanted = " ".join(f"source.{k}={trained_on[k]}" for k in differ)
         found = ", ".join(f"source.{k}={source.get(k)!r}" for k in differ)
@@ -78,8 +87,8 @@ def evaluation_start(
     evaluation's source object; batch_size: rows per batch (contexts per batch for a model source, whose
     evaluation reads token contexts). start_batch -1 (the default) starts past the SAE's training
     data when it trained on this source, else at 0; an explicit start_batch is kept and judged.
-    - synthetic: a batch is a function of its index alone, so the data past index `training_batches.end` is
-      new at any batch size.
+    - synthetic (and planted pairs): a batch is a function of its index alone, so the data past index
+      `training_batches.end` is new at any batch size.
     - cache: one shuffled pass of `distinct_rows` rows, read as a row stream (batch b = rows [b * size,
       (b + 1) * size)) that starts its pass again after the last row: rows past the training rows are new up
       to the end of the pass.
@@ -94,7 +103,7 @@ def evaluation_start(
         int(trained_on["training_batches"]["end"]),
         int(trained_on["training_batches"]["batch_size"]),
     )
-    if kind == "synthetic":
+    if kind in ("synthetic", "pairs"):
         start = end if start_batch < 0 else start_batch
         return start, start >= end
     if kind == "cache":

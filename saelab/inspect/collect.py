@@ -1,15 +1,18 @@
 """Stream token contexts through a model with an SAE at its hook and keep, per latent, bounded summaries:
 
-firing count, sum and max of activations, a log-spaced activation histogram, the top-N activating tokens, a
-uniform reservoir sample of its firings (`saelab.inspect.tables.TopTable`), its most co-firing latents
-(`CofiringTable`), each kept example's activation window; then from the weights its nearest latents by
-decoder cosine and the output tokens it promotes / suppresses (`saelab.inspect.weights`).
+firing count, sum and max of activations, a log-spaced activation histogram, the top-N activating tokens,
+uniform samples of its firings within equal-width activation intervals (`saelab.inspect.tables.BandTable`),
+its most co-firing latents (Misra-Gries candidates, then counted exactly from a spill file), each kept
+example's activation window, and a uniform sample of token windows with the latents firing in them (the
+non-activating examples explanations are scored on); then from the weights its nearest latents by decoder
+cosine and the output tokens it promotes / suppresses (`saelab.inspect.weights`).
 
     data = collect_features(model, sae, contexts, hook_name="blocks.6.hook_resid_post", cfg=InspectConfig())
 
-Memory is fixed per latent (n * (n_top + n_samples) * window floats, ...) plus the contexts that kept examples
-refer to, never more than n * (n_top + n_samples) of them. Special tokens (BOS, pad, separators: the
-tokenizer's special ids) are excluded from every statistic, as in `saelab eval` and `saelab harvest`.
+Memory is fixed per latent (n * (n_top + n_bands * per_band) * window float16, ...) plus the contexts that
+kept examples refer to; the tokens' co-firing latent ids go to a temporary file (tokens * cofiring_cap * 2
+bytes). Special tokens (BOS, pad, separators: the tokenizer's special ids) are excluded from every statistic,
+as in `saelab eval` and `saelab harvest`.
 """
 
 from __future__ import annotations
@@ -22,13 +25,22 @@ from einops import rearrange
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from saelab.core.seeds import generator
 from saelab.data.tokens import excluded_token_ids, keep_mask
 from saelab.harvest.module import ModuleHarvester
 from saelab.harvest.tlens import TransformerLensHarvester
 from saelab.inspect.config import InspectConfig
 from saelab.inspect.data import FeatureData
-from saelab.inspect.tables import CofiringTable, TopTable, best_per_group
-from saelab.inspect.weights import logit_effects, nearest_by_decoder, unembedding
+from saelab.inspect.tables import (
+    BandTable,
+    CofiringSpill,
+    CofiringTable,
+    RandomWindows,
+    TopTable,
+    best_per_group,
+)
+from saelab.inspect.tokens import token_texts
+from saelab.inspect.weights import WeightAnalyses, weight_analyses
 from saelab.metrics.codes import Codes, encode_codes
 from saelab.sae.base import SAE
 from saelab.splice.hooks import is_transformer_lens
@@ -48,7 +60,7 @@ class BatchCodes:
         self._dense: Tensor | None = None
 
     def events(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(row, latent, value) [E] of every nonzero code at a kept position."""
+        """(row, latent, value) [E] of every nonzero code at a kept position, sorted by row."""
         if isinstance(self.codes, tuple):
             values, indices = self.codes
             row, slot = ((values != 0) & self.keep[:, None]).nonzero(as_tuple=True)
@@ -74,6 +86,13 @@ class BatchCodes:
             self._dense = dense.scatter_add_(1, indices, values)
         return self._dense
 
+    def window_bounds(self, row: Tensor, before: int, after: int) -> tuple[Tensor, Tensor]:
+        """row [M] -> (first, stop) [M]: the rows of each row's window, cut at its context's ends."""
+        ctx_start = row - row % self.context_size
+        first = torch.maximum(row - before, ctx_start)
+        stop = torch.minimum(row + after + 1, ctx_start + self.context_size)
+        return first, stop
+
     def windows(self, latent: Tensor, row: Tensor, before: int, after: int) -> Tensor:
         """latent, row [M] -> [M, before + 1 + after]: the latent's codes around each row within its context,
         NaN past the context's ends."""
@@ -97,6 +116,13 @@ def strongest_per_row(row: Tensor, latent: Tensor, value: Tensor, n_rows: int, c
     active = torch.full((n_rows, width), -1, dtype=torch.long, device=row.device)
     active[row[order], rank] = latent[order]
     return active
+
+
+def latents_in_windows(event_row: Tensor, event_latent: Tensor, first: Tensor, stop: Tensor) -> list[Tensor]:
+    """Events sorted by row; first, stop [M] row ranges -> per range, the distinct latents firing in it."""
+    lo = torch.searchsorted(event_row, first).tolist()
+    hi = torch.searchsorted(event_row, stop).tolist()
+    return [torch.unique(event_latent[a:b]) for a, b in zip(lo, hi, strict=True)]
 
 
 class ContextStore:
@@ -137,10 +163,12 @@ class LatentCollector:
             dtype=torch.float64,
         )
         self.top = TopTable(d_sae, cfg.n_top, width, device)
-        self.samples = TopTable(d_sae, cfg.n_samples, width, device)
+        self.bands = BandTable(d_sae, cfg.n_bands, cfg.per_band, width, device)
+        self.random = RandomWindows(cfg.n_random, device)
         self.cofiring = CofiringTable(d_sae, cfg.n_cofiring, device)
+        self.spill = CofiringSpill(d_sae) if cfg.n_cofiring > 0 else None
         self.store = ContextStore(context_size)
-        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        self.generator = generator(cfg.seed, "inspect.sampling", device=device)
         self.n_tokens = self.n_contexts = 0
         self._live = 0
 
@@ -156,7 +184,7 @@ class LatentCollector:
     @torch.no_grad()
     def update(self, codes: Codes, tokens: Tensor, keep: Tensor) -> None:
         """codes of the flattened batch [B * T, ...], tokens [B, T] int, keep [B, T] bool (non-special)."""
-        T = self.context_size
+        T, cfg = self.context_size, self.cfg
         if tokens.shape[1] != T:
             raise ValueError(f"every token batch must hold contexts of {T} tokens, got {tokens.shape[1]}.")
         device = self.fire_count.device
@@ -168,25 +196,36 @@ class LatentCollector:
         self.act_sum.index_add_(0, latent, value.double())
         self.act_max.scatter_reduce_(0, latent, value, "amax")
         flat_hist = self.hist_counts.view(-1)
-        flat_hist.index_add_(
-            0, latent * self.cfg.hist_bins + self.histogram_bin(value), torch.ones_like(latent)
-        )
+        flat_hist.index_add_(0, latent * cfg.hist_bins + self.histogram_bin(value), torch.ones_like(latent))
 
-        def windows(lat: Tensor, token: Tensor) -> Tensor:
-            return batch.windows(lat, token - base, self.cfg.window_before, self.cfg.window_after)
+        def windows(event: Tensor) -> Tensor:
+            return batch.windows(latent[event], row[event], cfg.window_before, cfg.window_after)
 
         token = row + base
-        changed = [self.top.update(latent, value, value, token, windows)]
+        changed = self.top.token[self.top.update(latent, value, value, token, windows)]
         keys = torch.rand(latent.numel(), generator=self.generator, device=device)
-        changed.append(self.samples.update(latent, keys, value, token, windows))
-        self.cofiring.update(strongest_per_row(row, latent, value, keep.numel(), self.cfg.cofiring_cap))
-        self._store_contexts(tokens, base, changed)
+        band_rows = self.bands.update(latent, keys, value, token, windows)
+        kept_rows = batch.keep.nonzero().flatten()
+
+        def window_latents(candidate: Tensor) -> list[Tensor]:
+            first, stop = batch.window_bounds(kept_rows[candidate], cfg.window_before, cfg.window_after)
+            return latents_in_windows(row, latent, first, stop)
+
+        random_keys = torch.rand(kept_rows.numel(), generator=self.generator, device=device)
+        self.random.update(random_keys, kept_rows + base, window_latents)
+        active = strongest_per_row(row, latent, value, keep.numel(), cfg.cofiring_cap)
+        self.cofiring.update(active)
+        if self.spill is not None:
+            self.spill.append(active)
+        refs = torch.cat(
+            [changed.reshape(-1), self.bands.table.token[band_rows].reshape(-1), self.random.token]
+        )
+        self._store_contexts(tokens, base, refs)
         self.n_contexts += tokens.shape[0]
         self.n_tokens += int(keep.sum())
 
-    def _store_contexts(self, tokens: Tensor, base: int, changed: list[Tensor]) -> None:
+    def _store_contexts(self, tokens: Tensor, base: int, refs: Tensor) -> None:
         """Keep this batch's contexts that new examples refer to; drop unreferenced ones now and then."""
-        refs = torch.cat([self.top.token[changed[0]].reshape(-1), self.samples.token[changed[1]].reshape(-1)])
         new = torch.unique(refs[refs >= base] // self.context_size)
         self.store.add(self.n_contexts, tokens, new)
         if self.store.ids.numel() > 2 * self._live + 4 * tokens.shape[0]:
@@ -195,31 +234,44 @@ class LatentCollector:
             self._live = live.numel()
 
     def referenced_tokens(self) -> Tensor:
-        tokens = torch.cat([self.top.token.reshape(-1), self.samples.token.reshape(-1)])
+        tables = (self.top.token, self.bands.table.token, self.random.token)
+        tokens = torch.cat([t.reshape(-1) for t in tables])
         return tokens[tokens >= 0]
 
     def state_nbytes(self) -> int:
-        """Bytes held by the streaming state (the fixed-size tables plus the stored contexts)."""
+        """Bytes held in memory by the streaming state (the fixed-size tables plus the stored contexts)."""
         fixed = sum(
             t.numel() * t.element_size()
             for t in (self.fire_count, self.act_sum, self.act_max, self.hist_counts)
         )
-        return (
-            fixed + self.top.nbytes() + self.samples.nbytes() + self.cofiring.nbytes() + self.store.nbytes()
-        )
+        tables = self.top.nbytes() + self.bands.nbytes() + self.random.nbytes() + self.cofiring.nbytes()
+        return fixed + tables + self.store.nbytes()
+
+    def exact_cofiring(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(partner ids [n, m] by Jaccard descending, exact co-firing counts [n, m], Jaccard [n, m], -1 for an
+        empty slot) of the Misra-Gries candidates; the Jaccard index uses the spill's capped firing counts."""
+        partner = self.cofiring.partner.cpu()
+        if self.spill is None:
+            empty = torch.zeros(self.n, 0)
+            return partner, empty.long(), empty
+        counts = self.spill.exact_counts(partner, self.fire_count.device)
+        fires = self.spill.fire_count
+        union = fires[:, None] + fires[partner.clamp_min(0)] - counts
+        jaccard = torch.where(partner >= 0, counts.double() / union.clamp_min(1).double(), -1.0)
+        order = jaccard.argsort(dim=1, descending=True, stable=True)
+        self.spill.close()
+        return partner.gather(1, order), counts.gather(1, order), jaccard.gather(1, order).float()
 
     def finish(self, sae: SAE, model: nn.Module, tokenizer: Any, hook_name: str) -> FeatureData:
-        """Add the weight-based analyses and return everything on the CPU."""
+        """Add the exact co-firing counts and the weight analyses; return everything on the CPU."""
         cfg = self.cfg
         self.store.keep_only(torch.unique(self.referenced_tokens() // self.context_size))
-        nearest_ids, nearest_cos = nearest_by_decoder(sae.W_dec, cfg.n_neighbours)
-        W_U, centre, note = unembedding(model)
-        logits: tuple[Tensor | None, ...] = (None, None, None, None)
-        if W_U is not None and W_U.shape[0] != sae.d_in:
-            W_U, note = None, f"the unembedding has d_model={W_U.shape[0]} != SAE d_in={sae.d_in}; skipped."
-        if W_U is not None and cfg.n_logit_tokens > 0:
-            logits = tuple(t.cpu() for t in logit_effects(sae.W_dec, W_U, cfg.n_logit_tokens, centre))
+        weights: WeightAnalyses = weight_analyses(sae, model, cfg)
+        partner, counts, jaccard = self.exact_cofiring()
         act_max = torch.where(self.fire_count > 0, self.act_max, torch.zeros_like(self.act_max))
+        bands = self.bands
+        width = cfg.window_before + 1 + cfg.window_after
+        band_shape = (self.n, cfg.n_bands, cfg.per_band)
         cpu = lambda t: t.cpu()  # noqa: E731
         data = FeatureData(
             d_sae=self.n,
@@ -237,20 +289,28 @@ class LatentCollector:
             top_value=cpu(self.top.value),
             top_token=cpu(self.top.token),
             top_window=cpu(self.top.ranked_window()),
-            sample_value=cpu(self.samples.value),
-            sample_token=cpu(self.samples.token),
-            sample_window=cpu(self.samples.ranked_window()),
-            cofiring_ids=cpu(self.cofiring.partner),
-            cofiring_counts=cpu(self.cofiring.count),
+            band_scale=cpu(bands.scale),
+            band_count=cpu(bands.count),
+            band_value=cpu(bands.table.value).reshape(band_shape),
+            band_token=cpu(bands.table.token).reshape(band_shape),
+            band_window=cpu(bands.table.ranked_window()).reshape(*band_shape, width),
+            random_token=cpu(self.random.token),
+            random_latents=self.random.latents,
+            cofiring_ids=partner,
+            cofiring_counts=counts,
+            cofiring_jaccard=jaccard,
+            cofiring_fires=self.spill.fire_count if self.spill is not None else torch.zeros(self.n).long(),
             cofiring_error=cpu(self.cofiring.error),
             cofiring_cap=cfg.cofiring_cap,
-            nearest_ids=cpu(nearest_ids),
-            nearest_cos=cpu(nearest_cos),
-            promoted_ids=logits[0],
-            promoted_logits=logits[1],
-            suppressed_ids=logits[2],
-            suppressed_logits=logits[3],
-            logit_note=note,
+            nearest_ids=weights.nearest_ids,
+            nearest_cos=weights.nearest_cos,
+            promoted_ids=weights.promoted_ids,
+            promoted_logits=weights.promoted_logits,
+            suppressed_ids=weights.suppressed_ids,
+            suppressed_logits=weights.suppressed_logits,
+            logit_hist_range=weights.logit_hist_range,
+            logit_hist_counts=weights.logit_hist_counts,
+            logit_note=weights.note,
             context_ids=self.store.ids,
             context_tokens=self.store.tokens.long(),
         )
@@ -263,14 +323,6 @@ def used_token_ids(data: FeatureData) -> list[int]:
     parts = [data.context_tokens.reshape(-1)]
     parts += [t.reshape(-1) for t in (data.promoted_ids, data.suppressed_ids) if t is not None]
     return torch.unique(torch.cat(parts)).tolist()
-
-
-def token_texts(tokenizer: Any, ids: list[int]) -> dict[int, str]:
-    """Token id -> its text as the tokenizer decodes it alone ("<id>" without a tokenizer)."""
-    if tokenizer is None:
-        return {i: f"<{i}>" for i in ids}
-    texts = tokenizer.batch_decode([[i] for i in ids])
-    return dict(zip(ids, texts, strict=True))
 
 
 def token_batches(contexts: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:

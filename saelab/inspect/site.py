@@ -4,31 +4,36 @@ Layout under the output directory:
     index.html, app.js, style.css   copied from saelab/inspect/static
     data/index.js                   per-latent summary rows (density, max / mean activation, max cosine, ...)
     data/vocab.js                   token id -> text for every token shown
-    data/latents_<k>.js             latents [k * L, (k + 1) * L): examples, histogram, tokens, neighbours
+    data/latents_<k>.js             latents [k * L, (k + 1) * L): examples, histograms, tokens, neighbours
     data/contexts_<k>.js            token ids of the stored contexts, each context once
+    data/random.js                  uniformly sampled token windows and the latents firing in each
+    data/explanations.js            explanations and their scores (`saelab.inspect.explain`), maybe none
 
-Data files are scripts that assign globals (`window.SAELAB_*`), since browsers refuse fetch() on file://.
-`serve(out_dir, port)` serves the folder on http://127.0.0.1:<port>/ with Python's http.server.
+Data files are scripts that assign globals (`window.SAELAB_*`), since browsers refuse fetch() on file://;
+`read_script` reads one back in Python. The bulk numbers (examples, ranked lists, co-firing, context tokens) are
+binary, base64 inside the JSON (`saelab.inspect.codec`): an example is its context, position and value plus the
+latent's other nonzero activations in its window (zeros are not stored), activations in float16.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
 import json
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from saelab.core.atomic import atomic_directory
+from saelab.core.atomic import atomic_directory, atomic_file
+from saelab.inspect.codec import ExampleCodec, encode_cofiring, encode_pairs, encode_tokens, field_bytes
 from saelab.inspect.data import FeatureData
 
 STATIC_FILES = ("index.html", "app.js", "style.css")
 CONTEXTS_PER_FILE = 512
+EXPLANATIONS_FILE = "data/explanations.js"
 
 
 def rounded(values: torch.Tensor, digits: int = 4) -> list:
@@ -42,13 +47,7 @@ def rounded(values: torch.Tensor, digits: int = 4) -> list:
     return torch.where(x == 0, x, out).tolist()
 
 
-def decimals(values: torch.Tensor, places: int = 3) -> list:
-    """Values rounded to `places` decimals (activations shown on the page; cheaper than `rounded`)."""
-    scale = 10.0**places
-    return (torch.round(values.double() * scale) / scale).tolist()
-
-
-def _script(name: str, payload: Any, key: int | None = None) -> str:
+def script(name: str, payload: Any, key: int | None = None) -> str:
     """JavaScript that stores `payload` in window.<name> (or window.<name>[key]); NaN stays NaN."""
     text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
     if key is None:
@@ -56,85 +55,96 @@ def _script(name: str, payload: Any, key: int | None = None) -> str:
     return f"window.{name} = window.{name} || {{}};\nwindow.{name}[{key}] = {text};\n"
 
 
-class ExampleTable:
-    """One kind of example (top or samples) of a block of latents, in the site's form:
-    [value, site context, position, window start, activations from the window start to the context's end]."""
-
-    def __init__(
-        self, data: FeatureData, site_context: torch.Tensor, values, tokens, windows, latents: range
-    ):
-        T, before, after = data.context_size, data.window_before, data.window_after
-        tokens = tokens[latents.start : latents.stop]
-        self.valid = (tokens >= 0).tolist()
-        ctx, pos = tokens.clamp_min(0) // T, tokens.clamp_min(0) % T
-        row = torch.searchsorted(data.context_ids, ctx).clamp_max(max(site_context.numel() - 1, 0))
-        self.context = (site_context[row] if site_context.numel() else torch.zeros_like(ctx)).tolist()
-        self.pos = pos.tolist()
-        self.start = (pos - before).clamp_min(0).tolist()
-        self.skip = ((pos - before).clamp_min(0) - (pos - before)).tolist()
-        self.length = ((pos + after + 1).clamp_max(T) - (pos - before).clamp_min(0)).tolist()
-        self.value = decimals(values[latents.start : latents.stop], 4)
-        self.windows = decimals(windows[latents.start : latents.stop])
-
-    def rows(self, r: int) -> list[list[Any]]:
-        out = []
-        for j, valid in enumerate(self.valid[r]):
-            if valid:
-                skip, length = self.skip[r][j], self.length[r][j]
-                acts = self.windows[r][j][skip : skip + length]
-                out.append([self.value[r][j], self.context[r][j], self.pos[r][j], self.start[r][j], acts])
-        return out
+_SCRIPT = re.compile(r"^(?:window\.\w+ = window\.\w+ \|\| \{\};\n)?window\.\w+(?:\[\d+\])? = (.*);\n?$", re.S)
 
 
-def _pairs(ids: torch.Tensor | None, values: torch.Tensor | None, latents: range) -> list[list[list[Any]]]:
-    """Per latent of the block: [[id, value], ...] of a ranked list (empty without data; id -1 dropped)."""
-    if ids is None or values is None:
-        return [[] for _ in latents]
-    block_ids = ids[latents.start : latents.stop].tolist()
-    block_values = decimals(values[latents.start : latents.stop], 4)
-    return [
-        [[i, v] for i, v in zip(row_ids, row_values, strict=True) if i >= 0]
-        for row_ids, row_values in zip(block_ids, block_values, strict=True)
-    ]
+def read_script(path: str | Path) -> Any:
+    """The payload of a data file written by `script`."""
+    text = Path(path).read_text(encoding="utf-8")
+    match = _SCRIPT.match(text)
+    if match is None:
+        raise ValueError(f"{path} is not a saelab inspect data file.")
+    return json.loads(match.group(1))
+
+
+def example_codec(data: FeatureData) -> ExampleCodec:
+    """The example layout for the site of `data` (field widths from its contexts' count and length)."""
+    return ExampleCodec(field_bytes(data.context_ids.numel(), 2), field_bytes(data.context_size, 1))
+
+
+def encode_examples(data: FeatureData, values: Tensor, tokens: Tensor, windows: Tensor) -> list[str]:
+    """Groups of examples (a latent's top list, or one activation interval's sample): values, tokens [G, k]
+    (token -1: empty) and windows [G, k, W] -> one string per group, its examples by value, descending."""
+    G, k = tokens.shape
+    order = torch.where(tokens >= 0, -values.float(), torch.inf).argsort(dim=1, stable=True)
+    tokens, values = tokens.gather(1, order), values.gather(1, order)
+    windows = windows.gather(1, order[..., None].expand_as(windows))
+    group, slot = (tokens >= 0).nonzero(as_tuple=True)
+    token = tokens[group, slot]
+    if data.context_ids.numel():
+        context = torch.searchsorted(data.context_ids, token // data.context_size)
+    else:
+        context = torch.zeros_like(token)
+    extras = windows[group, slot].float().nan_to_num(0.0)
+    extras[:, data.window_before] = 0
+    return example_codec(data).encode(
+        group, context, token % data.context_size, values[group, slot], extras, data.window_before, G
+    )
 
 
 def latent_records(data: FeatureData, latents: range) -> list[dict[str, Any]]:
     """Everything the latent panel shows, for each latent of a block."""
-    site_context = torch.arange(data.context_ids.numel())
-    top = ExampleTable(data, site_context, data.top_value, data.top_token, data.top_window, latents)
-    samples = ExampleTable(
-        data, site_context, data.sample_value, data.sample_token, data.sample_window, latents
+    block = slice(latents.start, latents.stop)
+    L = len(latents)
+    top = encode_examples(data, data.top_value[block], data.top_token[block], data.top_window[block])
+    n_bands, per_band = data.band_value.shape[1:3]
+    bands = encode_examples(
+        data,
+        data.band_value[block].reshape(L * n_bands, per_band),
+        data.band_token[block].reshape(L * n_bands, per_band),
+        data.band_window[block].reshape(L * n_bands, per_band, -1),
     )
-    lists = {
-        "promoted": _pairs(data.promoted_ids, data.promoted_logits, latents),
-        "suppressed": _pairs(data.suppressed_ids, data.suppressed_logits, latents),
-        "nearest": _pairs(data.nearest_ids, data.nearest_cos, latents),
-        "cofiring": _pairs(data.cofiring_ids, data.cofiring_counts, latents),
-    }
+    band_counts = data.band_count[block].tolist()
+    lists: dict[str, list[str]] = {}
+    for name, ids, values in (
+        ("promoted", data.promoted_ids, data.promoted_logits),
+        ("suppressed", data.suppressed_ids, data.suppressed_logits),
+        ("nearest", data.nearest_ids, data.nearest_cos),
+    ):
+        lists[name] = encode_pairs(ids[block], values[block]) if ids is not None else [""] * L
+    lists["cofiring"] = encode_cofiring(
+        data.cofiring_ids[block], data.cofiring_counts[block], data.cofiring_jaccard[block]
+    )
+    scales = data.band_scale[block].tolist()
     records = []
     for r, i in enumerate(latents):
         hist = data.hist_counts[i]
         nonzero = hist.nonzero().flatten()
-        records.append(
-            {
-                "id": i,
-                "top": top.rows(r),
-                "samples": sorted(samples.rows(r), key=lambda e: -e[0]),
-                "hist": list(zip(nonzero.tolist(), hist[nonzero].tolist(), strict=True)),
-                **{name: rows[r] for name, rows in lists.items()},
-                "cofiring_error": int(data.cofiring_error[i]),
-            }
-        )
+        record = {
+            "top": top[r],
+            "scale": scales[r],
+            "bands": [
+                [b, band_counts[r][b], bands[r * n_bands + b]]
+                for b in reversed(range(n_bands))
+                if band_counts[r][b]
+            ],
+            "hist": list(zip(nonzero.tolist(), hist[nonzero].tolist(), strict=True)),
+            **{name: rows[r] for name, rows in lists.items()},
+            "cofiring_error": int(data.cofiring_error[i]),
+        }
+        if data.logit_hist_counts is not None and data.logit_hist_range is not None:
+            record["logit_hist"] = [*rounded(data.logit_hist_range[i], 3), data.logit_hist_counts[i].tolist()]
+        records.append(record)
     return records
 
 
 def top_token_ids(data: FeatureData) -> list[list[int]]:
     """Per latent, the distinct tokens at which its top examples fire, in order of activation."""
     T = data.context_size
-    tokens = data.top_token.clamp_min(0)
-    rows = torch.searchsorted(data.context_ids, tokens // T).clamp_max(max(data.context_ids.numel() - 1, 0))
     if data.context_ids.numel() == 0:
         return [[] for _ in range(data.d_sae)]
+    tokens = data.top_token.clamp_min(0)
+    rows = torch.searchsorted(data.context_ids, tokens // T).clamp_max(data.context_ids.numel() - 1)
     ids = data.context_tokens[rows, tokens % T].tolist()
     valid = (data.top_token >= 0).tolist()
     return [
@@ -152,11 +162,18 @@ def index_record(data: FeatureData, latents_per_file: int, metadata: dict[str, A
             "n_tokens": data.n_tokens,
             "n_contexts": data.n_contexts,
             "context_size": data.context_size,
+            "window_before": data.window_before,
+            "window_after": data.window_after,
             "latents_per_file": latents_per_file,
             "contexts_per_file": CONTEXTS_PER_FILE,
+            "n_bands": data.band_count.shape[1],
+            "context_bytes": example_codec(data).context_bytes,
+            "position_bytes": example_codec(data).position_bytes,
+            "token_bytes": token_width(data),
             "hist_edges": [float(e) for e in data.hist_edges.tolist()],
             "logit_note": data.logit_note,
             "cofiring_cap": data.cofiring_cap,
+            **data.metadata,
             **metadata,
         },
         "fires": data.fire_count.tolist(),
@@ -168,13 +185,34 @@ def index_record(data: FeatureData, latents_per_file: int, metadata: dict[str, A
     }
 
 
+def token_width(data: FeatureData) -> int:
+    """Bytes per stored token id: 2 unless some id shown needs more."""
+    largest = max(
+        [*data.vocab, int(data.context_tokens.max()) if data.context_tokens.numel() else 0], default=0
+    )
+    return 2 if largest < 2**16 else 4
+
+
+def random_windows(data: FeatureData) -> list[list[Any]]:
+    """[[site context, position, [latents firing in the window]], ...] of the sampled token windows."""
+    T = data.context_size
+    out = []
+    for token, latents in zip(data.random_token.tolist(), data.random_latents, strict=True):
+        if token >= 0:
+            row = int(torch.searchsorted(data.context_ids, torch.tensor(token // T)))
+            out.append([row, token % T, latents.tolist()])
+    return out
+
+
 def write_site(
     data: FeatureData,
     out_dir: str | Path,
     latents_per_file: int = 256,
     metadata: dict[str, Any] | None = None,
+    explanations: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the browser for `data` into `out_dir` (replaced atomically); returns the path of index.html."""
+    """Write the browser for `data` into `out_dir` (replaced atomically); returns the path of index.html.
+    explanations: a payload for data/explanations.js (e.g. kept from the site this one replaces)."""
     if latents_per_file <= 0:
         raise ValueError(f"latents_per_file={latents_per_file} must be > 0.")
     with atomic_directory(out_dir, owned=[*STATIC_FILES, "data"]) as tmp:
@@ -185,29 +223,32 @@ def write_site(
         folder = tmp / "data"
         folder.mkdir()
         index = index_record(data, latents_per_file, metadata or {})
-        (folder / "index.js").write_text(_script("SAELAB_INDEX", index), encoding="utf-8")
+        (folder / "index.js").write_text(script("SAELAB_INDEX", index), encoding="utf-8")
         vocab = {str(k): v for k, v in data.vocab.items()}
-        (folder / "vocab.js").write_text(_script("SAELAB_VOCAB", vocab), encoding="utf-8")
+        (folder / "vocab.js").write_text(script("SAELAB_VOCAB", vocab), encoding="utf-8")
         for k, start in enumerate(range(0, data.d_sae, latents_per_file)):
             stop = min(start + latents_per_file, data.d_sae)
             records = latent_records(data, range(start, stop))
-            (folder / f"latents_{k}.js").write_text(_script("SAELAB_LATENTS", records, k), encoding="utf-8")
+            (folder / f"latents_{k}.js").write_text(script("SAELAB_LATENTS", records, k), encoding="utf-8")
         for k, start in enumerate(range(0, data.context_ids.numel(), CONTEXTS_PER_FILE)):
-            rows = data.context_tokens[start : start + CONTEXTS_PER_FILE].tolist()
-            (folder / f"contexts_{k}.js").write_text(_script("SAELAB_CONTEXTS", rows, k), encoding="utf-8")
+            rows = data.context_tokens[start : start + CONTEXTS_PER_FILE]
+            packed = encode_tokens(rows.reshape(-1), token_width(data))
+            (folder / f"contexts_{k}.js").write_text(script("SAELAB_CONTEXTS", packed, k), encoding="utf-8")
+        (folder / "random.js").write_text(script("SAELAB_RANDOM", random_windows(data)), encoding="utf-8")
+        payload = explanations or {"latents": {}}
+        (tmp / EXPLANATIONS_FILE).write_text(script("SAELAB_EXPLANATIONS", payload), encoding="utf-8")
     return Path(out_dir).expanduser() / "index.html"
 
 
-def make_server(out_dir: str | Path, port: int = 8000) -> http.server.ThreadingHTTPServer:
-    """An HTTP server for `out_dir` bound to 127.0.0.1:<port> (0: any free port); not yet serving."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out_dir))
-    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+def read_explanations(site: str | Path) -> dict[str, Any]:
+    """The explanations payload of a site ({"latents": {}} when it has none)."""
+    path = Path(site) / EXPLANATIONS_FILE
+    return read_script(path) if path.exists() else {"latents": {}}
 
 
-def serve(out_dir: str | Path, port: int = 8000) -> None:
-    """Serve `out_dir` on http://127.0.0.1:<port>/ until interrupted (Ctrl-C)."""
-    with make_server(out_dir, port) as server:
-        host, bound = server.server_address[:2]
-        print(f"serving {out_dir} on http://{host}:{bound}/ (Ctrl-C to stop)", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            server.serve_forever()
+def write_explanations(site: str | Path, payload: dict[str, Any]) -> Path:
+    """Replace the site's data/explanations.js atomically."""
+    path = Path(site) / EXPLANATIONS_FILE
+    with atomic_file(path) as tmp:
+        tmp.write_text(script("SAELAB_EXPLANATIONS", payload), encoding="utf-8")
+    return path

@@ -59,7 +59,8 @@ def save_checkpoint(
         (tmp / "sae").rmdir()
         training = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
         save_file(training, str(tmp / TRAINING_WEIGHTS_FILE))
-        torch.save(state, tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "wb") as f:  # through Python's file: a full disk raises OSError(ENOSPC)
+            torch.save(state, f)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

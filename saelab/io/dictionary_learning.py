@@ -17,7 +17,11 @@ that saelab loads, with its inference rule (pre = the encoder's pre-activation) 
 - JumpReluAutoEncoder: W_enc [d, n], b_enc, W_dec [n, d], b_dec, threshold [n];
   z = ReLU(pre * (pre > threshold)) with pre = x @ W_enc + b_enc (apply_b_dec_to_input=False) -> `jumprelu`,
   b_enc + b_dec @ W_enc.
-- GatedAutoEncoder and any other class: refused, naming trainer.dict_class.
+- GatedAutoEncoder: encoder.weight [n, d] (no bias), decoder.weight [d, n], decoder_bias [d], gate_bias,
+  mag_bias, r_mag [n]; u = encoder(x - decoder_bias), z = [u + gate_bias > 0] * ReLU(exp(r_mag) * u + mag_bias),
+  x_hat = decoder(z) + decoder_bias -> `gated` (W_enc = encoder.weight^T, W_dec = decoder.weight^T, b_dec =
+  decoder_bias, b_gate / b_mag / r_mag = gate_bias / mag_bias / r_mag).
+- Any other class: refused, naming trainer.dict_class.
 
 Folded biases are computed in float64. `trainer.norm_factor` (normalize_activations) needs no folding:
 dictionary_learning scales the biases back before saving, so `ae.pt` takes raw activations. Note that
@@ -53,6 +57,10 @@ CLASSES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "BatchTopKSAE": ((*_LINEAR, "b_dec"), ("k", "threshold")),
     "MatryoshkaBatchTopKSAE": (_PLAIN, ("threshold", "k", "group_sizes")),
     "JumpReluAutoEncoder": (_PLAIN, ("threshold",)),
+    "GatedAutoEncoder": (
+        ("encoder.weight", "decoder.weight", "decoder_bias"),
+        ("gate_bias", "mag_bias", "r_mag"),
+    ),
 }
 #: Classes whose encoder does not subtract b_dec from its input (pre = x @ W_enc + b_enc).
 _NO_B_DEC_IN = ("JumpReluAutoEncoder",)
@@ -92,7 +100,7 @@ def dictionary_learning_to_saelab(
     if not isinstance(name, str) or name not in CLASSES:
         raise ValueError(
             f"{where}/{CONFIG_FILE}: trainer.dict_class={name!r} is not supported; saelab loads "
-            f"{sorted(CLASSES)} (GatedAutoEncoder's gate and magnitude paths have no saelab equivalent)."
+            f"{sorted(CLASSES)}."
         )
     weights, extras = CLASSES[name]
     cls = variant_for(name)
@@ -145,19 +153,23 @@ def _saelab_tensors(name: str, s: dict[str, Tensor]) -> dict[str, Tensor]:
         if name in _NO_B_DEC_IN:  # pre = x @ W_enc + b_enc: fold b_dec, which saelab subtracts first
             t["b_enc"] = t["b_enc"].double() + t["b_dec"].double() @ t["W_enc"].double()
         return t
-    t = {"W_enc": s["encoder.weight"].T, "b_enc": s["encoder.bias"], "W_dec": s["decoder.weight"].T}
+    t = {"W_enc": s["encoder.weight"].T, "W_dec": s["decoder.weight"].T}
+    if "encoder.bias" in s:
+        t["b_enc"] = s["encoder.bias"]
     if name == "AutoEncoder":
         t["b_dec"] = s["bias"]
     elif name == "AutoEncoderNew":  # pre = encoder(x): fold the decoder bias saelab subtracts first
         t["b_dec"] = s["decoder.bias"]
         t["b_enc"] = t["b_enc"].double() + t["b_dec"].double() @ t["W_enc"].double()
+    elif name == "GatedAutoEncoder":
+        t["b_dec"] = s["decoder_bias"]
     else:
         t["b_dec"] = s["b_dec"]
     return {k: v.contiguous() for k, v in t.items()}
 
 
 def _check_shapes(t: dict[str, Tensor], d: int, n: int, where: str) -> None:
-    expected = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    expected = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}  # b_enc: not in gated SAEs
     wrong = {k: (tuple(v.shape), expected[k]) for k, v in t.items() if tuple(v.shape) != expected[k]}
     if wrong:
         raise ValueError(f"{where}: inconsistent shapes (found, expected) {wrong}.")
@@ -176,11 +188,9 @@ def dictionary_learning_state(sae: SAE) -> dict[str, Tensor]:
                 p["b_enc"].dtype
             )
     else:
-        out = {
-            "encoder.weight": p["W_enc"].T.contiguous(),
-            "encoder.bias": p["b_enc"].contiguous(),
-            "decoder.weight": p["W_dec"].T.contiguous(),
-        }
+        out = {"encoder.weight": p["W_enc"].T.contiguous(), "decoder.weight": p["W_dec"].T.contiguous()}
+        if "encoder.bias" in weights:
+            out["encoder.bias"] = p["b_enc"].contiguous()
         bias = next(k for k in weights if k not in _LINEAR)
         out[bias] = p["b_dec"].contiguous()
     added = sae.dictionary_learning_extras()

@@ -15,6 +15,11 @@ def read_json_object(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} is missing.") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); the file is corrupt.") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): JSON config files are UTF-8; the file "
+            "is corrupt or not a config."
+        ) from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path} holds a JSON {type(raw).__name__}, expected an object.")
     return raw

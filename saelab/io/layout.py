@@ -7,6 +7,9 @@ import re
 from pathlib import Path
 
 STATE_FILE = "trainer_state.pt"
+#: What a run that stopped alone while others trained on (hydra/launcher=together) leaves in its run directory:
+#: {"error", "type", "step"}.
+FAILURE_FILE = "error.json"
 TRAINING_WEIGHTS_FILE = "training_weights.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

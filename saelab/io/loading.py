@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from saelab.core.device import resolve_device
+from saelab.core.memory import check_fits
 from saelab.io import dictionary_learning, sparsify
 from saelab.io.files import read_json_object
 from saelab.io.layout import STATE_FILE, TRAINING_WEIGHTS_FILE, list_checkpoints
@@ -42,6 +43,8 @@ LAYOUTS_TEXT = (
     f"(sparsify) or {dictionary_learning.CONFIG_FILE} + {dictionary_learning.WEIGHTS_FILE} (dictionary_learning)"
 )
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^/].*)?$")
+#: A Hydra run folder's date/time components (`outputs/2026-01-01/12-00-00`): a local path, never a hub repo.
+_HYDRA_RUN = re.compile(r"(^|/)\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}(/|$)")
 
 
 def load_sae(
@@ -66,7 +69,7 @@ def load_sae(
     """
     target = device if isinstance(device, torch.device) else resolve_device(device, "device")
     folder, origin = locate(source, subfolder, revision, cache_dir)
-    raw, state = read_files(folder)
+    raw, state = read_files(folder, device=target)
     if origin["kind"] == "hub" and norm_scaling_factor is None and needs_input_scale(raw):
         with contextlib.suppress(FileNotFoundError):  # if absent, build_from_files asks for the factor
             hub_file(origin["repo_id"], origin["subfolder"], SCALER_FILE, revision, cache_dir)
@@ -85,6 +88,11 @@ def locate(
     if local.is_dir():
         folder, is_checkpoint = resolve_local(local / subfolder if subfolder else local)
         return folder, {"kind": "checkpoint" if is_checkpoint else "directory", "path": str(folder)}
+    if local.exists():
+        raise NotADirectoryError(
+            f"{source} is a file; load_sae takes the folder holding an SAE's files ({LAYOUTS_TEXT}), e.g. "
+            f"{str(local.parent)!r}, a run directory or a checkpoint."
+        )
     if looks_local(source):
         missing = first_missing(local)
         raise FileNotFoundError(
@@ -104,10 +112,13 @@ def locate(
 
 def looks_local(source: str | Path) -> bool:
     """Whether a source that is not an existing directory must be a local path rather than a hub repo id:
-    a Path object, an absolute/relative/home path, anything not shaped 'owner/name[/sub/folder]', or a
-    path whose first component exists here (e.g. 'outputs/my_run' next to an 'outputs' folder)."""
+    a Path object, an absolute/relative/home path, anything not shaped 'owner/name[/sub/folder]', a Hydra run
+    folder (`.../<date>/<time>`), or a path whose first component exists here (e.g. 'outputs/my_run' next to an
+    'outputs' folder)."""
     text = str(source)
     if isinstance(source, Path) or text.startswith((".", "/", "~")) or "\\" in text:
+        return True
+    if _HYDRA_RUN.search(text):
         return True
     if not _REPO_ID.match(text):
         return True
@@ -247,10 +258,11 @@ def resolve_local(folder: Path) -> tuple[Path, bool]:
 
 
 def read_files(
-    folder: Path, weights_name: str = WEIGHTS_FILE
+    folder: Path, weights_name: str = WEIGHTS_FILE, device: torch.device | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(cfg.json dict, tensors) of an SAE directory (a peer's layout converted to saelab's); errors name the
-    missing or corrupt file."""
+    missing or corrupt file. Before loading, the config's sizes are checked against the weights file's header
+    and the tensors against the free memory of the CPU (where they are read) and of `device` (where they go)."""
     layout = peer_layout(folder)
     if layout is not None and not (folder / weights_name).is_file():
         return PEER_LAYOUTS[layout][2](folder)
@@ -258,7 +270,74 @@ def read_files(
     for needed in (cfg_path, weights_path):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} is missing: an SAE directory holds {LAYOUTS_TEXT}.")
-    return read_json_object(cfg_path), load_weights(weights_path)
+    raw = read_json_object(cfg_path)
+    header = weights_header(weights_path)
+    check_header_sizes(raw, header, cfg_path, weights_path)
+    size = sum(numel * itemsize for _, numel, itemsize in header.values())
+    what = f"loading {weights_path} ({size / 2**30:.2f} GiB of tensors"
+    check_fits(2 * size, torch.device("cpu"), f"{what}, read and built into an SAE)", "Free memory first.")
+    if device is not None and device.type != "cpu":
+        check_fits(
+            size, device, f"{what} on {device})", "Load it on another device, or with dtype='bfloat16'."
+        )
+    return raw, load_weights(weights_path)
+
+
+#: safetensors dtype names -> bytes per element.
+_ITEMSIZE = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+}
+
+
+def weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """name -> (shape, elements, bytes per element) of every tensor in a safetensors file, read from its header
+    alone (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            found = {name: (tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
+    except Exception as err:  # safetensors raises several types for truncated/corrupt files
+        raise ValueError(
+            f"could not read SAE weights from {path}: {err}. The file is missing or corrupt."
+        ) from err
+    return {
+        name: (shape, math.prod(shape), _ITEMSIZE.get(dtype, 1)) for name, (shape, dtype) in found.items()
+    }
+
+
+def check_header_sizes(
+    raw: dict[str, Any],
+    header: dict[str, tuple[tuple[int, ...], int, int]],
+    cfg_path: Path,
+    weights_path: Path,
+) -> None:
+    """Before anything is loaded or built: the sizes cfg.json claims (d_in, d_sae; d_out where it has one)
+    against the shapes in the weights file's header, for the tensors every layout names alike (W_enc [d_in,
+    d_sae], W_dec [d_sae, d_out], b_enc [d_sae]). A config claiming millions of latents next to a small file
+    would otherwise allocate them before the mismatch is found."""
+    sizes = {name: raw.get(name) for name in ("d_in", "d_sae", "d_out")}
+    if any(not isinstance(sizes[n], int) or isinstance(sizes[n], bool) for n in ("d_in", "d_sae")):
+        return  # missing or malformed sizes are named when the config is read
+    d_in, d_sae = sizes["d_in"], sizes["d_sae"]
+    d_out = sizes["d_out"] if isinstance(sizes["d_out"], int) else d_in
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,)}
+    wrong = {k: (header[k][0], v) for k, v in expected.items() if k in header and header[k][0] != v}
+    if wrong:
+        raise ValueError(
+            f"{weights_path} does not match {cfg_path} (d_in={d_in}, d_sae={d_sae}): wrong shapes (found, "
+            f"expected) {wrong}. Nothing was built; pair the config with its own weights file."
+        )
 
 
 def build_from_files(
@@ -293,10 +372,11 @@ def build_from_files(
         )
     check_finite(tensors, cls.unset_when_nan, weights_path)
     try:
-        sae = cls.from_config_dict({**cfg, "dtype": work})
+        with torch.device("meta"):  # the shapes the config describes, nothing allocated
+            shapes = cls.from_config_dict({**cfg, "dtype": work})
     except (TypeError, ValueError) as err:
         raise ValueError(f"{cfg_path}: {err}") from err
-    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in shapes.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))
@@ -306,6 +386,7 @@ def build_from_files(
             f"{weights_path} does not match {cfg_path}: missing tensors {missing}, unexpected tensors "
             f"{unexpected}, wrong shapes (found, expected) {wrong}."
         )
+    sae = cls.from_config_dict({**cfg, "dtype": work})
     sae.load_state_dict(tensors)
     if input_scale is not None:
         sae.fold_input_scale(input_scale)

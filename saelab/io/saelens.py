@@ -5,7 +5,10 @@ and its tensors into saelab's config dict and state dict. Every input transform 
 affine is folded into the weights, so the SAE takes raw activations and gives SAELens's exact outputs:
 
 - `rescale_acts_by_decoder_norm` (TopK): W_enc[:, i] *= |W_dec[i]|, b_enc[i] *= |W_dec[i]|, W_dec[i] /= |W_dec[i]|
-- `apply_b_dec_to_input=False`: b_enc += b_dec @ W_enc (saelab always subtracts b_dec before encoding)
+- `apply_b_dec_to_input=False`: b_enc += b_dec @ W_enc (saelab SAEs subtract b_dec before encoding; a gated
+  SAE's b_gate and b_mag take it). Transcoders (`transcoder`, `skip_transcoder`, `jumprelu_transcoder`,
+  `jumprelu_skip_transcoder`) never centre their input by b_dec, which lives in the output space: for them
+  apply_b_dec_to_input=False is the only value (as in SAELens) and nothing is folded.
 - `scaling_factor` (older SAELens fine-tuning factor on the codes): W_dec[i] *= s[i]
 - `log_threshold` (older JumpReLU checkpoints): threshold = exp(log_threshold)
 - `normalize_activations="expected_average_only_in"`: the factor s SAELens multiplied activations by is not
@@ -174,21 +177,28 @@ def to_saelab(
         )
     cfg["normalize_activations"] = "none"
     cfg["apply_b_dec_to_input"] = True
-    tensors = get_sae_class(arch).from_file_tensors(dict(state), where)
-    _fold_saelens_extras(raw, tensors, where)
+    cls = get_sae_class(arch)
+    tensors = cls.from_file_tensors(dict(state), where)
+    _fold_saelens_extras(raw, tensors, where, cls)
     return cfg, tensors
 
 
-def _fold_saelens_extras(raw: dict[str, Any], t: dict[str, Tensor], where: str) -> None:
+def _fold_saelens_extras(raw: dict[str, Any], t: dict[str, Tensor], where: str, cls: type[SAE]) -> None:
     """Fold SAELens-only tensors and flags into W_enc/b_enc/W_dec, in place (folded ones become float64)."""
     if "log_threshold" in t:
         t["threshold"] = t.pop("log_threshold").double().exp()
     factor = t.pop("scaling_factor", t.pop("finetuning_scaling_factor", None))
     rescale = json_flag(raw, "rescale_acts_by_decoder_norm", False, where)
-    no_b_dec_in = not json_flag(raw, "apply_b_dec_to_input", True, where)
+    b_dec_in = json_flag(raw, "apply_b_dec_to_input", True, where)
+    if cls.is_transcoder and b_dec_in:
+        raise ValueError(
+            f"{where}: apply_b_dec_to_input=true, but a transcoder's b_dec is in its output space and cannot "
+            "centre its input (SAELens refuses this too); a transcoder's file says false."
+        )
+    no_b_dec_in = not b_dec_in and not cls.is_transcoder
     if factor is None and not rescale and not no_b_dec_in:
         return
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    for name in ("W_enc", "W_dec", "b_dec", *(("b_enc",) if rescale else ())):
         if name not in t:
             raise ValueError(f"{where}: the weights have no tensor {name!r} (found {sorted(t)}).")
         t[name] = t[name].double()
@@ -206,7 +216,7 @@ def _fold_saelens_extras(raw: dict[str, Any], t: dict[str, Tensor], where: str) 
         t["b_enc"] = t["b_enc"] * norms
         t["W_dec"] = t["W_dec"] / norms[:, None]
     if no_b_dec_in:
-        t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
+        cls.absorb_input_offset(t, t["b_dec"])
 
 
 def saelens_config(sae: SAE) -> dict[str, Any]:
@@ -228,13 +238,15 @@ def saelens_config(sae: SAE) -> dict[str, Any]:
         "d_sae": sae.d_sae,
         "dtype": dtype_name(sae.W_enc.dtype, "sae"),
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not sae.is_transcoder,  # a transcoder's files hold no input centring
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": metadata,
     }
     if arch == "topk":
         cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
+    if sae.is_transcoder:
+        cfg["d_out"] = sae.d_out
     return cfg
 
 

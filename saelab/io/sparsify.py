@@ -12,10 +12,12 @@ so W_enc = encoder.weight^T and the other tensors keep their values. Options:
 - `multi_topk`, `normalize_decoder`, `expansion_factor` only shape training: any value loads. saelab
   reproduces sparsify's k-latent `encode` / `decode`; with `multi_topk=True` sparsify's `forward` returns
   the top-4k-latent reconstruction of its training loss instead, which saelab does not compute.
-- `transcode=True` (a transcoder: the input is not centred by b_dec, and the output predicts another
-  hookpoint): loads exactly with b_enc = encoder.bias + b_dec @ encoder.weight^T (folded in float64); the
-  SAE's metadata says `transcoder: true` and `export_sparsify` writes it back as a transcoder.
-- `skip_connection=True` adds x @ W_skip^T to the output, which saelab's decode(z) cannot: refused.
+- `transcode=True` (a transcoder: the input is not centred by b_dec, and the output predicts the hookpoint
+  module's output): loads as saelab's `topk_transcoder` (d_out = d_in), tensors unchanged.
+- `skip_connection=True` (`W_skip` [d_in, d_in], x @ W_skip^T added to the output): loads as
+  `topk_skip_transcoder`; a coder with skip_connection but not transcode (an SAE with a skip) too, its input
+  centring folded into b_enc = encoder.bias - b_dec @ encoder.weight^T (float64). `export_sparsify` writes
+  each back as it came (`transcode` from metadata `sparsify`; saelab's own transcoders as transcode=true).
 - `activation="groupmax"` (the max of each of k groups instead of a top-k): refused.
 - Any other field (from forks: `signed`, `batch_topk`, `input_unit_norm`, ...) is refused unless false/0.
 """
@@ -40,6 +42,8 @@ WEIGHTS_FILE = "sae.safetensors"
 _TRAINING_ONLY = {"expansion_factor", "normalize_decoder", "num_latents", "multi_topk"}
 _KNOWN_FIELDS = _TRAINING_ONLY | {"activation", "k", "skip_connection", "transcode", "d_in"}
 _TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+#: saelab architectures sparsify has an equivalent of: (no skip, skip).
+_TOPK = ("topk", "topk_transcoder", "topk_skip_transcoder")
 
 
 def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -60,19 +64,24 @@ def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 def sparsify_to_saelab(
     raw: dict[str, Any], state: dict[str, Tensor], *, where: str
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """sparsify (cfg.json dict, tensors) -> (saelab TopK config dict, state dict). `where` names the source
-    folder in errors; unsupported options raise naming the cfg.json field."""
+    """sparsify (cfg.json dict, tensors) -> (saelab config dict, state dict): `topk`, or `topk_transcoder` /
+    `topk_skip_transcoder` for transcoders and skip connections. `where` names the source folder in errors;
+    unsupported options raise naming the cfg.json field."""
     _check_options(raw, where)
     d_in = raw.get("d_in")
     if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in <= 0:
         raise ValueError(f"{where}/{CONFIG_FILE}: d_in={d_in!r} must be a positive integer.")
-    if not all(name in state for name in _TENSORS) or set(state) - set(_TENSORS):
+    skip = json_flag(raw, "skip_connection", False, f"{where}/{CONFIG_FILE}")
+    names = (*_TENSORS, "W_skip") if skip else _TENSORS
+    if not all(name in state for name in names) or set(state) - set(names):
         raise ValueError(
-            f"{where}/{WEIGHTS_FILE} holds tensors {sorted(state)}; a sparsify sparse coder has exactly "
-            f"{sorted(_TENSORS)}."
+            f"{where}/{WEIGHTS_FILE} holds tensors {sorted(state)}; a sparsify sparse coder with "
+            f"skip_connection={str(skip).lower()} has exactly {sorted(names)}."
         )
     n = state["encoder.weight"].shape[0]
     expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
+    if skip:
+        expected["W_skip"] = (d_in, d_in)
     wrong = {k: (tuple(state[k].shape), v) for k, v in expected.items() if tuple(state[k].shape) != v}
     if wrong:
         raise ValueError(
@@ -96,13 +105,17 @@ def sparsify_to_saelab(
     w_enc = state["encoder.weight"].T.contiguous()
     b_enc = state["encoder.bias"]
     transcode = json_flag(raw, "transcode", False, f"{where}/{CONFIG_FILE}")
-    if transcode:  # sparsify does not subtract b_dec before encoding a transcoder's input
-        b_enc = b_enc.double() + state["b_dec"].double() @ w_enc.double()
     metadata: dict[str, Any] = {"sparsify": {k: v for k, v in raw.items() if k != "d_in"}}
-    if transcode:
-        metadata["transcoder"] = True
-    cfg = {"architecture": "topk", "d_in": d_in, "d_sae": n, "k": k, "dtype": dtype, "metadata": metadata}
+    cfg = {"architecture": _TOPK[0], "d_in": d_in, "d_sae": n, "k": k, "dtype": dtype, "metadata": metadata}
     tensors = {"W_enc": w_enc, "b_enc": b_enc, "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
+    if (
+        transcode or skip
+    ):  # saelab's transcoder layout: pre = x @ W_enc + b_enc, output = ... (+ x @ W_skip^T)
+        cfg.update(architecture=_TOPK[2 if skip else 1], d_out=d_in, apply_b_dec_to_input=False)
+        if not transcode:  # sparsify centres an SAE's input by b_dec
+            tensors["b_enc"] = b_enc.double() - state["b_dec"].double() @ w_enc.double()
+        if skip:
+            tensors["W_skip"] = state["W_skip"]
     return cfg, tensors
 
 
@@ -115,11 +128,6 @@ def _check_options(raw: dict[str, Any], where: str) -> None:
             f"{place}: activation={activation!r} is not supported; saelab loads sparsify's 'topk' coders only "
             "('groupmax' keeps the largest latent of each of k groups, which no saelab SAE computes)."
         )
-    if json_flag(raw, "skip_connection", False, place):
-        raise ValueError(
-            f"{place}: skip_connection=true is not supported: the output adds x @ W_skip^T, which saelab's "
-            "decode(z) has no input for. Load it with sparsify (SparseCoder.load_from_disk)."
-        )
     unknown = sorted(k for k, v in raw.items() if k not in _KNOWN_FIELDS and v)
     if unknown:
         raise ValueError(
@@ -130,13 +138,24 @@ def _check_options(raw: dict[str, Any], where: str) -> None:
 
 
 def sparsify_config(sae: SAE) -> dict[str, Any]:
-    """sparsify's cfg.json (SparseCoderConfig fields + d_in) for a saelab TopK SAE; other variants raise."""
-    if sae.cfg.architecture != "topk":
+    """sparsify's cfg.json (SparseCoderConfig fields + d_in) for a saelab TopK SAE or TopK (skip) transcoder;
+    other variants raise."""
+    if sae.cfg.architecture not in _TOPK:
         raise ValueError(
-            f"sparsify's sparse coder is a TopK SAE; saelab's {sae.cfg.architecture!r} SAE has no sparsify "
-            "equivalent (export_saelens or export_dictionary_learning may take it)."
+            f"sparsify's sparse coder is a TopK SAE or transcoder; saelab's {sae.cfg.architecture!r} has no "
+            f"sparsify equivalent (it takes {list(_TOPK)}; export_saelens or export_dictionary_learning may take it)."
+        )
+    if sae.is_transcoder and sae.d_out != sae.d_in:
+        raise ValueError(
+            f"sparsify's coders predict an output as wide as their input (W_dec [n, d_in]), but this transcoder "
+            f"maps d_in={sae.d_in} to d_out={sae.d_out}; export it with export_saelens or keep saelab's files."
         )
     previous = sae.cfg.metadata.get("sparsify") or {}
+    transcode = (
+        bool(previous.get("transcode", True))
+        if sae.is_transcoder
+        else bool(sae.cfg.metadata.get("transcoder", False))
+    )
     return {
         "activation": "topk",
         "expansion_factor": max(sae.d_sae // sae.d_in, 1),
@@ -144,28 +163,35 @@ def sparsify_config(sae: SAE) -> dict[str, Any]:
         "num_latents": sae.d_sae,
         "k": sae.cfg.k,
         "multi_topk": bool(previous.get("multi_topk", False)),
-        "skip_connection": False,
-        "transcode": bool(sae.cfg.metadata.get("transcoder", False)),
+        "skip_connection": bool(getattr(sae, "has_skip", False)),
+        "transcode": transcode,
         "d_in": sae.d_in,
     }
 
 
 def sparsify_tensors(sae: SAE, transcode: bool = False) -> dict[str, Tensor]:
-    """The SAE's weights under sparsify's names; for a transcoder b_dec @ W_enc leaves encoder.bias (float64)."""
-    p = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
+    """The SAE's file tensors under sparsify's names. encoder.bias is computed in float64 where the centring
+    differs: a saelab SAE centres by b_dec and a sparsify transcoder does not (b_enc - b_dec @ W_enc); a saelab
+    transcoder does not and a sparsify SAE does (b_enc + b_dec @ W_enc)."""
+    p = sae.file_tensors()
     bias = p["b_enc"]
-    if transcode:
-        bias = (bias.double() - p["b_dec"].double() @ p["W_enc"].double()).to(bias.dtype)
-    return {
+    if transcode != sae.is_transcoder:
+        sign = -1.0 if transcode else 1.0
+        bias = (bias.double() + sign * p["b_dec"].double() @ p["W_enc"].double()).to(bias.dtype)
+    out = {
         "encoder.weight": p["W_enc"].T.contiguous(),
         "encoder.bias": bias.contiguous(),
         "W_dec": p["W_dec"].contiguous(),
         "b_dec": p["b_dec"].contiguous(),
     }
+    if "W_skip" in p:
+        out["W_skip"] = p["W_skip"].contiguous()
+    return out
 
 
 def export_sparsify(sae: SAE, path: str | Path) -> Path:
-    """Write a saelab TopK SAE into directory `path` in sparsify's format (cfg.json + sae.safetensors),
+    """Write a saelab TopK SAE or TopK (skip) transcoder with d_out = d_in into directory `path` in sparsify's
+    format (cfg.json + sae.safetensors),
     atomically; `SparseCoder.load_from_disk(path)` then gives the same outputs. For sparsify's hub layout
     name the folder after the hookpoint (`repo/layers.6`).
     """

@@ -161,17 +161,19 @@ class AuxSelection:
         return self.codes is not None
 
 
-def select_auxk(pre: Tensor, dead_mask: Tensor, dead_latents: Tensor | None, aux_k: int) -> AuxSelection:
+def select_auxk(
+    pre: Tensor, dead_mask: Tensor, dead_latents: Tensor | None, aux_k: int, dense: bool | None = None
+) -> AuxSelection:
     """AuxK's selection from detached pre-activations pre [B, n] (may be overwritten) and dead_mask [n].
 
     With a candidate list dead_latents [C] (`dead_latent_list`) only those columns are read, and
-    `backend.auxk_dense` picks the dense product or the sparse codes; without one, a masked top-k over all
-    of n (sparse codes). Device ops only, on CUDA no host sync."""
+    `backend.auxk_dense` picks the dense product or the sparse codes (dense=False: always the sparse codes);
+    without one, a masked top-k over all of n (sparse codes). Device ops only, on CUDA no host sync."""
     if dead_latents is None:
         values, indices = dead_topk(pre, dead_mask, aux_k)
         return AuxSelection(dead_mask.sum(), values=values.relu(), indices=indices)
     pre_dead, latents, n_dead = gather_dead(pre, dead_latents, dead_mask)
-    if auxk_dense(pre.device, latents.numel(), aux_k):
+    if dense is not False and auxk_dense(pre.device, latents.numel(), aux_k):
         codes = dead_codes(pre_dead, aux_k)
         return AuxSelection(n_dead, codes=codes, gradients=AuxGradients(latents))
     values, positions = topk_select(pre_dead, min(aux_k, latents.numel()))

@@ -28,6 +28,13 @@ def decode_codes(sae: SAE, codes: Codes) -> Tensor:
     return sae.decode(codes)
 
 
+def output_of(sae: SAE, x: Tensor, codes: Codes) -> Tensor:
+    """The output for input x [B, d_in] from its codes: the reconstruction [B, d_in], or a transcoder's
+    prediction [B, d_out] (skip term included)."""
+    decoded = decode_codes(sae, codes)
+    return sae.predict(x, decoded) if sae.is_transcoder else decoded
+
+
 def n_rows(codes: Codes) -> int:
     return (codes[0] if isinstance(codes, tuple) else codes).shape[0]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saelab.metrics.codes import decode_codes, encode_codes, fire_counts
+from saelab.metrics.codes import encode_codes, fire_counts, output_of
 from saelab.metrics.reconstruction import ReconstructionStats
 from saelab.sae.base import SAE
 
@@ -14,8 +14,8 @@ from saelab.sae.base import SAE
 def heldout_metrics(sae: SAE, batches: list[Tensor], input_scale: float = 1.0) -> dict[str, float]:
     """FVU, explained variance, cosine, L0 and dead fraction (latents silent on every held-out row).
 
-    batches: raw activations [B, d_in] each; they are multiplied by `input_scale` (the trainer's
-    normalisation) before encoding. The SAE's train/eval mode is restored afterwards.
+    batches: raw activations [B, d_in] each (a transcoder's [x | y] rows, scored on y); they are multiplied by
+    `input_scale` (the trainer's normalisation) before encoding. The SAE's train/eval mode is restored afterwards.
     """
     if not batches:
         raise ValueError("held-out evaluation needs at least one batch.")
@@ -25,9 +25,9 @@ def heldout_metrics(sae: SAE, batches: list[Tensor], input_scale: float = 1.0) -
         stats = ReconstructionStats()
         counts = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_dec.device)
         for x in batches:
-            x = x.to(sae.W_dec.device, dtype=sae.W_dec.dtype) * input_scale
+            x, target = sae.split_row(x.to(sae.W_dec.device, dtype=sae.W_dec.dtype) * input_scale)
             codes = encode_codes(sae, x)
-            stats.update(x, decode_codes(sae, codes), codes)
+            stats.update(target, output_of(sae, x, codes), codes)
             counts += fire_counts(codes, sae.d_sae)
     finally:
         sae.train(was_training)

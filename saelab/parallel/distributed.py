@@ -65,6 +65,12 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait until every rank got here (nothing without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def setup(device: torch.device) -> Distributed:
     """This process's place in the run. Under torchrun the default process group is created on first call
     (gloo for CPU tensors, NCCL for CUDA ones) and destroyed at exit; without it, a single-process run."""
@@ -202,6 +208,14 @@ class Distributed:
         if self.enabled:
             dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
+
+    def any_true(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Each host flag OR-ed over ranks (one small all-reduce, one sync; the flags as given in one process)."""
+        if not self.enabled:
+            return flags
+        value = torch.tensor(flags, dtype=torch.uint8, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in value.tolist()]
 
     def mean_over_ranks(self, values: dict[str, Tensor]) -> dict[str, float]:
         """Scalar tensors -> their means over ranks as floats, with one host sync."""

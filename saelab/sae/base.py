@@ -83,6 +83,18 @@ class TrainContext:
     any_dead: bool
     dead_latents: Tensor | None = None
     lr_scale: float = 1.0
+    #: Transcoders (`saelab.sae.transcoder`): the target y [B, d_out] the output must match (None: the input x,
+    #: an SAE), and the skip term x @ W_skip^T [B, d_out] added to the decoder's output (None: no skip).
+    target: Tensor | None = None
+    skip: Tensor | None = None
+
+    def target_for(self, x: Tensor) -> Tensor:
+        """What the output of input x [B, d_in] must reconstruct: the target y, else x itself."""
+        return x if self.target is None else self.target
+
+    def output(self, decoded: Tensor) -> Tensor:
+        """The prediction from the decoder's output [..., B, d_out] (b_dec included): plus the skip term, if any."""
+        return decoded if self.skip is None else decoded + self.skip
 
 
 @dataclass
@@ -131,6 +143,8 @@ class SAE(nn.Module):
     required_fields: ClassVar[tuple[str, ...]] = ("d_in", "d_sae")
     #: Saved tensors that hold NaN while "not estimated yet" (e.g. BatchTopK's threshold before training).
     unset_when_nan: ClassVar[frozenset[str]] = frozenset()
+    #: Transcoders (`saelab.sae.transcoder`) map an input x [.., d_in] to another activation y [.., d_out].
+    is_transcoder: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         """generator: draws the random initialisation (None: torch's global generator)."""
@@ -155,6 +169,25 @@ class SAE(nn.Module):
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
+
+    @property
+    def d_out(self) -> int:
+        """Width of the output: d_in for an SAE (a transcoder predicts another activation)."""
+        return self.cfg.d_in
+
+    @property
+    def row_width(self) -> int:
+        """Width of a training row: d_in for an SAE (a transcoder's rows hold its input and target, [x | y])."""
+        return self.cfg.d_in
+
+    def split_row(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Training rows [B, row_width] -> (input [B, d_in], target [B, d_out]); for an SAE both are the rows."""
+        return rows, rows
+
+    @property
+    def input_bias(self) -> Tensor:
+        """[d_in] subtracted from the input before encoding: b_dec for an SAE (a transcoder has its own)."""
+        return self.b_dec
 
     @property
     def dtype(self) -> torch.dtype:
@@ -187,14 +220,19 @@ class SAE(nn.Module):
         scale = float((centred * x_hat).sum() / x_hat.pow(2).sum())
         if not (math.isfinite(scale) and scale > 0):
             return 1.0
+        self.scale_codes(scale)
+        return scale
+
+    @torch.no_grad()
+    def scale_codes(self, scale: float) -> None:
+        """Multiply every code by `scale` > 0 (W_enc and b_enc; variants with other encoders override it)."""
         self.W_enc.mul_(scale)
         self.b_enc.mul_(scale)
-        return scale
 
     # ----------------------------------------------------------- inference
     def pre_activations(self, x: Tensor) -> Tensor:
         """x [B, d_in] -> pre-activations [B, n]."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return (x - self.input_bias) @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor, **kwargs: Any) -> Tensor:
         """x [..., d_in] (cast to the SAE's dtype) -> dense codes z [..., n]; kwargs go to `encode_rows`."""
@@ -300,6 +338,14 @@ class SAE(nn.Module):
     def from_file_tensors(cls, tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
         """Inverse of `file_tensors`: the state dict for `load_state_dict` (`where` names the file in errors)."""
         return tensors
+
+    @classmethod
+    def absorb_input_offset(cls, tensors: dict[str, Tensor], offset: Tensor) -> None:
+        """Change the pre-activation biases of file tensors, in place and in float64, so that encoding x computes
+        what encoding x + offset [d_in] did: b_enc += offset @ W_enc (e.g. SAELens's apply_b_dec_to_input=False
+        is offset b_dec)."""
+        offset = offset.double()
+        tensors["b_enc"] = tensors["b_enc"].double() + offset @ tensors["W_enc"].double()
 
     def dictionary_learning_extras(self) -> dict[str, Tensor]:
         """Entries of dictionary_learning's state dict beyond the weights (e.g. k, threshold), for export."""

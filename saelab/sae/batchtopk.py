@@ -225,7 +225,7 @@ class BatchTopKSAE(TopKSAE):
             )  # what the saved SAE's threshold encoder fires
             aux = self.select_aux(pre, ctx)
             del pre
-        out = self.train_on_codes(x, values, indices, aux)
+        out = self.train_on_codes(x, values, indices, aux, ctx)
         out.metrics["threshold"] = self.threshold.clone()
         out.inference_fired = inference_fired
         return out

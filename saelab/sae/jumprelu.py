@@ -225,15 +225,18 @@ class JumpReLUSAE(SAE):
         """Steps of the TopK warm-up in this run (0 without one)."""
         return 0 if self.warmup_k is None else round(self.cfg.topk_warmup_frac * ctx.total_steps)
 
-    def topk_forward(self, x: Tensor, pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def topk_forward(
+        self, x: Tensor, pre: Tensor, k: int, ctx: TrainContext
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The TopK warm-up's pass on x [B, d_in] with pre-activations pre [B, n]: each row's k largest (ReLU),
-        decoded sparsely. Returns (x_hat [B, d_in], fvu, fired [n], l0)."""
+        decoded sparsely (plus ctx's skip term; the FVU against ctx's target). Returns (x_hat [B, d_out], fvu,
+        fired [n], l0)."""
         with torch.no_grad():
             indices = topk_select(pre.detach(), k)[1]
         values = pre.gather(1, indices).relu()
-        x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
+        x_hat = ctx.output(sparse_decode(values, indices, self.W_dec, self.b_dec))
         fired, l0 = sparse_activity(values.detach() > 0, indices, self.d_sae)
-        return x_hat, fraction_of_variance_unexplained(x, x_hat), fired, l0
+        return x_hat, fraction_of_variance_unexplained(ctx.target_for(x), x_hat), fired, l0
 
     @torch.no_grad()
     def start_thresholds(self, pre: Tensor, k: int) -> None:
@@ -310,7 +313,7 @@ class JumpReLUSAE(SAE):
         pre = self.pre_activations(x)
         warmup = self.warmup_steps(ctx)
         if ctx.step < warmup:
-            x_hat, fvu, fired, l0 = self.topk_forward(x, pre, self.warmup_k)
+            x_hat, fvu, fired, l0 = self.topk_forward(x, pre, self.warmup_k, ctx)
             loss, metrics = fvu, {"fvu": fvu.detach()}
         else:
             handoff = ctx.step == warmup and self.warmup_k is not None
@@ -327,8 +330,8 @@ class JumpReLUSAE(SAE):
             z, gate = JumpReLUWithGate.apply(
                 pre, self.threshold.to(pre.dtype), self.bandwidth, self.cfg.ste_to_input
             )
-            x_hat = self.decode(z)
-            fvu = fraction_of_variance_unexplained(x, x_hat)
+            x_hat = ctx.output(self.decode(z))
+            fvu = fraction_of_variance_unexplained(ctx.target_for(x), x_hat)
             sparsity = self.sparsity_penalty(z, gate)
             if handoff:
                 self.sparsity_control.restart(self.balancing_coefficient(fvu, sparsity))
@@ -347,7 +350,7 @@ class JumpReLUSAE(SAE):
         if self.cfg.aux_k_coef > 0 and ctx.any_dead:
             aux_k = auxiliary_k(self.cfg.aux_k, self.d_in, self.d_sae)
             residual_hat, n_dead = dense_auxk_reconstruction(pre, ctx.dead_mask, self.W_dec, aux_k)
-            auxk = dead_residual_loss(x - x_hat.detach(), residual_hat, n_dead, aux_k)
+            auxk = dead_residual_loss(ctx.target_for(x) - x_hat.detach(), residual_hat, n_dead, aux_k)
             loss = loss + self.cfg.aux_k_coef * auxk
             metrics["auxk"] = auxk.detach()
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)

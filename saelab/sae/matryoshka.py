@@ -39,7 +39,7 @@ from torch import Tensor
 from saelab.core.checks import check_number
 from saelab.kernels.auxk import AuxSelection
 from saelab.parallel import global_batch
-from saelab.sae.base import TrainOutput
+from saelab.sae.base import TrainContext, TrainOutput
 from saelab.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saelab.sae.losses import at_least_float32
 from saelab.sae.registry import register
@@ -183,17 +183,21 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     # ------------------------------------------------------------ training
     def train_on_codes(
-        self, x: Tensor, values: Tensor, indices: Tensor, aux: AuxSelection | None
+        self, x: Tensor, values: Tensor, indices: Tensor, aux: AuxSelection | None, ctx: TrainContext
     ) -> TrainOutput:
-        """Mean prefix FVU (+ AuxK on the full dictionary's residual) of x [B, d_in] from no-grad selected
-        codes (values, indices [B, w]), gradients attached through the sparse kernels."""
+        """Mean prefix FVU (+ AuxK on the full dictionary's residual) of x [B, d_in] (of ctx's target, for a
+        transcoder) from no-grad selected codes (values, indices [B, w]), gradients attached through the sparse
+        kernels."""
         values, indices, widths = codes_by_group(values, indices, self.group_starts)
         groups, width = len(widths), values.shape[1]
         codes, indices, decoded = self.decode_code_groups(x, values, indices, widths, aux)  # [B, G (+1), d]
         prefixes = decoded[:, :groups].cumsum(dim=1) + self.b_dec  # x_hat of each prefix [B, G, d]
-        denominator = global_batch.centred_sumsq(x).clamp_min(1e-12)
-        wide = at_least_float32(x, prefixes)
-        errors = (x[:, None].to(wide) - prefixes.to(wide)).pow(2).sum(dim=(0, 2))  # [G]
+        if ctx.skip is not None:
+            prefixes = prefixes + ctx.skip[:, None]
+        target = ctx.target_for(x)
+        denominator = global_batch.centred_sumsq(target).clamp_min(1e-12)
+        wide = at_least_float32(target, prefixes)
+        errors = (target[:, None].to(wide) - prefixes.to(wide)).pow(2).sum(dim=(0, 2))  # [G]
         prefix_fvu = global_batch.ranks() * errors / denominator
         x_hat = prefixes[:, -1]
         loss = prefix_fvu.mean()
@@ -203,7 +207,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             "fvu_first_prefix": prefix_fvu[0].detach(),
         }
         return self.output_with_auxk(
-            x, x_hat, loss, metrics, codes[:, :width], indices[:, :width], aux, decoded
+            x, x_hat, loss, metrics, codes[:, :width], indices[:, :width], aux, decoded, ctx
         )
 
     # ------------------------------------------------------------ interop

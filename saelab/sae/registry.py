@@ -9,6 +9,8 @@ import torch
 from saelab.sae.base import SAE, SAEConfig
 
 _REGISTRY: dict[str, type[SAE]] = {}
+#: Names that are refused with a reason (e.g. transcoders of variants whose math has none).
+_REFUSED: dict[str, str] = {}
 
 
 def register(name: str, *aliases: str) -> Callable[[type[SAE]], type[SAE]]:
@@ -27,8 +29,15 @@ def register(name: str, *aliases: str) -> Callable[[type[SAE]], type[SAE]]:
     return add
 
 
+def refuse(name: str, reason: str) -> None:
+    """Make `get_sae_class(name)` raise a ValueError giving `reason` (a name that cannot exist, and why)."""
+    _REFUSED[name] = reason
+
+
 def get_sae_class(name: str) -> type[SAE]:
-    """Look up a variant by name; unknown names raise with the list of known ones."""
+    """Look up a variant by name; refused names raise their reason, unknown ones the list of known ones."""
+    if name in _REFUSED:
+        raise ValueError(f"sae.architecture={name!r} is not available: {_REFUSED[name]}")
     if name not in _REGISTRY:
         raise ValueError(f"sae.architecture={name!r} is unknown; choose one of {sorted(_REGISTRY)}.")
     return _REGISTRY[name]

@@ -78,8 +78,9 @@ class ReLUSAE(SAE):
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         z = self.encode_rows(x)
-        x_hat = self.decode(z)
-        sq_error = (x - x_hat).pow(2).sum(dim=-1).mean()  # per row, in training space
+        x_hat = ctx.output(self.decode(z))
+        target = ctx.target_for(x)  # x itself, or a transcoder's y
+        sq_error = (target - x_hat).pow(2).sum(dim=-1).mean()  # per row, in training space
         l1_penalty = (z * self.W_dec.norm(dim=1)).sum(dim=-1).mean()  # decoder-norm weighted
         fired, l0 = dense_activity(z > 0)
         coefficient = self.sparsity_control.coefficient(l0, ctx)
@@ -88,6 +89,6 @@ class ReLUSAE(SAE):
             "sq_error": sq_error.detach(),
             "l1_penalty": l1_penalty.detach(),
             "l1_coefficient": torch.as_tensor(coefficient, dtype=torch.float32, device=x.device),
-            "fvu": fraction_of_variance_unexplained(x, x_hat.detach()),
+            "fvu": fraction_of_variance_unexplained(target, x_hat.detach()),
         }
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)

@@ -97,7 +97,7 @@ class TopKSAE(SparseCodes, SAE):
         """x [B, d_in] -> pre-activations [B, n], as one fused addmm for 2-D input."""
         if x.ndim != 2:
             return super().pre_activations(x)
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+        return torch.addmm(self.b_enc, x - self.input_bias, self.W_enc)
 
     @torch.no_grad()
     def initialize_from_sample(self, x: Tensor) -> None:
@@ -131,7 +131,7 @@ class TopKSAE(SparseCodes, SAE):
         buffer = self._pre_buffer
         if buffer is None or buffer.shape != (x.shape[0], self.d_sae) or buffer.dtype != self.W_enc.dtype:
             buffer = self._pre_buffer = torch.empty(x.shape[0], self.d_sae, dtype=self.W_enc.dtype)
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc, out=buffer)
+        return torch.addmm(self.b_enc, x - self.input_bias, self.W_enc, out=buffer)
 
     def select(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """pre [B, n] -> (values [B, k] >= 0, indices [B, k]).
@@ -175,7 +175,7 @@ class TopKSAE(SparseCodes, SAE):
             values, indices = self.select(pre, self.cfg.k)
             aux = self.select_aux(pre, ctx)
             del pre
-        return self.train_on_codes(x, values, indices, aux)
+        return self.train_on_codes(x, values, indices, aux, ctx)
 
     def select_aux(self, pre: Tensor, ctx: TrainContext) -> AuxSelection | None:
         """AuxK's codes from the detached pre-activations [B, n], or None when AuxK is off or nothing is dead."""
@@ -184,16 +184,17 @@ class TopKSAE(SparseCodes, SAE):
         return None
 
     def train_on_codes(
-        self, x: Tensor, values: Tensor, indices: Tensor, aux: AuxSelection | None
+        self, x: Tensor, values: Tensor, indices: Tensor, aux: AuxSelection | None, ctx: TrainContext
     ) -> TrainOutput:
-        """FVU (+ AuxK) of x [B, d_in] from no-grad selected codes (values, indices [B, w]), with gradients
-        attached through the sparse kernels: the training pass shared by TopK and BatchTopK."""
+        """FVU (+ AuxK) of x [B, d_in] (of ctx's target, for a transcoder) from no-grad selected codes (values,
+        indices [B, w]), with gradients attached through the sparse kernels: the training pass shared by TopK and
+        BatchTopK."""
         width = values.shape[1]
         codes, indices, decoded = self.decode_code_groups(x, values, indices, (width,), aux)
-        x_hat = decoded[:, 0] + self.b_dec
-        fvu = fraction_of_variance_unexplained(x, x_hat)
+        x_hat = ctx.output(decoded[:, 0] + self.b_dec)
+        fvu = fraction_of_variance_unexplained(ctx.target_for(x), x_hat)
         return self.output_with_auxk(
-            x, x_hat, fvu, {"fvu": fvu.detach()}, codes[:, :width], indices[:, :width], aux, decoded
+            x, x_hat, fvu, {"fvu": fvu.detach()}, codes[:, :width], indices[:, :width], aux, decoded, ctx
         )
 
     def output_with_auxk(
@@ -206,13 +207,14 @@ class TopKSAE(SparseCodes, SAE):
         indices: Tensor,
         aux: AuxSelection | None,
         decoded: Tensor,
+        ctx: TrainContext,
     ) -> TrainOutput:
         """The step's TrainOutput: `loss` plus aux_k_coef times AuxK's residual loss (when `aux` is set; `decoded`
-        [B, G', d] from `decode_code_groups`), and fired / L0 from the selected codes, indices [B, w]."""
+        [B, G', d] from `decode_code_groups`; the residual of ctx's target), and fired / L0 from the selected
+        codes, indices [B, w]."""
         if aux is not None:
-            auxk = dead_residual_loss(
-                x - x_hat.detach(), self.auxk_decode(aux, x, decoded), aux.n_dead, self.aux_k
-            )
+            residual = ctx.target_for(x) - x_hat.detach()
+            auxk = dead_residual_loss(residual, self.auxk_decode(aux, x, decoded), aux.n_dead, self.aux_k)
             loss = loss + self.cfg.aux_k_coef * auxk
             metrics["auxk"] = auxk.detach()
         fired, l0 = sparse_activity(codes > 0, indices, self.d_sae)
@@ -231,7 +233,9 @@ class TopKSAE(SparseCodes, SAE):
             widths = (*widths, aux.values.shape[1])
         plan = SlotPlan(indices, self.d_sae)  # one sort of the slots serves every sparse backward below
         handoff = aux.gradients if aux is not None else None  # dense AuxK's gradients join these backwards
-        codes = sparse_encoder_values(values, indices, x, self.W_enc, self.b_enc, self.b_dec, plan, handoff)
+        codes = sparse_encoder_values(
+            values, indices, x, self.W_enc, self.b_enc, self.input_bias, plan, handoff
+        )
         return codes, indices, sparse_decode_groups(codes, indices, self.W_dec, widths, plan, handoff)
 
     def auxk_decode(self, aux: AuxSelection, x: Tensor, decoded: Tensor) -> Tensor:
@@ -239,6 +243,6 @@ class TopKSAE(SparseCodes, SAE):
         column group of `decoded` [B, G', d] (sparse AuxK codes decoded with the others, `decode_code_groups`)."""
         if aux.dense:
             return gathered_auxk_decode(
-                aux.codes, x, self.W_enc, self.b_dec, self.W_dec, aux.gradients, decoded
+                aux.codes, x, self.W_enc, self.input_bias, self.W_dec, aux.gradients, decoded
             )
         return decoded[:, -1]

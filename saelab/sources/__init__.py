@@ -1,5 +1,6 @@
-"""Activation sources the trainer and the evaluators read: planted features (`synthetic`), a live model through
-the mixing buffer or a harvested cache (`harvested`), chosen by the `kind` of a source config (`registry`)."""
+"""Activation sources the trainer and the evaluators read: planted features (`synthetic`), planted (x, y) pairs
+for transcoders (`pairs`), a live model through the mixing buffer or a harvested cache (`harvested`), chosen by
+the `kind` of a source config (`registry`)."""
 
 from saelab.sources.registry import (
     ActivationSource,

@@ -1,7 +1,8 @@
 """Activation sources: a string `kind` in the `source` config picks a builder.
 
 A source has `d_in`, `batches(batch_size, start_batch=0)` yielding float tensors [batch_size, d_in], and
-`metadata()` (model / hook / dataset facts stored in the SAE's cfg.json).
+`metadata()` (model / hook / dataset facts stored in the SAE's cfg.json). A source of a transcoder's pairs
+also has `d_out` (its batches are rows [x | y] of width d_in + d_out); `d_out` absent or None: single activations.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ Builder = Callable[[Any, torch.device], ActivationSource]
 _SOURCES: dict[str, tuple[type, Builder]] = {}
 
 #: Modules that register further source kinds when imported (kept lazy: they pull in heavy libraries).
-_PLUGIN_MODULES: list[str] = ["saelab.sources.harvested"]
+_PLUGIN_MODULES: list[str] = ["saelab.sources.harvested", "saelab.sources.pairs"]
 
 
 def register_source(kind: str, config_class: type) -> Callable[[Builder], Builder]:

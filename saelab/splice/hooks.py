@@ -18,12 +18,15 @@ every position; an explicit `mask` decides by itself.
 
 `feature_activations(model, sae, hook_name, tokens)` returns dense codes [batch, pos, d_sae] and stops the
 forward pass at the hook.
+
+A transcoder (`sae.is_transcoder`) reads its input at `hook_name` and replaces the activation at
+`target_hook` (default: its metadata's `hook_name_out`) with its prediction (`saelab.splice.transcoder`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -167,50 +170,86 @@ def spliced(
     *,
     keep_special_tokens: bool = True,
     special_token_ids: Sequence[int] | None = None,
+    target_hook: str | None = None,
 ) -> Iterator[Splice]:
     """Install the SAE at `hook_name` for the duration of the block; yields the `Splice` handle.
 
     Positions of special tokens keep their activations (as in `saelab eval`) unless keep_special_tokens is
     False; special_token_ids default to `model_special_token_ids(model)`. An explicit `mask` [batch, pos]
-    (True = substitute) overrides both.
+    (True = substitute) overrides both. A transcoder reads `hook_name` and replaces `target_hook` (default:
+    its metadata's hook_name_out), yielding a `saelab.splice.transcoder.TranscoderSplice`.
     """
-    check_hook_name(model, hook_name)
     ids = list(special_token_ids) if special_token_ids is not None else model_special_token_ids(model)
     keep = torch.tensor(ids, dtype=torch.long) if keep_special_tokens and mask is None and ids else None
     splice = Splice(sae, hook_name, mode, mask, keep)
+    if sae.is_transcoder:
+        from saelab.splice.transcoder import TranscoderSplice
+
+        target = target_hook or sae.cfg.metadata.get("hook_name_out")
+        if not target:
+            raise ValueError(
+                "this transcoder's metadata names no target hook (hook_name_out); pass target_hook=, the hook "
+                "whose activation it predicts."
+            )
+        splice = TranscoderSplice(sae, hook_name, target, mode=mode, mask=mask, special_token_ids=keep)
 
     def read_tokens(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         splice.tokens = input_token_ids(args, kwargs)
 
     handles = [model.register_forward_pre_hook(read_tokens, with_kwargs=True)] if keep is not None else []
+    if sae.is_transcoder:
+        from saelab.splice.transcoder import spliced_transcoder
+
+        with spliced_transcoder(model, splice, handles) as installed:
+            yield installed
+        return
     try:
-        if is_transformer_lens(model):
-            with model.hooks(fwd_hooks=[(hook_name, lambda act, hook: splice.substitute(act))]):
-                yield splice
-            return
-
-        def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if isinstance(output, tuple):
-                return (splice.substitute(output[0]), *output[1:])
-            return splice.substitute(output)
-
-        handles.append(model.get_submodule(hook_name).register_forward_hook(forward_hook))
-        yield splice
+        with edited(model, hook_name, splice.substitute):
+            yield splice
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def edited(model: nn.Module, hook_name: str, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """For the duration of the block, the rest of the model sees edit(act) instead of the activation act
+    [..., d] at `hook_name` (a TransformerLens hook point, or a submodule whose output, or the first element
+    of its tuple output, is replaced)."""
+    check_hook_name(model, hook_name)
+    if is_transformer_lens(model):
+        with model.hooks(fwd_hooks=[(hook_name, lambda act, hook: edit(act))]):
+            yield
+        return
+
+    def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
+
+    handle = model.get_submodule(hook_name).register_forward_hook(forward_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
 def feature_activations(
     model: nn.Module, sae: SAE, hook_name: str, tokens: Tensor, **forward_kwargs: Any
 ) -> Tensor:
-    """SAE codes of the activations at `hook_name` for a batch of tokens [batch, pos]: dense [batch, pos, d_sae].
+    """SAE codes of the activations at `hook_name` for a batch of tokens [batch, pos]: dense [batch, pos, d_sae]
+    (a transcoder's: of its input, read at `hook_name`).
 
     The forward pass stops at the hook, so later layers are not run.
     """
-    with spliced(model, sae, hook_name, mode="encode") as splice, contextlib.suppress(_StopForward):
+    target = sae.cfg.metadata.get("hook_name_out") or hook_name  # a transcoder stops at its input anyway
+    with (
+        spliced(model, sae, hook_name, mode="encode", target_hook=target) as splice,
+        contextlib.suppress(_StopForward),
+    ):
         model(tokens, **forward_kwargs)
-    if splice.codes is None or splice.x is None:
+    read = getattr(splice, "input", None) if sae.is_transcoder else splice.x
+    if splice.codes is None or read is None:
         raise RuntimeError(f"the forward pass never reached hook {hook_name!r}.")
-    return to_dense(splice.codes, sae.d_sae).reshape(*splice.x.shape[:-1], sae.d_sae)
+    return to_dense(splice.codes, sae.d_sae).reshape(*read.shape[:-1], sae.d_sae)

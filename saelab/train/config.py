@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -14,14 +15,24 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bfloat16": torc
 AUTOCAST_CHOICES = ("auto", *AUTOCAST_DTYPES)
 
 
+#: Tokens a run reads from an endless source (planted features, a live model) when trainer.total_tokens is 0.
+DEFAULT_TOTAL_TOKENS = 20_000_000
+
+
 @dataclass
 class TrainerConfig:
     """Optimisation, schedule, dead-latent window and checkpointing.
 
+    total_tokens: tokens to train on; 0 (the default) is one pass over a source of finite length (an activation
+    cache: its rows less the held-out batches) and DEFAULT_TOTAL_TOKENS from an endless one (planted features,
+    a live model); `for_source` resolves it, and a Trainer given 0 uses DEFAULT_TOTAL_TOKENS.
     lr: Adam learning rate; None picks the variant's width- and batch-scaled default.
     lr_warmup_frac / lr_decay_frac: linear warm-up over the first, linear decay to 0 over the last fraction.
     dead_window_tokens: a latent is dead after this many tokens without firing; 0 -> min(10M, total / 20).
     checkpoint_every: steps between checkpoints (0: only the final save).
+    checkpoint_every_minutes: also checkpoint after this many minutes of training since the last checkpoint (0
+    disables), so a job killed without warning (preemption without a grace period, a node failure) loses at most
+    that much. SIGINT / SIGTERM / SIGUSR2 checkpoint at the next step boundary anyway (saelab.train.preemption).
     eval_every: steps between held-out evaluations (FVU, L0, cosine, dead fraction; 0 disables). The first
     eval_batches batches of the source are held out for it and never trained on.
     autocast_dtype: "bfloat16" runs the forward pass under bf16 autocast (float32 master weights, optimizer
@@ -29,7 +40,7 @@ class TrainerConfig:
     float32 SAE and none otherwise (CPU). compile: wrap the SAE's training forward in torch.compile.
     """
 
-    total_tokens: int = 20_000_000
+    total_tokens: int = 0
     batch_size: int = 4096
     lr: float | None = None
     lr_warmup_frac: float = 0.02
@@ -45,6 +56,7 @@ class TrainerConfig:
     device: str = "auto"
     log_every: int = 50
     checkpoint_every: int = 0
+    checkpoint_every_minutes: float = 30.0
     keep_checkpoints: int = 2
     resume_from: str | None = None
     eval_every: int = 0
@@ -54,21 +66,51 @@ class TrainerConfig:
 
     @property
     def total_steps(self) -> int:
-        return max(1, self.total_tokens // self.batch_size)
+        return max(1, self.tokens // self.batch_size)
+
+    @property
+    def tokens(self) -> int:
+        """total_tokens, or DEFAULT_TOTAL_TOKENS where it is 0 (unresolved)."""
+        return self.total_tokens or DEFAULT_TOTAL_TOKENS
 
     @property
     def dead_window(self) -> int:
-        return self.dead_window_tokens or min(10_000_000, max(self.total_tokens // 20, 10 * self.batch_size))
+        return self.dead_window_tokens or min(10_000_000, max(self.tokens // 20, 10 * self.batch_size))
+
+    def for_source(self, source: object | None) -> TrainerConfig:
+        """A copy with total_tokens resolved where it is 0: one pass over a source that has `distinct_rows` (an
+        activation cache), less the batches held out for trainer.eval_every; DEFAULT_TOTAL_TOKENS otherwise."""
+        if self.total_tokens:
+            return self
+        rows = getattr(source, "distinct_rows", None)
+        if rows is None:
+            return dataclasses.replace(self, total_tokens=DEFAULT_TOTAL_TOKENS)
+        held_out = self.eval_batches if self.eval_every else 0
+        batches = rows // self.batch_size - held_out
+        if batches < 1:
+            raise ValueError(
+                f"trainer.total_tokens=0 means one pass over the source, but its {rows:,} rows hold fewer than one "
+                f"batch of trainer.batch_size={self.batch_size}"
+                + (f" after the {held_out} held out (trainer.eval_batches)" if held_out else "")
+                + "; lower trainer.batch_size or harvest more tokens."
+            )
+        return dataclasses.replace(self, total_tokens=batches * self.batch_size)
 
     def validate(self) -> None:
         """Raise ValueError naming the offending trainer field and the fix."""
         check_flags(self, "trainer")
-        for name in ("total_tokens", "batch_size", "log_every", "dead_check_every", "keep_checkpoints"):
+        for name in ("batch_size", "log_every", "dead_check_every", "keep_checkpoints"):
             check_number(f"trainer.{name}", getattr(self, name), low=1, integer=True)
         for name in ("dead_window_tokens", "checkpoint_every", "eval_every", "eval_batches"):
             check_number(f"trainer.{name}", getattr(self, name), low=0, integer=True, hint="0 disables it.")
+        check_number(
+            "trainer.total_tokens", self.total_tokens, low=0, integer=True, hint="0: one pass over a cache."
+        )
+        check_number(
+            "trainer.checkpoint_every_minutes", self.checkpoint_every_minutes, low=0, hint="0 disables it."
+        )
         check_number("trainer.seed", self.seed, integer=True)
-        if self.total_tokens < self.batch_size:
+        if self.total_tokens and self.total_tokens < self.batch_size:
             raise ValueError(
                 f"trainer.total_tokens={self.total_tokens} is smaller than one batch "
                 f"(trainer.batch_size={self.batch_size}); raise total_tokens or lower batch_size."

@@ -43,7 +43,7 @@ class RunLogger:
                 name=cfg.run_name,
                 config=run_config,
                 dir=str(output_dir) if output_dir is not None else None,
-                reinit="finish_previous",
+                reinit="create_new",  # several runs may be open at once (hydra/launcher=together)
             )
 
     def start_at(self, step: int) -> None:

@@ -17,6 +17,7 @@ SAFE_TRAINER_FIELDS = (
     "total_tokens",
     "log_every",
     "checkpoint_every",
+    "checkpoint_every_minutes",
     "keep_checkpoints",
     "eval_every",
     "eval_batches",

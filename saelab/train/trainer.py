@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +28,12 @@ from saelab.kernels.auxk import dead_latent_list
 from saelab.metrics.dead import DeadLatentTracker
 from saelab.metrics.heldout import heldout_metrics
 from saelab.parallel import distributed
-from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
+from saelab.sae.base import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, TrainContext, TrainOutput
 from saelab.sources.registry import source_metadata
 from saelab.train.config import AUTOCAST_DTYPES, LoggingConfig, TrainerConfig
 from saelab.train.lock import run_dir_lock
 from saelab.train.logger import RunLogger
+from saelab.train.preemption import CheckpointClock, TrainingStopped, catch_stop_signals, stop_requested
 from saelab.train.resume import check_resume_settings
 from saelab.train.schedule import lr_multiplier
 
@@ -100,11 +104,12 @@ def resolve_autocast(name: str, device: torch.device, weight_dtype: torch.dtype)
     return torch.bfloat16 if cuda_bf16 and weight_dtype == torch.float32 else None
 
 
-def check_batch(x: Tensor, d_in: int, step: int) -> None:
-    if x.ndim != 2 or x.shape[1] != d_in:
+def check_batch(x: Tensor, width: int, step: int) -> None:
+    """x must be [batch, width]: width is the SAE's `row_width` (d_in, or a transcoder's d_in + d_out)."""
+    if x.ndim != 2 or x.shape[1] != width:
         raise ValueError(
-            f"batch at step {step} has shape {tuple(x.shape)}, expected [batch, {d_in}]; "
-            "sae.d_in must match the activation source."
+            f"batch at step {step} has shape {tuple(x.shape)}, expected [batch, {width}]; "
+            "sae.d_in (and a transcoder's sae.d_out) must match the activation source."
         )
 
 
@@ -123,6 +128,41 @@ def check_fresh_output_dir(output_dir: Path | None) -> None:
         )
 
 
+#: What a run writes in its output directory, besides what `extra_outputs` names (e.g. the CLI's summary.json).
+SAE_FOLDER, CHECKPOINTS_FOLDER = "sae", "checkpoints"
+
+
+def check_output_targets(output_dir: Path | None, extra_outputs: tuple[str, ...] = ()) -> None:
+    """Before step 0 (fresh or resumed run): refuse, naming each, targets the run could only fail to write at its
+    end: an output directory that is a file or not writable, `sae/` or `checkpoints/` that are files, a `sae/`
+    holding files other than an SAE's (they would be deleted), a file of `extra_outputs` that is a folder."""
+    if output_dir is None:
+        return
+    problems = []
+    if output_dir.exists() and not output_dir.is_dir():
+        problems.append(f"{output_dir} is a file, not a directory")
+    elif output_dir.exists() and not os.access(output_dir, os.W_OK | os.X_OK):
+        problems.append(f"{output_dir} is not writable by this user")
+    for folder in (SAE_FOLDER, CHECKPOINTS_FOLDER):
+        if (output_dir / folder).exists() and not (output_dir / folder).is_dir():
+            problems.append(f"{output_dir / folder} is a file (the run writes a folder there)")
+    sae_dir = output_dir / SAE_FOLDER
+    if sae_dir.is_dir():
+        foreign = sorted(e.name for e in sae_dir.iterdir() if e.name not in (CONFIG_FILE, WEIGHTS_FILE))
+        if foreign:
+            problems.append(
+                f"{sae_dir} holds {', '.join(foreign[:8])}{' ...' if len(foreign) > 8 else ''}, which writing the "
+                "trained SAE there would delete (move them out)"
+            )
+    problems += [f"{output_dir / name} is a folder (the run writes a file there)" for name in extra_outputs
+                 if (output_dir / name).is_dir()]  # fmt: skip
+    if problems:
+        raise FileExistsError(
+            f"the run could not write its results: {'; '.join(problems)}. Fix that, or train into another "
+            "directory, before any step is trained."
+        )
+
+
 def data_metadata(source: object, heldout_offset: int, batch_size: int) -> dict[str, Any]:
     """What the trained SAE records about its data: the source's own description (`metadata()`; the SAE's own
     metadata wins) and, for a source of indexed batches, the indices trained on, `training_batches` {start,
@@ -131,6 +171,48 @@ def data_metadata(source: object, heldout_offset: int, batch_size: int) -> dict[
     if hasattr(source, "batches"):
         meta["training_batches"] = {"start": heldout_offset, "end": heldout_offset, "batch_size": batch_size}
     return meta
+
+
+#: Passes over a source of finite length (a cache) beyond which a run warns: it mostly re-reads the same rows.
+FEW_PASSES = 4
+
+
+def warn_many_passes(source: object, cfg: TrainerConfig, heldout_batches: int) -> None:
+    """Warn, before training, when the run reads a finite source's rows more than FEW_PASSES times."""
+    rows = getattr(source, "distinct_rows", None)
+    if not rows:
+        return
+    passes = (cfg.total_steps + heldout_batches) * cfg.batch_size / rows
+    if passes > FEW_PASSES:
+        warnings.warn(
+            f"trainer.total_tokens={cfg.total_tokens:,} reads the source's {rows:,} distinct rows {passes:.1f} "
+            "times over; set trainer.total_tokens=0 for one pass, or harvest more tokens.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_heldout_finite(batches: list[Tensor]) -> None:
+    """Refuse held-out batches [B, d_in] holding NaN or Inf, as a training batch would be: every held-out
+    figure computed from them would be NaN."""
+    bad = [i for i, x in enumerate(batches) if not bool(torch.isfinite(x).all())]
+    if bad:
+        raise ValueError(
+            f"held-out batches {bad} (of the first trainer.eval_batches={len(batches)} batches of the source, "
+            "kept for trainer.eval_every) contain NaN or Inf; check the activation source."
+        )
+
+
+def warn_non_finite(row: dict[str, float]) -> None:
+    """Warn naming each held-out figure of `row` that is NaN or Inf (e.g. an FVU over rows without variance)."""
+    bad = {k: v for k, v in row.items() if not math.isfinite(v)}
+    if bad:
+        warnings.warn(
+            f"held-out figures at step {int(row['step'])} are not finite: {bad} (finite inputs; e.g. rows without "
+            "variance make the FVU undefined). They are logged and written as they are.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 class BatchesExhausted(ValueError):
@@ -151,16 +233,24 @@ class Trainer:
         logging: LoggingConfig | None = None,
         output_dir: str | Path | None = None,
         run_config: dict[str, Any] | None = None,
+        ranks: distributed.Distributed | None = None,
     ):
+        """ranks: this process's place in a data-parallel run; None: the process group's, as `distributed.setup`
+        finds it (`Distributed()` trains alone even inside a process group, e.g. SAEs spread over ranks)."""
         cfg.validate()
+        cfg = cfg.for_source(
+            None
+        )  # total_tokens 0: DEFAULT_TOTAL_TOKENS (resolve for a cache before: `for_source`)
         check_trainable_dtype(sae.W_dec.dtype)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.dist = distributed.setup(self.device)
+        self.dist = ranks if ranks is not None else distributed.setup(self.device)
         self.dist.check(sae, cfg.batch_size)
         self.sae = sae.to(self.device)
         self.logging = logging or LoggingConfig(progress=False)
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        #: files the caller writes in output_dir after `fit`, checked before step 0 with the trainer's own
+        self.extra_outputs: tuple[str, ...] = ()
         if not self.dist.is_main:
             self.logging = LoggingConfig(wandb_mode="disabled", progress=False)
             self.output_dir = None
@@ -208,7 +298,10 @@ class Trainer:
         self.inputs_checked_at = self.weights_checked_at = self.loss_checked_at = 0
         self.heldout_offset = cfg.eval_batches if cfg.eval_every else 0
         self.heldout: list[Tensor] = []
+        self.clock = CheckpointClock(cfg.checkpoint_every_minutes)  # time-based checkpoints, restarted by fit
         self.eval_history: list[dict[str, float]] = []
+        #: Start time and tokens of the throughput window the next log row reports (`open_run`, `record_step`).
+        self.window_start, self.window_tokens = time.perf_counter(), 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -264,6 +357,7 @@ class Trainer:
         output_dir: str | Path | None = None,
         run_config: dict[str, Any] | None = None,
         sae_config: SAEConfig | None = None,
+        ranks: distributed.Distributed | None = None,
     ) -> Trainer:
         """Rebuild a trainer (SAE, optimizer, schedule, tracker, RNG) from a checkpoint to continue the run.
 
@@ -281,7 +375,7 @@ class Trainer:
                 f"{cfg.total_steps} steps of {cfg.batch_size}); raise trainer.total_tokens to train further."
             )
         sae.train()
-        trainer = cls(sae, cfg, logging, output_dir, run_config)
+        trainer = cls(sae, cfg, logging, output_dir, run_config, ranks)
         trainer.load_state_dict(state)
         return trainer
 
@@ -339,6 +433,18 @@ class Trainer:
         that repeats its rows after `distinct_rows` (an activation cache) must not reach them again."""
         if not self.heldout_offset:
             return []
+        self.check_heldout_fits(source)
+        if not hasattr(source, "batches"):
+            return [next(stream).to(self.device) for _ in range(self.heldout_offset)]
+        held = source.batches(self.cfg.batch_size, start_batch=0)
+        batches = [next(held).to(self.device) for _ in range(self.heldout_offset)]
+        if hasattr(held, "close"):
+            held.close()  # release the held-out stream's buffers
+        return batches
+
+    def check_heldout_fits(self, source: object) -> None:
+        """Refuse a run whose training would reach the held-out rows again: a source that repeats its rows after
+        `distinct_rows` (an activation cache) must hold the held-out batches and every training batch."""
         rows = getattr(source, "distinct_rows", None)
         needed = (self.heldout_offset + self.cfg.total_steps) * self.cfg.batch_size
         if rows is not None and needed > rows:
@@ -349,49 +455,41 @@ class Trainer:
                 f"rows would be trained on. Lower trainer.total_tokens to at most {max(most, 0):,}, or set "
                 "trainer.eval_every=0 and evaluate afterwards with `saelab eval`."
             )
-        if not hasattr(source, "batches"):
-            return [next(stream).to(self.device) for _ in range(self.heldout_offset)]
-        held = source.batches(self.cfg.batch_size, start_batch=0)
-        batches = [next(held).to(self.device) for _ in range(self.heldout_offset)]
-        if hasattr(held, "close"):
-            held.close()  # release the held-out stream's buffers
-        return batches
 
     def prepare(self, first: Tensor) -> Tensor:
         """First batch [B, d_in] of a fresh run (the whole global batch under torchrun): estimate the input
         scale and run the data-dependent init."""
         first = first.to(self.device, dtype=self.sae.W_enc.dtype)
-        check_batch(first, self.sae.d_in, 0)
+        check_batch(first, self.sae.row_width, 0)
         if not torch.isfinite(first).all():
             raise ValueError("the first activation batch contains NaN or Inf; check the activation source.")
         if self.cfg.normalize_activations:
-            self.input_scale = norm_scale(first)
+            self.input_scale = norm_scale(self.sae.split_row(first)[0])  # of the input (a transcoder's x)
         self.sae.initialize_from_sample(first * self.input_scale)
         return first
 
     def fit(self, source: BatchSource | Iterator[Tensor]) -> TrainResult:
         """Train until trainer.total_tokens; returns the SAE with the input scale folded in. Holds the run
-        directory's lock (`saelab.train.lock`) throughout, so a second live run there is refused."""
-        with run_dir_lock(self.output_dir):
+        directory's lock (`saelab.train.lock`) throughout, so a second live run there is refused. SIGINT, SIGTERM
+        and SIGUSR2 stop it at the next step boundary with a checkpoint (`saelab.train.preemption`): it raises
+        TrainingStopped."""
+        with run_dir_lock(self.output_dir), catch_stop_signals():
             return self._fit(source)
 
     def _fit(self, source: BatchSource | Iterator[Tensor]) -> TrainResult:
         cfg, sae = self.cfg, self.sae
+        check_output_targets(self.output_dir, self.extra_outputs)
         if self.step == 0:
             check_fresh_output_dir(self.output_dir)
         self.data_metadata = data_metadata(source, self.heldout_offset, cfg.batch_size)
+        warn_many_passes(source, cfg, self.heldout_offset)
         total = cfg.total_steps
         stream = self._stream(source)
         self.heldout = self._take_heldout(source, stream)
+        check_heldout_finite(self.heldout)
         pending = [self.prepare(next(stream))] if self.step == 0 else []
         self.input_scale = self.dist.broadcast_start(sae, self.input_scale)
-        logger = RunLogger(self.logging, total, self.run_config, self.output_dir)
-        logger.start_at(self.step)
-        self.refresh_dead()
-        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
-        self.inputs_checked_at = self.weights_checked_at = self.loss_checked_at = self.step
-        window_start, window_tokens = time.perf_counter(), 0
-        sae.train()
+        logger = self.open_run()
         x = pending[0] if pending else torch.empty(0)  # the last batch trained on, once the loop has run
         try:
             while self.step < total:
@@ -400,28 +498,76 @@ class Trainer:
                 except BatchesExhausted as err:
                     raise BatchesExhausted(f"{err} {self.save_for_later()}") from None
                 out = self.train_step(self.dist.shard(x))
-                window_tokens += x.shape[0]
-                logger.advance()
-                self.periodic_checks()
-                if self.step % cfg.log_every == 0 or self.step == total:
-                    elapsed = time.perf_counter() - window_start
-                    row = self._metrics_row(out, window_tokens / max(elapsed, 1e-9))
-                    self.history.append(row)
-                    logger.log(self.step, row)
-                    window_start, window_tokens = time.perf_counter(), 0
-                evaluate = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total)
-                if evaluate and self.dist.is_main:
-                    row = {"step": float(self.step), **heldout_metrics(sae, self.heldout, self.input_scale)}
-                    self.eval_history.append(row)
-                    logger.log(self.step, row)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
-                    self.check_finite()
-                    self.save_checkpoint()
+                self.record_step(out, x.shape[0], logger)
+                if self.step < total:
+                    self.checkpoint_or_stop()
             self.check_finite()
             result = self._finish(logger, x)
         finally:
             logger.close()
         return result
+
+    def checkpoint_or_stop(self) -> None:
+        """Between two steps: checkpoint when `checkpoint_decision` says so, then raise TrainingStopped if a stop
+        signal was caught."""
+        due, stop = self.checkpoint_decision()
+        if not (due or stop):
+            return
+        self.check_finite()
+        path = self.save_checkpoint()
+        self.clock.restart()
+        if stop:
+            raise TrainingStopped(stop_requested() or signal.SIGTERM, self.step, path, self.output_dir)
+
+    def checkpoint_decision(self) -> tuple[bool, bool]:
+        """(checkpoint now, stop now) after this step (never at the last one: the final SAE is saved then): a
+        checkpoint every trainer.checkpoint_every steps and every trainer.checkpoint_every_minutes, and a stop
+        when a signal was caught (`catch_stop_signals`). One process reads its clock and signal flag without a
+        device sync; under torchrun the ranks agree on both at the dead_check_every steps (one small
+        all-reduce), so that they checkpoint and stop together."""
+        cfg = self.cfg
+        if self.step >= cfg.total_steps:
+            return False, False
+        by_steps = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+        due, stop = self.clock.due(), stop_requested() is not None
+        if self.dist.enabled:
+            agree = self.step % cfg.dead_check_every == 0
+            due, stop = self.dist.any_true([due, stop], self.device) if agree else (False, False)
+        return by_steps or due or stop, stop
+
+    def open_run(self) -> RunLogger:
+        """Start the logged part of a run, after `prepare` (or a resume) and before its first step: the logger
+        (progress bar, wandb) at this step, the dead-latent list, the finiteness checks and the throughput window
+        reset, the SAE in training mode. Loops that drive `train_step` themselves call it, then `record_step`."""
+        logger = RunLogger(self.logging, self.cfg.total_steps, self.run_config, self.output_dir)
+        logger.start_at(self.step)
+        self.refresh_dead()
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.inputs_checked_at = self.weights_checked_at = self.loss_checked_at = self.step
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.clock.restart()
+        self.sae.train()
+        return logger
+
+    def record_step(self, out: TrainOutput, rows: int, logger: RunLogger) -> None:
+        """What follows each step (`rows`: the global batch's): progress, `periodic_checks`, the log row every
+        log_every steps and the held-out evaluation every eval_every steps (and both at the last step)."""
+        cfg, total = self.cfg, self.cfg.total_steps
+        self.window_tokens += rows
+        logger.advance()
+        self.periodic_checks()
+        if self.step % cfg.log_every == 0 or self.step == total:
+            elapsed = time.perf_counter() - self.window_start
+            row = self._metrics_row(out, self.window_tokens / max(elapsed, 1e-9))
+            self.history.append(row)
+            logger.log(self.step, row)
+            self.window_start, self.window_tokens = time.perf_counter(), 0
+        evaluate = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total)
+        if evaluate and self.dist.is_main:
+            row = {"step": float(self.step), **heldout_metrics(self.sae, self.heldout, self.input_scale)}
+            warn_non_finite(row)
+            self.eval_history.append(row)
+            logger.log(self.step, row)
 
     def periodic_checks(self) -> None:
         """What `fit` does after each step, for loops that drive `train_step` themselves: every dead_check_every
@@ -441,22 +587,45 @@ class Trainer:
         """One optimisation step on a raw batch x [B, d_in] (this rank's slice of the global batch under
         torchrun); no host sync (NaN/Inf inputs are flagged in `self.finite`, checked by `fit` every
         dead_check_every steps and, with the weights, before every save)."""
-        cfg, sae = self.cfg, self.sae
-        x = x.to(self.device, dtype=sae.W_enc.dtype, non_blocking=True)
-        check_batch(x, sae.d_in, self.step)
-        self.finite &= torch.isfinite(x).all()
-        lr_scale = lr_multiplier(self.step, cfg.total_steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
-        ctx = TrainContext(
-            self.step, cfg.total_steps, self.tracker.dead_mask, self.any_dead, self.dead_latents, lr_scale
-        )
-        with torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        ):
-            out = self.forward(x * self.input_scale, ctx)
+        scaled, ctx = self.step_inputs(x)
+        with self.autocast():
+            out = self.forward(scaled, ctx)
         fired = self.dist.any_fired(out.fired)
         inference_fired = None if out.inference_fired is None else self.dist.any_fired(out.inference_fired)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        self.apply_gradients(fired, x.shape[0], inference_fired)
+        return out
+
+    def step_inputs(self, x: Tensor) -> tuple[Tensor, TrainContext]:
+        """A step's training input from a raw batch x [B, d_in]: x on the device in the SAE's dtype, times the
+        input scale, and the step's TrainContext; NaN/Inf inputs are flagged in `self.finite` (no host sync)."""
+        x = x.to(self.device, dtype=self.sae.W_enc.dtype, non_blocking=True)
+        check_batch(x, self.sae.row_width, self.step)
+        self.finite &= torch.isfinite(x).all()
+        cfg = self.cfg
+        lr_scale = lr_multiplier(self.step, cfg.total_steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
+        ctx = TrainContext(
+            self.step,
+            cfg.total_steps,
+            self.tracker.dead_mask,
+            self.any_dead,
+            self.dead_latents,
+            lr_scale=lr_scale,
+        )
+        return x * self.input_scale, ctx
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context of the training forward (trainer.autocast_dtype; disabled when None)."""
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
+
+    def apply_gradients(self, fired: Any, rows: int, inference_fired: Any = None) -> None:
+        """The rest of a step once its loss's backward has filled the gradients: decoder-gradient projection,
+        clipping, Adam, the SAE's after-step hooks, schedule, dead-latent bookkeeping. fired: the step's fired
+        latents as `Distributed.any_fired` returns them; rows: this rank's batch rows; inference_fired: the same
+        for the inference encoder's firing (`TrainOutput.inference_fired`; None: fired)."""
+        cfg, sae = self.cfg, self.sae
         sae.before_optimizer_step()
         if cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm, foreach=True)
@@ -464,11 +633,10 @@ class Trainer:
         self.dist.sync_state(sae)
         sae.after_optimizer_step()
         self.scheduler.step()
-        rows = x.shape[0] * self.dist.world_size
+        rows = rows * self.dist.world_size
         self.tracker.update(fired.result(), rows)
         self.inference_tracker.update((inference_fired or fired).result(), rows)
         self.step += 1
-        return out
 
     def _metrics_row(self, out: Any, tokens_per_s: float) -> dict[str, float]:
         """The log row: step, tokens, lr, throughput, dead fraction, and the step's loss / L0 / variant metrics
@@ -559,7 +727,8 @@ class Trainer:
         (None for other sources)."""
         return getattr(self.source_stream, "contexts_read", self.resume_contexts)
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, keep: int | None = None) -> Path | None:
+        """Write checkpoints/step_<step>/ and prune all but the newest `keep` (default trainer.keep_checkpoints)."""
         if self.output_dir is None:
             return None
         data = self.data_record()
@@ -569,9 +738,22 @@ class Trainer:
             self.step,
             self.sae,
             self.state_dict(),
-            self.cfg.keep_checkpoints,
+            keep or self.cfg.keep_checkpoints,
             record,
         )
+
+    def save_final(self, final: SAE) -> None:
+        """Write the trained SAE to <output_dir>/sae; if that fails (a file appeared there, the disk is full),
+        checkpoint the trained steps first, so none are lost, and raise saying where they are."""
+        target = self.output_dir / SAE_FOLDER
+        try:
+            final.save(target)
+        except Exception as err:
+            try:
+                note = self.save_for_later()
+            except Exception as second:
+                note = f"Saving a checkpoint failed too ({second}). {self.checkpoint_note()}"
+            raise OSError(f"writing the trained SAE to {target} failed: {err}. {note}") from err
 
     def inference_sae(self) -> SAE:
         """A copy of the SAE that takes raw inputs (input scale folded into its weights)."""
@@ -606,7 +788,7 @@ class Trainer:
             "dead_window_tokens": window,
         }
         if self.output_dir is not None:
-            final.save(self.output_dir / "sae")
+            self.save_final(final)
         logger.summary(
             {
                 **{f"final/{k}": v for k, v in last.items()},  # the last logged row; the saved SAE's win

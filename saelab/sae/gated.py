@@ -1,0 +1,165 @@
+"""Gated SAE (Rajamanoharan, Conmy, Smith, Lieberum, Varma, Kramár, Shah, Nanda 2024, "Improving Dictionary
+Learning with Gated Sparse Autoencoders").
+
+Two paths share the encoder directions W_enc [d_in, n] on the centred input u = x - b_dec:
+
+    gate:       pi_gate = u @ W_enc + b_gate,                      active = [pi_gate > 0]
+    magnitude:  pi_mag  = u @ (W_enc * exp(r_mag)) + b_mag,        z = active * ReLU(pi_mag)
+    x_hat = z @ W_dec + b_dec
+
+so which latents fire and how strongly are decided apart (an L1 penalty on the gate no longer shrinks the
+magnitudes). The step function passes no gradient; the gate path is trained by the two other loss terms:
+
+    loss = ||x - x_hat||^2 + lambda * ||ReLU(pi_gate)||_1 + ||x - (ReLU(pi_gate) @ sg(W_dec) + sg(b_dec))||^2
+
+(sg: stop-gradient; the auxiliary term makes the gate's pre-activations themselves reconstruct x through the
+frozen decoder, as in the paper). Squared errors are summed over d and averaged over rows, inputs scaled to
+E||x|| = sqrt(d_in) by the trainer (the ReLU SAE's convention), decoder rows kept at unit norm (as in the paper
+and dictionary_learning's GatedSAETrainer) so the L1 cannot be lowered by growing them. lambda (default 5:
+on planted features 98.6% recovered at L0 9.8, BENCHMARKS.md "Gated SAE") ramps up
+linearly over the first `l1_warmup_frac` of training; it is a fixed coefficient: `l1_coefficient_at` is where
+an adaptive controller (a target L0) takes over. Init: tied unit-norm weights, r_mag and biases 0, b_dec =
+geometric median of the first batch, then W_enc (with b_gate, b_mag) scaled by the least-squares scale of the
+initial reconstruction, as TopK scales its encoder.
+
+Files: SAELens's `gated` (W_enc, W_dec, b_dec, b_gate, b_mag, r_mag) and dictionary_learning's
+`GatedAutoEncoder` (encoder.weight, decoder.weight, decoder_bias, gate_bias, mag_bias, r_mag) compute the same
+function and load and export both ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saelab.core.checks import check_number
+from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
+from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained, warmup_factor
+from saelab.sae.registry import register
+
+
+@dataclass
+class GatedConfig(SAEConfig):
+    """l1_coefficient: lambda, the weight of the gate's L1 penalty against the squared error.
+    l1_warmup_frac: fraction of steps over which lambda ramps up from 0."""
+
+    architecture: str = "gated"
+    l1_coefficient: float = 5.0
+    l1_warmup_frac: float = 0.05
+
+    def validate(self) -> None:
+        super().validate()
+        check_number("sae.l1_coefficient", self.l1_coefficient, low=0)
+        check_number("sae.l1_warmup_frac", self.l1_warmup_frac, low=0, high=1)
+
+
+@register("gated")
+class GatedSAE(SAE):
+    config_class = GatedConfig
+    cfg: GatedConfig
+    unit_norm_decoder = True
+    #: Every loss term is a per-row mean, so the ranks' averaged gradients are the global batch's.
+    data_parallel = True
+    saelens_architecture = "gated"
+    saelens_reads = ("gated",)
+    dictionary_learning_class = "GatedAutoEncoder"
+    dictionary_learning_trainer = "GatedSAETrainer"
+
+    def create_parameters(self, dtype: torch.dtype) -> None:
+        """W_enc [d_in, n], W_dec [n, d_in], b_dec [d_in], and per latent b_gate, b_mag, r_mag [n] (no b_enc)."""
+        d, n = self.d_in, self.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d, n, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(n, d, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype))
+        for name in ("b_gate", "b_mag", "r_mag"):
+            setattr(self, name, nn.Parameter(torch.zeros(n, dtype=dtype)))
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Unit decoder rows, tied encoder, every bias and r_mag zero."""
+        with torch.no_grad():
+            w = torch.randn(self.d_sae, self.d_in, dtype=torch.float32, generator=generator)
+            w /= w.norm(dim=1, keepdim=True)
+            self.W_dec.copy_(w)
+            self.W_enc.copy_(w.T)
+            for name in ("b_dec", "b_gate", "b_mag", "r_mag"):
+                getattr(self, name).zero_()
+
+    @torch.no_grad()
+    def initialize_from_sample(self, x: Tensor) -> None:
+        """b_dec = geometric median of x [N, d_in]; then the codes are scaled by the least-squares s > 0 of the
+        initial reconstruction of x - b_dec (`scale_codes`, as TopK scales its encoder)."""
+        super().initialize_from_sample(x)
+        self.scale_encoder_to_fit(x, self.encode_rows(x) @ self.W_dec)
+
+    @torch.no_grad()
+    def scale_codes(self, scale: float) -> None:
+        """Multiply both paths' pre-activations, so every code, by `scale` > 0 (W_enc, b_gate, b_mag; the gate
+        keeps its sign). Not through r_mag: Adam moves a log-scale by about lr a step, too slow to undo."""
+        for tensor in (self.W_enc, self.b_gate, self.b_mag):
+            tensor.mul_(scale)
+
+    # ----------------------------------------------------------- inference
+    def gate_pre_activations(self, x: Tensor) -> Tensor:
+        """x [B, d_in] -> pi_gate [B, n]."""
+        return (x - self.input_bias) @ self.W_enc + self.b_gate
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """x [B, d_in] -> the magnitude path's pi_mag [B, n]."""
+        return (x - self.input_bias) @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+
+    def encode_rows(self, x: Tensor) -> Tensor:
+        """x [B, d_in] -> z [B, n] = [pi_gate > 0] * ReLU(pi_mag)."""
+        return (self.gate_pre_activations(x) > 0) * self.pre_activations(x).relu()
+
+    # ------------------------------------------------------------ training
+    def l1_coefficient_at(self, step: int, total_steps: int) -> float:
+        """lambda after the linear warm-up over the first l1_warmup_frac * total_steps steps. A fixed coefficient:
+        an adaptive one (a controller steering L0 to a target) replaces this method."""
+        return self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_frac)
+
+    def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
+        centred = x - self.input_bias
+        projected = centred @ self.W_enc
+        gate_pre = projected + self.b_gate
+        gate = gate_pre.relu()
+        z = (gate_pre > 0) * (projected * self.r_mag.exp() + self.b_mag).relu()
+        x_hat = ctx.output(self.decode(z))
+        target = ctx.target_for(x)
+        sq_error = (target - x_hat).pow(2).sum(dim=-1).mean()
+        l1_penalty = gate.sum(dim=-1).mean()
+        via_gate = gate @ self.W_dec.detach() + self.b_dec.detach()  # the frozen decoder (and skip term)
+        if ctx.skip is not None:
+            via_gate = via_gate + ctx.skip.detach()
+        aux = (target - via_gate).pow(2).sum(dim=-1).mean()
+        loss = sq_error + self.l1_coefficient_at(ctx.step, ctx.total_steps) * l1_penalty + aux
+        fired, l0 = dense_activity(z > 0)
+        metrics = {
+            "sq_error": sq_error.detach(),
+            "l1_penalty": l1_penalty.detach(),
+            "gate_aux": aux.detach(),
+            "fvu": fraction_of_variance_unexplained(target, x_hat.detach()),
+        }
+        return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
+
+    # ------------------------------------------------------------ interop
+    @classmethod
+    def absorb_input_offset(cls, tensors: dict[str, Tensor], offset: Tensor) -> None:
+        """Both paths' biases take the offset: b_gate += offset @ W_enc, b_mag += offset @ (W_enc * exp(r_mag))."""
+        offset, w_enc = offset.double(), tensors["W_enc"].double()
+        tensors["b_gate"] = tensors["b_gate"].double() + offset @ w_enc
+        tensors["b_mag"] = tensors["b_mag"].double() + offset @ (w_enc * tensors["r_mag"].double().exp())
+
+    def dictionary_learning_extras(self) -> dict[str, Tensor]:
+        """GatedAutoEncoder's per-latent gate_bias, mag_bias and r_mag [n]."""
+        tensors = {"gate_bias": self.b_gate, "mag_bias": self.b_mag, "r_mag": self.r_mag}
+        return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+
+    @classmethod
+    def config_from_dictionary_learning(
+        cls, extras: dict[str, Tensor], trainer: dict[str, Any], where: str
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """b_gate, b_mag and r_mag from GatedAutoEncoder's gate_bias, mag_bias and r_mag."""
+        return {}, {"b_gate": extras["gate_bias"], "b_mag": extras["mag_bias"], "r_mag": extras["r_mag"]}

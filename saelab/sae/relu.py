@@ -21,7 +21,8 @@ from saelab.sae.registry import register
 
 @dataclass
 class ReLUConfig(SAEConfig):
-    """l1_coefficient: lambda. l1_warmup_frac: fraction of steps over which lambda ramps up from 0."""
+    """l1_coefficient: lambda. l1_warmup_frac: fraction of steps over which lambda ramps up from 0.
+    init_decoder_norm: the norm of each decoder row at initialisation."""
 
     architecture: str = "relu"
     l1_coefficient: float = 5.0

@@ -38,6 +38,13 @@ class TrainerConfig:
     autocast_dtype: "bfloat16" runs the forward pass under bf16 autocast (float32 master weights, optimizer
     and gradients); "none" keeps everything in the SAE's dtype; "auto" (default) is bfloat16 on CUDA for a
     float32 SAE and none otherwise (CPU). compile: wrap the SAE's training forward in torch.compile.
+    batch_size: rows per step (global under torchrun). adam_beta1 / adam_beta2 / adam_eps: Adam's settings.
+    grad_clip_norm: the gradient norm is clipped to this. normalize_activations: scale inputs so E||x|| =
+    sqrt(d_in) (folded into the saved weights). dead_check_every: steps between dead-latent checks (and the
+    ranks' agreement on checkpoints and stops). seed: the SAE's initialisation and sampling streams. device:
+    "auto" (CUDA when there is one), "cpu", "cuda", "cuda:N". log_every: steps between logged metrics.
+    keep_checkpoints: the newest checkpoints kept. resume_from: a run directory or checkpoint to continue.
+    eval_batches: batches held out for eval_every.
     """
 
     total_tokens: int = 0
@@ -144,7 +151,11 @@ class TrainerConfig:
 
 @dataclass
 class LoggingConfig:
-    """wandb_mode: 'disabled', 'offline' or 'online'. progress: show a progress bar."""
+    """wandb_mode: 'disabled', 'offline' or 'online'. progress: show a progress bar.
+
+    project / entity: the wandb project and entity. group: the wandb group (a sweep's jobs default to the sweep
+    directory). run_name: the wandb run name (a sweep's jobs default to their overrides).
+    """
 
     wandb_mode: str = "disabled"
     project: str = "saelab"

@@ -1,0 +1,5 @@
+# %% [markdown]
+# # Your first SAE on a real model
+# placeholder
+# %%
+print(1)

@@ -84,6 +84,7 @@ class ModelSourceConfig:
             raise ValueError(f"source.context_size={self.context_size} must be at least 2.")
 
     def text_spec(self) -> TextSpec:
+        """Where the text comes from: this config's dataset fields as a TextSpec."""
         return TextSpec(
             self.dataset, self.dataset_name, self.split, self.text_column, self.streaming, self.sample_by
         )

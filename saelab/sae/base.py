@@ -165,10 +165,12 @@ class SAE(nn.Module):
 
     @property
     def d_in(self) -> int:
+        """Width of the input activations x [..., d_in]."""
         return self.cfg.d_in
 
     @property
     def d_sae(self) -> int:
+        """Number of latents: the width of the codes z [..., d_sae]."""
         return self.cfg.d_sae
 
     @property

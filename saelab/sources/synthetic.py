@@ -165,6 +165,7 @@ class SyntheticSource:
             self.frequencies = power_law_frequencies(cfg.n_features, cfg.mean_active, cfg.frequency_decay)
 
     def metadata(self) -> dict[str, object]:
+        """What an SAE trained on this source records about it (kind, structure, feature count, seed, ...)."""
         return {
             "source": "synthetic",
             "structure": self.cfg.structure,

@@ -73,6 +73,7 @@ class TrainerConfig:
 
     @property
     def total_steps(self) -> int:
+        """Optimizer steps of the run: tokens // batch_size (at least 1)."""
         return max(1, self.tokens // self.batch_size)
 
     @property
@@ -82,6 +83,8 @@ class TrainerConfig:
 
     @property
     def dead_window(self) -> int:
+        """Tokens without firing after which a latent counts as dead: dead_window_tokens, or min(10M, total / 20)
+        (at least 10 batches)."""
         return self.dead_window_tokens or min(10_000_000, max(self.tokens // 20, 10 * self.batch_size))
 
     def for_source(self, source: object | None) -> TrainerConfig:
@@ -165,6 +168,7 @@ class LoggingConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """Raise ValueError naming the offending logging field."""
         check_flags(self, "logging")
         if self.wandb_mode not in ("disabled", "offline", "online"):
             raise ValueError(

@@ -50,13 +50,13 @@ def run(command: str, tail: int = 6) -> None:
 # `source=smollm2` is SmolLM2-135M-Instruct over Shakespeare's plays, in contexts of 128 tokens. We read the
 # model with plain `transformers` and forward hooks (`source.backend=hf`, quicker to load than
 # TransformerLens) at the output of block 6 of 30, `model.layers.6` (width d_in = 576). BOS and other
-# special tokens are dropped, and the model stops after the deepest hook. 4,096 tokens take 9.5 MB in
+# special tokens are dropped, and the model stops after the deepest hook. 2,048 tokens take 4.7 MB in
 # float32 (576 x 4 bytes per token, plus its token id).
 
 # %%
 HOOK = "model.layers.6"
 SOURCE = f"source=smollm2 source.backend=hf source.hook_name={HOOK}"
-run(f"saelab harvest {SOURCE} hook_names=[{HOOK}] output_dir={WORK}/cache total_tokens=4096 progress=false")
+run(f"saelab harvest {SOURCE} hook_names=[{HOOK}] output_dir={WORK}/cache total_tokens=2048 progress=false")
 print(sorted(p.name for p in (WORK / "cache").iterdir()))
 
 # %% [markdown]
@@ -70,7 +70,7 @@ print(sorted(p.name for p in (WORK / "cache").iterdir()))
 RUN = WORK / "run"
 run(
     f"saelab train source=cache source.path={WORK}/cache sae=topk sae.k=16 sae.expansion_factor=4 "
-    f"trainer.batch_size=256 logging.progress=false hydra.run.dir={RUN}"
+    f"trainer.batch_size=128 logging.progress=false hydra.run.dir={RUN}"
 )
 summary = json.loads((RUN / "summary.json").read_text())
 print({key: summary[key] for key in ("steps", "tokens", "fvu", "l0", "dead_frac")})
@@ -84,12 +84,12 @@ print(sorted(p.name for p in (RUN / "sae").iterdir()))  # SAELens's layout: SAEL
 # ## 3. Evaluate
 #
 # `saelab eval` runs the model over text with the SAE spliced in at its hook and compares the next-token
-# loss with the clean model's and with the hook zero-ablated. The harvest read the first 32 contexts of the
+# loss with the clean model's and with the hook zero-ablated. The harvest read about the first 16 contexts of the
 # corpus, so `eval.start_batch=8` (8 batches of 8 contexts) starts on text the SAE never saw.
 
 # %%
 run(
-    f"saelab eval sae={RUN} {SOURCE} eval.total_tokens=512 eval.start_batch=8 output_dir={WORK}/eval",
+    f"saelab eval sae={RUN} {SOURCE} eval.total_tokens=256 eval.start_batch=8 output_dir={WORK}/eval",
     tail=18,
 )
 report = json.loads((WORK / "eval" / "report.json").read_text())
@@ -113,7 +113,7 @@ assert lm["ce_clean"] < lm["ce_sae"] < lm["ce_zero"]
 
 # %%
 run(
-    f"saelab inspect sae={RUN} {SOURCE} inspect.total_tokens=1024 inspect.start_context=64 "
+    f"saelab inspect sae={RUN} {SOURCE} inspect.total_tokens=512 inspect.start_context=64 "
     f"output_dir={WORK}/inspect",
     tail=3,
 )

@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import inspect
 import pkgutil
+import re
 import sys
 import types
 from pathlib import Path
@@ -149,3 +150,18 @@ def test_offline_check_catches_remote_resources(tmp_path):
     assert check_site_offline.main(["check", str(tmp_path)]) == 0
     (tmp_path / "page.html").write_text(html)
     assert check_site_offline.main(["check", str(tmp_path)]) == 1
+
+
+def test_help_run_times_are_the_readmes(capsys):
+    """`saelab --help` prints run times and harvest sizes; each figure in it is one the README gives too, so the
+    two cannot drift apart."""
+    from saelab.app.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().err
+    figures = re.findall(r"\b\d[\d.,]* (?:s|min|ms|MB|GB|tokens/s)\b", printed)
+    assert len(figures) >= 10
+    readme = (ROOT / "README.md").read_text()
+    assert [figure for figure in figures if figure not in readme] == []

@@ -4,8 +4,9 @@
 - `benchmarks.md`: BENCHMARKS.md, its links into `docs/` made relative to the site;
 - `reference/config.md`: every config group and field, its default and its doc, from the config dataclasses
   and the YAML files Hydra composes (`saelab/configs/`);
-- `tutorials/<name>.md`: each jupytext script `docs/tutorials/<name>.py` as a page (text and code; CI executes
-  the scripts, the site build does not).
+- `tutorials/<name>.md`: each jupytext script `docs/tutorials/<name>.py` as a page: text, code and the printed
+  output saved by `scripts/run_tutorials.py` in docs/tutorials/executed/ (CI executes the scripts; the site build
+  does not run them).
 """
 
 from __future__ import annotations
@@ -63,18 +64,44 @@ def tutorial_page(script: Path) -> str:
     import jupytext
 
     notebook = jupytext.read(script)
+    outputs = executed_outputs(script, notebook)
     parts = []
+    code_index = 0
     for cell in notebook.cells:
         if cell.cell_type == "markdown":
             parts.append(cell.source)
         elif cell.source.strip():
             parts.append(f"```python\n{cell.source}\n```")
+            text = outputs[code_index] if outputs else ""
+            if text.strip():
+                parts.append(f"```text\n{text.rstrip()}\n```")
+        if cell.cell_type == "code":
+            code_index += 1
     parts.append(
         f"*This page is the script `docs/tutorials/{script.name}` (jupytext percent format): run it with "
         f"`python docs/tutorials/{script.name}`, or open it as a notebook with "
         f"`jupytext --to ipynb docs/tutorials/{script.name}`. CI executes it (tests/test_tutorials.py).*"
     )
     return "\n\n".join(parts) + "\n"
+
+
+def executed_outputs(script: Path, notebook: Any) -> list[str] | None:
+    """The printed text of each code cell in docs/tutorials/executed/<name>.ipynb (scripts/run_tutorials.py),
+    or None when there is none or its code differs from the script's (then the page shows the code alone)."""
+    import nbformat
+
+    path = script.parent / "executed" / f"{script.stem}.ipynb"
+    if not path.is_file():
+        return None
+    executed = nbformat.read(path, as_version=4)
+    ran = [cell for cell in executed.cells if cell.cell_type == "code"]
+    if [cell.source for cell in ran] != [cell.source for cell in notebook.cells if cell.cell_type == "code"]:
+        return None
+    texts = []
+    for cell in ran:
+        streams = [out.get("text", "") for out in cell.get("outputs", []) if out.get("name") == "stdout"]
+        texts.append("".join(streams))
+    return texts
 
 
 # ---- configuration reference ------------------------------------------------------------------------------------

@@ -21,6 +21,26 @@ def test_every_tutorial_is_in_the_site_nav():
         assert f"tutorials/{script.stem}.md" in nav, script.name
 
 
+def test_the_sites_outputs_come_from_the_tutorials_code():
+    """The site shows each tutorial's output saved by scripts/run_tutorials.py; the saved notebook must hold the
+    script's code as it is now (after editing a tutorial, run `python scripts/run_tutorials.py <name>`)."""
+    jupytext = pytest.importorskip("jupytext", reason="docs extra not installed: pip install -e '.[docs]'")
+    nbformat = pytest.importorskip("nbformat", reason="docs extra not installed: pip install -e '.[docs]'")
+    for script in TUTORIALS:
+        executed = nbformat.read(script.parent / "executed" / f"{script.stem}.ipynb", as_version=4)
+        ran = [cell.source for cell in executed.cells if cell.cell_type == "code"]
+        now = [cell.source for cell in jupytext.read(script).cells if cell.cell_type == "code"]
+        assert ran == now, (
+            f"{script.name} changed since it was run: python scripts/run_tutorials.py {script.stem}"
+        )
+        printed = [
+            out for cell in executed.cells for out in cell.get("outputs", []) if out.get("name") == "stdout"
+        ]
+        assert printed and not [
+            o for c in executed.cells for o in c.get("outputs", []) if o.output_type == "error"
+        ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(script, tmp_path, monkeypatch):

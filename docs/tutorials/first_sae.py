@@ -25,6 +25,8 @@
 
 # %%
 import json
+import os
+import re
 import shlex
 import subprocess
 import time
@@ -36,12 +38,15 @@ assert Path("assets/smollm2/hf").is_dir(), "run `saelab fetch-assets` first"
 
 
 def run(command: str, tail: int = 6) -> None:
-    """Run a saelab command as a shell would, fail if it fails, and print its last `tail` lines."""
-    done = subprocess.run(shlex.split(command), capture_output=True, text=True)
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    print("\n".join(lines[-tail:]))
+    """Run a saelab command as a shell would and print the last `tail` lines it printed (progress bars and
+    colours aside); if it fails, raise with its error output."""
+    done = subprocess.run(
+        shlex.split(command), capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"}
+    )
     if done.returncode:
-        raise RuntimeError(f"`{command}` failed with exit code {done.returncode}")
+        raise RuntimeError(f"`{command}` failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout).strip().splitlines()
+    print("\n".join(lines[-tail:]))
 
 
 # %% [markdown]
@@ -90,7 +95,7 @@ print(sorted(p.name for p in (RUN / "sae").iterdir()))  # SAELens's layout: SAEL
 # %%
 run(
     f"saelab eval sae={RUN} {SOURCE} eval.total_tokens=256 eval.start_batch=8 output_dir={WORK}/eval",
-    tail=18,
+    tail=16,
 )
 report = json.loads((WORK / "eval" / "report.json").read_text())
 lm = report["lm"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from harvest_helpers import word_tokenizer
-from inspect_helpers import chromium, chromium_or_skip
+from inspect_helpers import chromium_browser
 
 from saelab.app.cli import main
 from saelab.eval.baselines import build_baselines, mean_l0
@@ -289,8 +289,11 @@ def test_saelab_eval_suite_over_two_saes_with_report_html_and_probe_cache(tmp_pa
     assert again["sparse_probing"]["eval_result_metrics"] == probing["eval_result_metrics"]
     assert again["absorption_first_letter"]["eval_result_metrics"] == absorption["eval_result_metrics"]
 
-    chromium_or_skip()
-    dom = chromium((out / "sae0" / "report.html").as_uri(), tmp_path / "chrome", "--dump-dom")
+    with chromium_browser() as browser:
+        tab = browser.new_page()
+        tab.goto((out / "sae0" / "report.html").as_uri(), wait_until="load")
+        tab.wait_for_function("document.body.dataset.imagesLoaded !== undefined", timeout=30_000)
+        dom = tab.content()
     page = Cells()
     page.feed(dom)
     assert int(page.body["data-images-loaded"]) == 6  # every plot decoded

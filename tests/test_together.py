@@ -141,6 +141,11 @@ def test_jobs_on_two_hooks_of_a_cache_equal_their_runs_alone(tmp_path):
         solo = CacheSource(CacheSourceConfig(path=str(cache), hook_name=hook, group_tokens=1024))
         assert_same_run(result, alone(sae_cfg, cfg, solo), exact=True)
         assert result.sae.cfg.metadata["hook_name"] == hook
+    # trainer.total_tokens=0: one pass over the cache's 4096 rows (64 batches) less the held-out ones
+    one_pass = [(sae_cfg, dataclasses.replace(cfg, total_tokens=0), hook) for sae_cfg, cfg, hook in jobs[:1]]
+    (result,) = train_together(one_pass, source)
+    held_out = jobs[0][1].eval_batches if jobs[0][1].eval_every else 0
+    assert held_out > 0 and result.steps == 4096 // BATCH - held_out
 
 
 def test_jobs_on_two_hooks_of_a_live_model_equal_their_runs_alone(tmp_path):

@@ -35,7 +35,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from saelab.app.config import sae_config, to_dataclass
 from saelab.app.hydra_callbacks import _drop_file_handlers
 from saelab.app.sweep import RUN_SUMMARY, sweep_logging
-from saelab.app.train_job import RESTART_COUNTERS, restarted_run, summary_line, write_summary
+from saelab.app.train_job import (
+    RESTART_COUNTERS,
+    restarted_run,
+    summary_line,
+    with_resolved_sizes,
+    write_summary,
+)
 from saelab.core.device import resolve_device
 from saelab.core.seeds import derive_seed
 from saelab.parallel import distributed
@@ -167,21 +173,28 @@ def train_specs(specs: Sequence[JobSpec], stack: str, parallel: str) -> list[Any
     first = specs[0]
     device = resolve_device(first.trainer.device)
     torch.manual_seed(derive_seed(first.trainer.seed, "torch.global"))  # as train_from_config
-    outcomes: list[Any] = []
-    jobs: list[TogetherJob] = []
-    for spec in specs:
-        resume = resume_target(spec, dict(os.environ))
-        outcomes.append(finished_outcome(spec, resume, dict(os.environ)))
-        trainer = dataclasses.replace(spec.trainer, resume_from=resume)
-        jobs.append(
-            TogetherJob(
-                spec.sae, trainer, spec.hook, spec.output_dir, spec.logging, spec.run_config, spec.name
-            )
-        )
+    env = dict(os.environ)
+    resumes = [resume_target(spec, env) for spec in specs]
+    outcomes: list[Any] = [
+        finished_outcome(spec, resume, env) for spec, resume in zip(specs, resumes, strict=True)
+    ]
     todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
     if not todo:
         return outcomes
     source = build_source(first.source, device)  # one model (or cache reader); every hook joins it below
+    jobs = [
+        TogetherJob(
+            spec.sae,
+            # total_tokens 0: one pass over a cache, as for a job alone
+            dataclasses.replace(spec.trainer, resume_from=resume).for_source(source),
+            spec.hook,
+            spec.output_dir,
+            spec.logging,
+            spec.run_config,
+            spec.name,
+        )
+        for spec, resume in zip(specs, resumes, strict=True)
+    ]
     progress = any(spec.logging.progress for spec in specs)
     results = train_together(
         [jobs[i] for i in todo], source, stack=stack, parallel=parallel, progress=progress
@@ -196,7 +209,8 @@ def train_specs(specs: Sequence[JobSpec], stack: str, parallel: str) -> list[Any
         if result.output_dir is None:  # a data-parallel rank other than 0: rank 0 writes
             outcomes[i] = {}
             continue
-        summary = write_summary(result.output_dir / RUN_SUMMARY, result, source, spec.run_config)
+        run_config = with_resolved_sizes(spec.run_config, result.sae.cfg, jobs[i].trainer)
+        summary = write_summary(result.output_dir / RUN_SUMMARY, result, source, run_config)
         print(summary_line(summary, result.output_dir))
         outcomes[i] = {k: v for k, v in summary.items() if k != "config"}
     return outcomes

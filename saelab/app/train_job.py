@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -120,7 +121,7 @@ def _train(cfg: DictConfig, output_dir: str | Path | None) -> tuple[TrainResult,
             else f"sae.expansion_factor={sae_cfg.expansion_factor}"
         )
         sae_cfg = resolve_for_data(sae_cfg, source.d_in, getattr(source, "d_out", None))
-        run_config = resolved_run_config(cfg, sae_cfg, trainer_cfg)
+        run_config = with_resolved_sizes(OmegaConf.to_container(cfg, resolve=True), sae_cfg, trainer_cfg)
         resume = trainer_cfg.resume_from or restarted_run(out, os.environ)
         if resume:
             trainer = Trainer.from_checkpoint(
@@ -161,14 +162,14 @@ def stopped_line(stopped: TrainingStopped) -> str:
     )
 
 
-def resolved_run_config(cfg: DictConfig, sae_cfg: Any, trainer_cfg: Any) -> dict[str, Any]:
-    """The composed config as plain data, with the sizes resolved from the source (sae.d_in, sae.d_sae,
+def with_resolved_sizes(run_config: dict[str, Any], sae_cfg: Any, trainer_cfg: Any) -> dict[str, Any]:
+    """A copy of the composed config (plain data) with the sizes resolved from the source (sae.d_in, sae.d_sae,
     trainer.total_tokens: 0 in the config means "from the data"), as summary.json, wandb and checkpoints
     record it."""
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    run_config["sae"].update(d_in=sae_cfg.d_in, d_sae=sae_cfg.d_sae)
-    run_config["trainer"]["total_tokens"] = trainer_cfg.total_tokens
-    return run_config
+    resolved = copy.deepcopy(run_config)
+    resolved["sae"].update(d_in=sae_cfg.d_in, d_sae=sae_cfg.d_sae)
+    resolved["trainer"]["total_tokens"] = trainer_cfg.total_tokens
+    return resolved
 
 
 def summary_line(summary: dict[str, Any], out: Path) -> str:

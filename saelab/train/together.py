@@ -189,7 +189,10 @@ def train_together(
     whether same-shape TopK SAEs on one hook step as one computation (`saelab.train.stacked`). parallel: under
     torchrun, "data" (every SAE data-parallel) or "distribute" (SAEs spread over the ranks).
     """
-    return TogetherRun([as_job(j, i) for i, j in enumerate(jobs)], source, stack, parallel, progress).run()
+    # trainer.total_tokens 0: one pass over a cache (20M tokens of an endless source), as for a job alone
+    resolved = [as_job(j, i) for i, j in enumerate(jobs)]
+    resolved = [dataclasses.replace(j, trainer=j.trainer.for_source(source)) for j in resolved]
+    return TogetherRun(resolved, source, stack, parallel, progress).run()
 
 
 class TogetherRun:

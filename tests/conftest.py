@@ -5,6 +5,7 @@ without CUDA it gets its eager decoder, as on a machine without Triton."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -16,3 +17,13 @@ if not torch.cuda.is_available():
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread inside the test (also without xdist): small matrices run fastest so, and on a loaded
+    2-core machine two threads spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,13 +21,7 @@ from saelab.sae.relu import ReLUConfig, ReLUSAE
 N_LETTERS = len(LETTERS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 solves: a second thread only adds synchronisation on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny float64 solves: a second thread only syncs
 
 
 WORDS_PER_LETTER = 12  # 9 train + 3 test per letter

@@ -25,14 +25,7 @@ from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 from saelab.train.config import TrainerConfig
 from saelab.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 solves: a second thread only adds synchronisation on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny float64 solves: a second thread only syncs
 
 
 @pytest.fixture(scope="module")

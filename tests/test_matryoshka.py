@@ -281,15 +281,6 @@ def test_loss_and_gradient_match_dictionary_learning_trainer_up_to_its_scale():
         torch.testing.assert_close(p.grad, getattr(trainer.ae, name).grad * scale, msg=name)
 
 
-@pytest.fixture
-def one_thread():
-    """Small matrices: one thread is fastest, and on a loaded 2-core machine two threads spin (4 s vs 110 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_trains_on_hierarchical_planted_data_with_the_parents_in_the_first_group(one_thread):
     """20 parents with 4 children each. The first group (32 of 128 latents) must reconstruct alone, so it takes
     the parents: 80% of them have a first-group decoder row at cosine >= 0.9 (seeds 1-3: 65-85%), where a

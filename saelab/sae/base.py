@@ -200,13 +200,18 @@ class SAE(nn.Module):
     # ----------------------------------------------------------------- init
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Decoder rows random unit directions, encoder tied to the decoder transpose, biases zero."""
+        self.tie_random_unit_rows(generator)
         with torch.no_grad():
-            w = torch.randn(self.d_sae, self.d_in, dtype=torch.float32, generator=generator)
-            w /= w.norm(dim=1, keepdim=True)
-            self.W_dec.copy_(w)
-            self.W_enc.copy_(w.T)
             self.b_enc.zero_()
             self.b_dec.zero_()
+
+    @torch.no_grad()
+    def tie_random_unit_rows(self, generator: torch.Generator | None = None) -> None:
+        """W_dec [d_sae, d_in]: random unit rows drawn from `generator`; W_enc [d_in, d_sae]: their transpose."""
+        w = torch.randn(self.d_sae, self.d_in, dtype=torch.float32, generator=generator)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
 
     def initialize_from_sample(self, x: Tensor) -> None:
         """Data-dependent init from a sample x [N, d_in]; default: b_dec = geometric median."""

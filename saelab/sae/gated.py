@@ -79,11 +79,8 @@ class GatedSAE(SAE):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Unit decoder rows, tied encoder, every bias and r_mag zero."""
+        self.tie_random_unit_rows(generator)
         with torch.no_grad():
-            w = torch.randn(self.d_sae, self.d_in, dtype=torch.float32, generator=generator)
-            w /= w.norm(dim=1, keepdim=True)
-            self.W_dec.copy_(w)
-            self.W_enc.copy_(w.T)
             for name in ("b_dec", "b_gate", "b_mag", "r_mag"):
                 getattr(self, name).zero_()
 

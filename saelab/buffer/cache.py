@@ -482,6 +482,7 @@ class ActivationCache:
             )
 
     def d_in(self, hook: str) -> int:
+        """Width of the rows stored for `hook` ("" / None: the cache's only hook)."""
         return int(self.manifest["hooks"][self.check_hook(hook)]["d_in"])
 
     def check_hook(self, hook: str | None) -> str:

@@ -50,6 +50,8 @@ class MixingBuffer:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def batches(self, chunks: Iterable[Tensor]) -> Iterator[Tensor]:
+        """Shuffled batches [batch_size, d] drawn from the buffer, refilled from `chunks` ([rows, d] each) as it
+        empties; when the chunks run out the rows left are served too (the last batch may be smaller)."""
         storage = torch.empty(self.capacity, self.d, dtype=self.dtype, device=self.device)
         filled = 0  # rows storage[:filled] hold unserved activations
         pending: Tensor | None = None  # part of a chunk that did not fit yet

@@ -39,6 +39,12 @@ class ModelSourceConfig:
     buffer_tokens: rows in the mixing buffer (about half are served per refill).
     device: where the model runs ("auto": the training device). buffer_device: "auto" keeps the buffer on
       the training device when it fits. dtype: the model's dtype.
+    kind: the source kind ("model"; `source=smollm2` is this kind with SmolLM2's settings). hook_name: the
+    activation to train on (TransformerLens hook name or HF module path). assets_dir: where `saelab
+    fetch-assets` put SmolLM2. dataset_name: the hub dataset's config name. split: the dataset split.
+    text_column: the column holding the text. streaming: stream a hub dataset instead of downloading it.
+    sample_by: for local .txt files, one example per "document" (whole file), "paragraph" or "line".
+    prepend_bos: put BOS in front of every context. seed: the order of the text.
     """
 
     kind: str = "model"
@@ -78,6 +84,7 @@ class ModelSourceConfig:
             raise ValueError(f"source.context_size={self.context_size} must be at least 2.")
 
     def text_spec(self) -> TextSpec:
+        """Where the text comes from: this config's dataset fields as a TextSpec."""
         return TextSpec(
             self.dataset, self.dataset_name, self.split, self.text_column, self.streaming, self.sample_by
         )

@@ -25,6 +25,8 @@ class HarvestPipeline:
 
     @classmethod
     def from_tokenizer(cls, harvester: Harvester, tokenizer: Any, cfg: ModelSourceConfig) -> HarvestPipeline:
+        """The pipeline for `cfg`'s text and contexts, dropping the tokenizer's special tokens; refuses a
+        context_size longer than the model's context."""
         longest = context_length(getattr(harvester, "model", None))
         if longest is not None and cfg.context_size > longest:
             raise ValueError(

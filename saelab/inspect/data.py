@@ -175,4 +175,5 @@ class FeatureData:
         return out
 
     def token_text(self, token_id: int) -> str:
+        """The token's text from the site's vocabulary, or `<id>` when it is not there."""
         return self.vocab.get(int(token_id), f"<{int(token_id)}>")

@@ -30,6 +30,7 @@ class DeadLatentTracker:
 
     @property
     def d_sae(self) -> int:
+        """Number of latents tracked."""
         return self.fire_counts.shape[0]
 
     def update(self, fired: Tensor, n_tokens: int, counts: Tensor | None = None) -> None:
@@ -50,6 +51,7 @@ class DeadLatentTracker:
         return self.tokens_since_fired >= self.window
 
     def dead_fraction(self) -> float:
+        """Fraction of latents that have not fired within the window."""
         return self.dead_mask.float().mean().item()
 
     def reported_dead(self) -> tuple[float, int]:
@@ -64,6 +66,7 @@ class DeadLatentTracker:
         return self.fire_counts.double() / max(self.tokens_seen, 1)
 
     def state_dict(self) -> dict[str, object]:
+        """Window, per-latent counters [d_sae] (on CPU) and tokens seen, for a checkpoint."""
         return {
             "window": self.window,
             "tokens_since_fired": self.tokens_since_fired.cpu(),
@@ -72,6 +75,7 @@ class DeadLatentTracker:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore `state_dict()`'s output onto this tracker's device."""
         device = self.tokens_since_fired.device
         self.window = int(state["window"])
         self.tokens_since_fired = state["tokens_since_fired"].to(device)

@@ -29,7 +29,13 @@ SAELENS_LAYOUT_VERSION = "6.0.0"
 
 @dataclass
 class SAEConfig:
-    """Fields shared by every variant. `d_in=0` / `d_sae=0` mean "fill in from the data" before build."""
+    """Fields shared by every variant. `d_in=0` / `d_sae=0` mean "fill in from the data" before build.
+
+    architecture: the registered variant name (`sae=<name>`). d_in: width of the input activations (0: from the
+    source). d_sae: number of latents (0: expansion_factor * d_in). expansion_factor: latents per input
+    dimension when d_sae is 0. dtype: the weights' dtype (`float16` is refused for training:
+    train in float32 and load with `load_sae(..., dtype="float16")`). metadata: provenance saved in cfg.json (model_name, hook_name, training tokens, final metrics, ...).
+    """
 
     architecture: str = "topk"
     d_in: int = 0
@@ -164,10 +170,12 @@ class SAE(nn.Module):
 
     @property
     def d_in(self) -> int:
+        """Width of the input activations x [..., d_in]."""
         return self.cfg.d_in
 
     @property
     def d_sae(self) -> int:
+        """Number of latents: the width of the codes z [..., d_sae]."""
         return self.cfg.d_sae
 
     @property

@@ -44,6 +44,7 @@ def get_sae_class(name: str) -> type[SAE]:
 
 
 def available_architectures() -> list[str]:
+    """The registered variant names (`sae=<name>`), sorted."""
     return sorted(_REGISTRY)
 
 

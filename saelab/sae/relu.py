@@ -24,7 +24,7 @@ from saelab.sae.target_l0 import TargetL0Controller, check_reachable, check_targ
 class ReLUConfig(SAEConfig):
     """target_l0: the L0 that lambda adapts to reach during training (`saelab.sae.target_l0`; None: lambda fixed at
     l1_coefficient). l1_coefficient: lambda, or its starting value with a target. l1_warmup_frac: fraction of steps
-    over which lambda ramps up from 0."""
+    over which lambda ramps up from 0. init_decoder_norm: the norm of each decoder row at initialisation."""
 
     architecture: str = "relu"
     target_l0: float | None = 32.0

@@ -132,7 +132,7 @@ def transcoder_config_class(plain: type[SAE], name: str) -> type[SAEConfig]:
         bases=(TranscoderConfigChecks, base),
     )
     cls.__doc__ = (
-        f"{base.__doc__ or ''}\n\nTranscoder: d_out, the width of the target y (0: from the source); skip_init "
+        f"{base.__doc__ or ''}\n\nTranscoder fields. d_out: the width of the target y (0: from the source). skip_init "
         "(skip transcoders): the linear skip's init, 'lstsq' (least-squares fit on the first batch) or 'zero'."
     )
     return cls

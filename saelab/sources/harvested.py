@@ -191,6 +191,8 @@ class ModelBatches:
 class CacheSourceConfig:
     """Activations from a `saelab harvest` cache folder.
 
+    kind: the source kind (`source=cache`). path: the cache folder (`saelab harvest output_dir=...`).
+
     hook_name: which hook to train on ("" when the cache holds one). target_hook: a transcoder's target hook
     in the same cache ("" for an SAE): rows [x | y], each x beside the y of its token. group_tokens: rows loaded
     and shuffled together (whole shards, in a shuffled order per epoch). seed: the reading order.

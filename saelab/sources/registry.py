@@ -18,11 +18,18 @@ from saelab.sources.synthetic import SyntheticConfig, SyntheticSource
 
 
 class ActivationSource(Protocol):
+    """What the trainer and the evaluators read: batches of activations of width d_in."""
+
     d_in: int
 
-    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]: ...
+    def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[Tensor]:
+        """Batches [batch_size, d_in] (a transcoder's source: [batch_size, d_in + d_out], rows [x | y]) from
+        batch number `start_batch` on."""
+        ...
 
-    def metadata(self) -> dict[str, Any]: ...
+    def metadata(self) -> dict[str, Any]:
+        """What an SAE trained on this source records about it (kind, model, hook, dataset, seed, ...)."""
+        ...
 
 
 Builder = Callable[[Any, torch.device], ActivationSource]

@@ -39,6 +39,12 @@ MAGNITUDES = ("uniform", "exponential")
 class SyntheticConfig:
     """Planted-feature data set (see the module docstring for `structure`).
 
+    kind: the source kind (`source=synthetic`). d_in: width of each row. n_features: planted unit-norm feature
+    directions. mean_active: expected active features per row ("uniform" structure). min_magnitude /
+    max_magnitude: range of an active feature's coefficient. noise_std: Gaussian noise added to every value.
+    seed: the data's seed (features and batches, each from its own derived stream). structure: "uniform",
+    "mixed_sparsity" or "hierarchical".
+
     frequency_decay: p_i proportional to (i + 1) ** -frequency_decay (uniform features, hierarchical parents).
     magnitudes: "uniform" in [min_magnitude, max_magnitude] or "exponential" with mean (min + max) / 2.
     sparsity_levels: active-feature counts a mixed_sparsity row draws from. n_children / child_prob: the
@@ -159,6 +165,7 @@ class SyntheticSource:
             self.frequencies = power_law_frequencies(cfg.n_features, cfg.mean_active, cfg.frequency_decay)
 
     def metadata(self) -> dict[str, object]:
+        """What an SAE trained on this source records about it (kind, structure, feature count, seed, ...)."""
         return {
             "source": "synthetic",
             "structure": self.cfg.structure,

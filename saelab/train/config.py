@@ -38,6 +38,13 @@ class TrainerConfig:
     autocast_dtype: "bfloat16" runs the forward pass under bf16 autocast (float32 master weights, optimizer
     and gradients); "none" keeps everything in the SAE's dtype; "auto" (default) is bfloat16 on CUDA for a
     float32 SAE and none otherwise (CPU). compile: wrap the SAE's training forward in torch.compile.
+    batch_size: rows per step (global under torchrun). adam_beta1 / adam_beta2 / adam_eps: Adam's settings.
+    grad_clip_norm: the gradient norm is clipped to this. normalize_activations: scale inputs so E||x|| =
+    sqrt(d_in) (folded into the saved weights). dead_check_every: steps between dead-latent checks (and the
+    ranks' agreement on checkpoints and stops). seed: the SAE's initialisation and sampling streams. device:
+    "auto" (CUDA when there is one), "cpu", "cuda", "cuda:N". log_every: steps between logged metrics.
+    keep_checkpoints: the newest checkpoints kept. resume_from: a run directory or checkpoint to continue.
+    eval_batches: batches held out for eval_every.
     """
 
     total_tokens: int = 0
@@ -66,6 +73,7 @@ class TrainerConfig:
 
     @property
     def total_steps(self) -> int:
+        """Optimizer steps of the run: tokens // batch_size (at least 1)."""
         return max(1, self.tokens // self.batch_size)
 
     @property
@@ -75,6 +83,8 @@ class TrainerConfig:
 
     @property
     def dead_window(self) -> int:
+        """Tokens without firing after which a latent counts as dead: dead_window_tokens, or min(10M, total / 20)
+        (at least 10 batches)."""
         return self.dead_window_tokens or min(10_000_000, max(self.tokens // 20, 10 * self.batch_size))
 
     def for_source(self, source: object | None) -> TrainerConfig:
@@ -144,7 +154,11 @@ class TrainerConfig:
 
 @dataclass
 class LoggingConfig:
-    """wandb_mode: 'disabled', 'offline' or 'online'. progress: show a progress bar."""
+    """wandb_mode: 'disabled', 'offline' or 'online'. progress: show a progress bar.
+
+    project / entity: the wandb project and entity. group: the wandb group (a sweep's jobs default to the sweep
+    directory). run_name: the wandb run name (a sweep's jobs default to their overrides).
+    """
 
     wandb_mode: str = "disabled"
     project: str = "saelab"
@@ -154,6 +168,7 @@ class LoggingConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """Raise ValueError naming the offending logging field."""
         check_flags(self, "logging")
         if self.wandb_mode not in ("disabled", "offline", "online"):
             raise ValueError(

@@ -305,6 +305,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs besides the weights: step, input scale, optimizer, schedule, RNG, dead-latent
+        tracker."""
         state: dict[str, Any] = {
             "step": self.step,
             "input_scale": self.input_scale,
@@ -327,6 +329,7 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output; refuses a state whose held-out batches differ from this config's."""
         self.step = int(state["step"])
         self.input_scale = float(state["input_scale"])
         if int(state.get("heldout_offset", 0)) != self.heldout_offset:

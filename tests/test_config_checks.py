@@ -66,7 +66,7 @@ def test_a_gpu_device_without_a_gpu_is_refused_naming_the_field():
         (lambda: BatchTopKConfig(d_in=8, d_sae=16, k=2, aux_k_coef=INF), "sae.aux_k_coef=inf must be >= 0"),
         (lambda: BatchTopKConfig(d_in=8, d_sae=16, k=2, threshold_decay=NAN), "sae.threshold_decay=nan"),
         (lambda: MPConfig(d_in=8, d_sae=16, k=2, aux_k_coef=NAN), "sae.aux_k_coef=nan must be >= 0"),
-        (lambda: ReLUConfig(d_in=8, d_sae=16, l1_coefficient=NAN), "sae.l1_coefficient=nan must be >= 0"),
+        (lambda: ReLUConfig(d_in=8, d_sae=16, l1_coefficient=NAN), "sae.l1_coefficient=nan must be > 0"),
         (lambda: ReLUConfig(d_in=8, d_sae=16, init_decoder_norm=INF), "sae.init_decoder_norm=inf"),
         (lambda: GBAConfig(d_in=8, d_sae=16, bias_lr=NAN), "sae.bias_lr=nan"),
         (lambda: GBAConfig(d_in=8, d_sae=16, target_freq_max=NAN), "sae.target_freq_max=nan"),

@@ -92,7 +92,9 @@ def test_topk_decoder_gradient_parallel_to_rows_is_removed_and_rows_stay_unit_no
 
 
 def test_relu_loss_is_summed_mse_plus_decoder_norm_weighted_l1_with_lambda_warmup():
-    cfg = ReLUConfig(d_in=8, d_sae=20, l1_coefficient=3.0, l1_warmup_frac=0.5)
+    cfg = ReLUConfig(
+        d_in=8, d_sae=20, l1_coefficient=3.0, l1_warmup_frac=0.5, target_l0=None
+    )  # a fixed lambda
     sae = random_sae(cfg, seed=3)
     x = torch.randn(10, 8)
     xd = x.double()

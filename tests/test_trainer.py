@@ -108,7 +108,7 @@ def relu_l0(sae, source: SyntheticSource) -> float:
 def test_relu_with_default_lr_recovers_planted_features_in_the_l0_band_its_lambda_sets(
     l1_coefficient, l0_band, max_fvu, min_mmcs
 ):
-    cfg = ReLUConfig(d_in=64, d_sae=1024, l1_coefficient=l1_coefficient)
+    cfg = ReLUConfig(d_in=64, d_sae=1024, l1_coefficient=l1_coefficient, target_l0=None)  # fixed lambda
     result, source = train_planted(cfg, 2_000_000, 1024)
     rec = recovery_metrics(source.features, result.sae.W_dec.detach())
     l0 = relu_l0(result.sae, source)
@@ -121,7 +121,9 @@ def test_relu_with_default_lr_recovers_planted_features_in_the_l0_band_its_lambd
 def test_relu_l0_falls_as_lambda_rises():
     l0s = []
     for lam in (0.5, 8.0):
-        result, source = train_planted(ReLUConfig(d_in=64, d_sae=256, l1_coefficient=lam), 300_000, 1024)
+        result, source = train_planted(
+            ReLUConfig(d_in=64, d_sae=256, l1_coefficient=lam, target_l0=None), 300_000, 1024
+        )
         with torch.no_grad():
             l0s.append(relu_l0(result.sae, source))
     assert l0s[0] > 2 * l0s[1], l0s

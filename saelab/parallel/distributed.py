@@ -160,7 +160,11 @@ class Distributed:
         """`forward` itself, or a DistributedDataParallel module around it that averages gradients in backward."""
         if not self.enabled:
             return forward
-        return nn.parallel.DistributedDataParallel(_TrainingForward(sae, forward), **_NO_BUFFER_SYNC)
+        return nn.parallel.DistributedDataParallel(
+            _TrainingForward(sae, forward),
+            find_unused_parameters=bool(getattr(sae, "ddp_find_unused_parameters", False)),
+            **_NO_BUFFER_SYNC,
+        )
 
     def broadcast_start(self, sae: nn.Module, input_scale: float) -> float:
         """Give every rank rank 0's parameters, buffers and input scale; returns the scale."""

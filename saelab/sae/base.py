@@ -133,6 +133,9 @@ class SAE(nn.Module):
     #: Data-parallel training: True when a DDP step over W ranks equals the one-process step on the global batch
     #: (batch-normalised losses and batch-level selections use `global_batch`; other state goes in `sync_state`).
     data_parallel: ClassVar[bool] = False
+    #: Some training steps leave a parameter out of the loss (JumpReLU's thresholds during its TopK warm-up):
+    #: DistributedDataParallel must then look for unused parameters each step.
+    ddp_find_unused_parameters: bool = False
 
     # Interop names (the formats' own layouts live in saelab.io; each variant says what it maps to).
     #: The SAELens architecture that computes the same inference function from the saved tensors (cfg.json's

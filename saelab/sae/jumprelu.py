@@ -221,6 +221,11 @@ class JumpReLUSAE(SAE):
             return None
         return max(1, round(self.cfg.target_l0))
 
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """The TopK warm-up leaves the thresholds out of the loss."""
+        return self.warmup_k is not None
+
     def warmup_steps(self, ctx: TrainContext) -> int:
         """Steps of the TopK warm-up in this run (0 without one)."""
         return 0 if self.warmup_k is None else round(self.cfg.topk_warmup_frac * ctx.total_steps)

@@ -299,6 +299,11 @@ class SAE(nn.Module):
         """Under data-parallel training only, after each optimizer step (before `after_optimizer_step`): reduce
         state kept outside the gradients (which DDP averages) across ranks with torch.distributed. Default: none."""
 
+    def missed_target_l0(self, l0: float) -> str | None:
+        """After training, a warning when the trained SAE's L0 `l0` misses the variant's `sae.target_l0`
+        (`saelab.sae.target_l0`), else None. Default (no target): None."""
+        return None
+
     def resume_at(self, step: int) -> None:
         """Restore host-side training counters when a run resumes at `step` (buffers come from the checkpoint)."""
 

@@ -52,7 +52,13 @@ from saelab.sae.losses import (
     sparse_activity,
 )
 from saelab.sae.registry import register
-from saelab.sae.target_l0 import SYMMETRIC, TargetL0Controller, check_reachable, check_target_l0
+from saelab.sae.target_l0 import (
+    SYMMETRIC,
+    TARGET_TOLERANCE,
+    TargetL0Controller,
+    check_reachable,
+    check_target_l0,
+)
 
 SPARSITY_LOSSES = ("l0", "tanh")
 #: Threshold calibration (`JumpReLUSAE.calibration_log_scale`): over the last CALIBRATION_BATCHES steps, each a
@@ -164,6 +170,8 @@ class JumpReLUSAE(SAE):
         )
         #: sum of the calibration's log c over the steps of its window so far (checkpointed with the trainer state)
         self.register_buffer("calibration_log_sum", torch.zeros((), dtype=torch.float32), persistent=False)
+        #: the last step's L0 with every threshold at 0 (the most this encoder reaches), set by the calibration
+        self.ceiling_l0: Tensor | None = None
 
     def create_parameters(self, dtype: torch.dtype) -> None:
         super().create_parameters(dtype)
@@ -307,6 +315,18 @@ class JumpReLUSAE(SAE):
             low, high = torch.where(dense, middle, low), torch.where(dense, high, middle)
         return (low + high) / 2
 
+    def missed_target_l0(self, l0: float) -> str | None:
+        """The controller's warning (`TargetL0Controller.missed_target`); saturated when even thresholds at 0
+        (the inference rule's floor: ReLU comes first) keep the last batch's L0 more than TARGET_TOLERANCE below
+        the target, i.e. the encoder has too few positive pre-activations and no calibration can add more."""
+        ceiling = None if self.ceiling_l0 is None else float(self.ceiling_l0)
+        target = self.cfg.target_l0
+        saturated = ceiling is not None and target is not None and ceiling < (1 - TARGET_TOLERANCE) * target
+        evidence = (
+            f"even every threshold at 0 gives only L0 {ceiling:.1f} (the encoder's positive pre-activations)"
+        )
+        return self.sparsity_control.missed_target(l0, evidence if saturated else None)
+
     def sparsity_penalty(self, z: Tensor, gate: Tensor) -> Tensor:
         """Mean over rows of the per-row penalty, from codes z [B, n] and the gate [pre > threshold] [B, n]."""
         wide = torch.promote_types(z.dtype, torch.float32)  # exact counts under bf16 autocast
@@ -332,6 +352,7 @@ class JumpReLUSAE(SAE):
                 scale = (self.calibration_log_sum / calibration).exp()
                 with torch.no_grad():
                     self.threshold.mul_(scale.to(self.threshold.dtype))
+                    self.ceiling_l0 = global_batch.mean((pre > 0).sum(dim=1, dtype=torch.float32).mean())
             z, gate = JumpReLUWithGate.apply(
                 pre, self.threshold.to(pre.dtype), self.bandwidth, self.cfg.ste_to_input
             )

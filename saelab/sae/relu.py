@@ -71,6 +71,11 @@ class ReLUSAE(SAE):
     def encode_rows(self, x: Tensor) -> Tensor:
         return self.pre_activations(x).relu()
 
+    def missed_target_l0(self, l0: float) -> str | None:
+        """The controller's warning (`TargetL0Controller.missed_target`); saturated when lambda is spent."""
+        control = self.sparsity_control
+        return control.missed_target(l0, control.spent() if control.target is not None else None)
+
     def default_lr(self, batch_size: int) -> float:
         """2.5x the base rate: decoder rows start at norm 0.1 and are not renormalised, so at the TopK rate the
         features sharpen slowly (BENCHMARKS.md "Default learning rate")."""

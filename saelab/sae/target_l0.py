@@ -62,6 +62,10 @@ SYMMETRIC = Gains(up=0.1, down=0.1, max_above=1.0, max_below=1.0)
 PROPORTIONAL = 0.5
 #: EMA decay of the running L0.
 RUNNING_DECAY = 0.9
+#: The saved SAE's L0 may miss the target by this fraction before training warns (issue #25's tolerance).
+TARGET_TOLERANCE = 0.1
+#: A coefficient below this fraction of its start counts as spent: the penalty no longer shapes the codes.
+SPENT = 1e-2
 
 
 class TargetL0Controller(nn.Module):
@@ -102,6 +106,35 @@ class TargetL0Controller(nn.Module):
                 gain = torch.where(error > 0, gains.up, gains.down)
                 self.log_coefficient.add_(gain * ctx.lr_scale * error)
             return warmup * (self.log_coefficient + PROPORTIONAL * error).exp()
+
+    def missed_target(self, l0: float, saturated: str | None) -> str | None:
+        """A warning naming `sae.target_l0` when the trained SAE's L0 `l0` is more than TARGET_TOLERANCE off the
+        target, else None (also without a target). `saturated`: the variant's evidence that its penalty no longer
+        sparsifies the codes (its coefficient spent, thresholds at 0), or None; below the target with such
+        evidence, no coefficient >= 0 reaches it: the reconstruction alone makes the codes this sparse (e.g. a
+        skip transcoder, whose linear term carries what denser codes would)."""
+        if self.target is None or abs(l0 - self.target) <= TARGET_TOLERANCE * self.target:
+            return None
+        side = "above" if l0 > self.target else "below"
+        missed = f"the trained SAE's L0 is {l0:.1f}, {abs(l0 / self.target - 1):.0%} {side} sae.target_l0={self.target:g}"
+        if l0 < self.target and saturated is not None:
+            return (
+                f"{missed} although {saturated}: the reconstruction alone makes the codes this sparse (a skip "
+                "transcoder's linear term, for one, carries what denser codes would), so no sparsity coefficient "
+                f">= 0 reaches the target. Lower sae.target_l0 (to about {l0:.0f}) or set it to null."
+            )
+        lam = float(self.log_coefficient.exp())
+        return (
+            f"{missed}: the controller (lambda now {lam:.3g}) did not get there in the run; train longer, or start "
+            f"the sparsity coefficient {'higher' if l0 > self.target else 'lower'}."
+        )
+
+    def spent(self) -> str | None:
+        """The evidence for `missed_target` when lambda ended under SPENT times its start, else None."""
+        lam = float(self.log_coefficient.exp())
+        if lam >= SPENT * self.initial:
+            return None
+        return f"the sparsity coefficient fell to {lam:.3g} ({lam / self.initial:.1e} of its start)"
 
     @torch.no_grad()
     def restart(self, coefficient: Tensor) -> None:

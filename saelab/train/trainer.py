@@ -780,6 +780,8 @@ class Trainer:
             "l0": saved["heldout/l0"],
             "dead_frac": dead,
         }
+        if note := self.sae.missed_target_l0(final_metrics["l0"]):  # a target L0 the run did not reach
+            warnings.warn(note, UserWarning, stacklevel=3)
         data = self.data_record()
         batches = data.pop("training_batches", None)  # this run's, over any a loaded SAE carried
         final.cfg.metadata = {

@@ -10,6 +10,7 @@ WORKDIR /opt/saelab
 # Dependencies first (cached layer); the base image's CUDA torch satisfies torch>=2.4, so pip keeps it.
 COPY pyproject.toml README.md ./
 COPY saelab ./saelab
+COPY hydra_plugins ./hydra_plugins
 RUN pip install --no-cache-dir ".[slurm]"
 
 COPY scripts ./scripts

@@ -501,3 +501,46 @@ def test_stacks_stay_within_the_device_bound():
         stacked.stack_limit("off", torch.device("cpu")) == 0
         and stacked.stack_limit("on", torch.device("cpu")) is None
     )
+
+
+def test_a_stop_signal_checkpoints_every_job_at_that_step_and_the_sweep_resumes_to_the_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    """SIGTERM (a preemption's warning) mid-sweep: every job checkpoints at the step boundary, TrainingStopped is
+    raised, and resuming each job from its folder ends where an uninterrupted sweep ends."""
+    from saelab.train.preemption import TrainingStopped
+
+    configs = [TopKConfig(d_sae=32, k=4), ReLUConfig(d_sae=32, target_l0=None, l1_coefficient=1.0)]
+    cfg = trainer_cfg(checkpoint_every=0, eval_every=0)
+
+    def jobs(root: Path, resume: bool = False) -> list[TogetherJob]:
+        return [
+            TogetherJob(
+                c,
+                dataclasses.replace(cfg, resume_from=str(root / str(i)) if resume else None),
+                output_dir=root / str(i),
+            )
+            for i, c in enumerate(configs)
+        ]
+
+    whole = train_together(jobs(tmp_path / "whole"), SyntheticSource(SOURCE), progress=False)
+    record_step = Trainer.record_step
+
+    def signalled(self, out, rows, logger):
+        record_step(self, out, rows, logger)
+        if self.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler: stop at this step boundary
+
+    monkeypatch.setattr(Trainer, "record_step", signalled)
+    with pytest.raises(TrainingStopped):
+        train_together(jobs(tmp_path / "cut"), SyntheticSource(SOURCE), progress=False)
+    monkeypatch.setattr(Trainer, "record_step", record_step)
+    for i in range(len(configs)):
+        assert [p.name for p in (tmp_path / "cut" / str(i) / "checkpoints").iterdir()] == ["step_000000005"]
+    resumed = [
+        train_together([job], SyntheticSource(SOURCE), progress=False)[0]
+        for job in jobs(tmp_path / "cut", resume=True)
+    ]
+    for got, want in zip(resumed, whole, strict=True):
+        for name, value in want.sae.state_dict().items():
+            assert torch.equal(got.sae.state_dict()[name], value), name

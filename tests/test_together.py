@@ -532,8 +532,14 @@ def test_a_stop_signal_checkpoints_every_job_at_that_step_and_the_sweep_resumes_
             os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler: stop at this step boundary
 
     monkeypatch.setattr(Trainer, "record_step", signalled)
-    with pytest.raises(TrainingStopped):
-        train_together(jobs(tmp_path / "cut"), SyntheticSource(SOURCE), progress=False)
+    # the process's own SIGTERM handling, as a plain `python` run has it (an earlier CLI sweep test in this worker
+    # may have left its SystemExit handler, which the stop hands the signal on to)
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(TrainingStopped):
+            train_together(jobs(tmp_path / "cut"), SyntheticSource(SOURCE), progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     monkeypatch.setattr(Trainer, "record_step", record_step)
     for i in range(len(configs)):
         assert [p.name for p in (tmp_path / "cut" / str(i) / "checkpoints").iterdir()] == ["step_000000005"]

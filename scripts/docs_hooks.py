@@ -211,6 +211,11 @@ def field_table(cls: type, node: Any, prefix: str) -> str:
     return "\n".join(rows)
 
 
+def config_section(heading: str, cls: type, node: Any, prefix: str) -> list[str]:
+    """Markdown lines of one config class: the heading, the class's introduction, its field table."""
+    return [heading, "", class_intro(cls), "", field_table(cls, node, prefix), ""]
+
+
 def class_intro(cls: type) -> str:
     """The first paragraph of a class's docstring."""
     doc = inspect.getdoc(cls) or ""
@@ -245,16 +250,14 @@ def config_reference() -> str:
     for name in sorted(p.stem for p in (CONFIG_DIR / "sae").glob("*.yaml")):
         cls = classes[name]
         node = compose([f"sae={name}", *train_neutral]).sae
-        out += [f"### `sae={name}`", "", class_intro(cls.config_class), ""]
-        out += [field_table(cls.config_class, node, "sae."), ""]
+        out += config_section(f"### `sae={name}`", cls.config_class, node, "sae.")
 
     out += ["## `source`: where activations come from", ""]
     kinds = source_config_classes()
     for name in sorted(p.stem for p in (CONFIG_DIR / "source").glob("*.yaml")):
         node = compose([f"source={name}", "sae=topk"]).source
         cls = kinds[OmegaConf.select(node, "kind")]
-        out += [f"### `source={name}`", "", class_intro(cls), ""]
-        out += [field_table(cls, node, "source."), ""]
+        out += config_section(f"### `source={name}`", cls, node, "source.")
 
     base = compose(train_neutral)
     for group, cls, node, intro in [
@@ -262,53 +265,27 @@ def config_reference() -> str:
         ("logging", LoggingConfig, base.logging, "`logging=default` (and `logging=wandb`, below)"),
         ("sweep", SweepConfig, base.sweep, "search sweepers' objective (`saelab train -m`)"),
     ]:
-        out += [f"## `{group}`: {intro}", "", class_intro(cls), "", field_table(cls, node, f"{group}."), ""]
+        out += config_section(f"## `{group}`: {intro}", cls, node, f"{group}.")
     wandb = compose(["logging=wandb", *train_neutral]).logging
     out += ["### `logging=wandb`", "", field_table(LoggingConfig, wandb, "logging."), ""]
 
     eval_cfg = compose(["source=synthetic"], "eval")
-    out += ["## `saelab eval`", "", class_intro(EvalRunConfig), ""]
-    out += [field_table(EvalRunConfig, eval_cfg, ""), ""]
-    out += [
-        "### `eval`",
-        "",
-        class_intro(EvalConfig),
-        "",
-        field_table(EvalConfig, eval_cfg.eval, "eval."),
-        "",
-    ]
+    out += config_section("## `saelab eval`", EvalRunConfig, eval_cfg, "")
+    out += config_section("### `eval`", EvalConfig, eval_cfg.eval, "eval.")
     for sub in dataclasses.fields(EvalConfig):
         sub_cls = sub.default_factory if sub.default_factory is not dataclasses.MISSING else None
         if isinstance(sub_cls, type) and dataclasses.is_dataclass(sub_cls):
             sub_node = OmegaConf.select(eval_cfg.eval, sub.name)
-            out += [f"#### `eval.{sub.name}`", "", class_intro(sub_cls), ""]
-            out += [field_table(sub_cls, sub_node, f"eval.{sub.name}."), ""]
+            out += config_section(f"#### `eval.{sub.name}`", sub_cls, sub_node, f"eval.{sub.name}.")
 
     harvest = compose(["source=smollm2"], "harvest")
-    out += ["## `saelab harvest`", "", class_intro(HarvestRunConfig), ""]
-    out += [field_table(HarvestRunConfig, harvest, ""), ""]
-
+    out += config_section("## `saelab harvest`", HarvestRunConfig, harvest, "")
     insp = compose(["source=smollm2"], "inspect")
-    out += ["## `saelab inspect`", "", class_intro(InspectRunConfig), ""]
-    out += [field_table(InspectRunConfig, insp, ""), ""]
-    out += [
-        "### `inspect`",
-        "",
-        class_intro(InspectConfig),
-        "",
-        field_table(InspectConfig, insp.inspect, "inspect."),
-    ]
-    out += [
-        "",
-        "### `explain`",
-        "",
-        class_intro(ExplainConfig),
-        "",
-        field_table(ExplainConfig, insp.explain, "explain."),
-    ]
+    out += config_section("## `saelab inspect`", InspectRunConfig, insp, "")
+    out += config_section("### `inspect`", InspectConfig, insp.inspect, "inspect.")
+    out += config_section("### `explain`", ExplainConfig, insp.explain, "explain.")
 
     out += [
-        "",
         "## Recipes",
         "",
         "Settings picked automatically for one variant on one source "

@@ -62,10 +62,15 @@ def test_without_a_target_the_coefficient_is_fixed_after_its_ramp():
 
 
 def fit_recording_warnings(sae, cfg, source):
-    """Train; the result carries the warnings' texts as `warned`."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = Trainer(sae, cfg).fit(source)
+    """Train on one torch thread; the result carries the warnings' texts as `warned`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = Trainer(sae, cfg).fit(source)
+    finally:
+        torch.set_num_threads(threads)
     result.warned = [str(w.message) for w in caught]
     return result
 
@@ -74,15 +79,10 @@ def fit_recording_warnings(sae, cfg, source):
 def relu_run():
     """ReLU + L1 at its defaults with target L0 8 on planted data (3 active of 48 features per row), a short run
     logged every 10 steps."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=21))
-        sae = build_sae(ReLUConfig(d_in=16, d_sae=128, target_l0=8.0), torch.Generator().manual_seed(2))
-        cfg = TrainerConfig(total_tokens=500 * 512, batch_size=512, device="cpu", log_every=10)
-        return fit_recording_warnings(sae, cfg, source), source
-    finally:
-        torch.set_num_threads(threads)
+    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=21))
+    sae = build_sae(ReLUConfig(d_in=16, d_sae=128, target_l0=8.0), torch.Generator().manual_seed(2))
+    cfg = TrainerConfig(total_tokens=500 * 512, batch_size=512, device="cpu", log_every=10)
+    return fit_recording_warnings(sae, cfg, source), source
 
 
 def test_l0_settles_at_the_target_and_the_coefficient_stops_moving(relu_run):
@@ -115,15 +115,10 @@ def jumprelu_run():
     """JumpReLU at its defaults (TopK warm-up for 70% of the steps, then the controller) with target L0 8 on
     planted data (3 active of 128 features per row): after the hand-off the FVU alone drops the L0 to ~5.5 and
     the controller alone ended 28% below the target."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        source = SyntheticSource(SyntheticConfig(d_in=32, n_features=128, mean_active=3.0, seed=21))
-        sae = build_sae(JumpReLUConfig(d_in=32, d_sae=256, target_l0=8.0), torch.Generator().manual_seed(22))
-        cfg = TrainerConfig(total_tokens=500 * 512, batch_size=512, device="cpu", log_every=50)
-        return fit_recording_warnings(sae, cfg, source), source
-    finally:
-        torch.set_num_threads(threads)
+    source = SyntheticSource(SyntheticConfig(d_in=32, n_features=128, mean_active=3.0, seed=21))
+    sae = build_sae(JumpReLUConfig(d_in=32, d_sae=256, target_l0=8.0), torch.Generator().manual_seed(22))
+    cfg = TrainerConfig(total_tokens=500 * 512, batch_size=512, device="cpu", log_every=50)
+    return fit_recording_warnings(sae, cfg, source), source
 
 
 def held_out_l0_and_fvu(sae, source, threshold) -> tuple[float, float]:
@@ -157,17 +152,12 @@ SKIP_PAIRS = PairsConfig(d_in=16, d_out=16, n_features=48, mean_active=3.0, line
 
 def train_skip_transcoder(variant: str, steps: int, **fields):
     """<variant>_skip_transcoder with 128 latents on SKIP_PAIRS for `steps` steps of 256 rows (one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cls = transcoder_class(variant, skip=True)
-        sae = build_sae(
-            resolve_for_data(cls.config_class(d_sae=128, **fields), 16, 16), torch.Generator().manual_seed(2)
-        )
-        cfg = TrainerConfig(total_tokens=steps * 256, batch_size=256, device="cpu", log_every=100)
-        return fit_recording_warnings(sae, cfg, PairsSource(SKIP_PAIRS))
-    finally:
-        torch.set_num_threads(threads)
+    cls = transcoder_class(variant, skip=True)
+    sae = build_sae(
+        resolve_for_data(cls.config_class(d_sae=128, **fields), 16, 16), torch.Generator().manual_seed(2)
+    )
+    cfg = TrainerConfig(total_tokens=steps * 256, batch_size=256, device="cpu", log_every=100)
+    return fit_recording_warnings(sae, cfg, PairsSource(SKIP_PAIRS))
 
 
 def held_out_pairs_input():

@@ -103,12 +103,16 @@ class Splice:
                 raise _StopForward
             new = decode_codes(self.sae, self.codes).reshape(act.shape).to(act.dtype)
             self.x_hat = new.detach()
-        mask = self.substituted_positions()
+        return self.masked(act, new, self.substituted_positions(), self.hook_name)
+
+    @staticmethod
+    def masked(act: Tensor, new: Tensor, mask: Tensor | None, hook_name: str) -> Tensor:
+        """new [..., d] where mask [batch, pos] is True (everywhere for None), act [..., d] elsewhere."""
         if mask is None:
             return new
         if mask.shape != act.shape[:-1]:
             raise ValueError(
-                f"splice mask has shape {tuple(mask.shape)} but the activation at {self.hook_name!r} "
+                f"splice mask has shape {tuple(mask.shape)} but the activation at {hook_name!r} "
                 f"has leading shape {tuple(act.shape[:-1])}; pass a [batch, pos] mask for this batch."
             )
         return torch.where(mask[..., None].to(act.device), new, act)

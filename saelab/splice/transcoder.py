@@ -78,14 +78,7 @@ class TranscoderSplice(Splice):
             self.codes = encode_codes(self.sae, flat)
             new = output_of(self.sae, flat, self.codes).reshape(act.shape).to(act.dtype)
             self.x_hat = new.detach()
-        if mask is None:
-            return new
-        if mask.shape != act.shape[:-1]:
-            raise ValueError(
-                f"splice mask has shape {tuple(mask.shape)} but the activation at {self.target_hook!r} has "
-                f"leading shape {tuple(act.shape[:-1])}; pass a [batch, pos] mask for this batch."
-            )
-        return torch.where(mask[..., None].to(act.device), new, act)
+        return self.masked(act, new, mask, self.target_hook)
 
 
 def first_tensor(value: Any) -> Tensor:

@@ -11,7 +11,7 @@ Each variant trains with the Trainer's and its config's defaults (lr=None: the v
 planted data, the `sae` settings of its planted-data recipe (`configs/recipe/<variant>_synthetic.yaml`, which
 `saelab train sae=<variant>` applies there), for the same steps and batch size, with one setting matched across
 variants: the L0 (`--l0`, per data set), which is k for the k-sparse variants (topk, batchtopk, matryoshka, mp)
-and target_l0 for the target-L0 variants (relu, jumprelu); gba sets its own L0. A variant whose config has
+and target_l0 for the target-L0 variants (relu, jumprelu, gated); gba sets its own L0. A variant whose config has
 neither (an older saelab: the "before" rows) runs at its defaults and recipe.
 Metrics on held-out rows, all of the trained SAE's inference encoder (BatchTopK / Matryoshka: their threshold):
 L0, FVU, dead fraction (latents that never fire on the held-out rows); MMCS and the fraction of planted features
@@ -59,7 +59,7 @@ DATASETS: dict[str, tuple[SyntheticConfig, int, tuple[int, ...]]] = {
     "gba_toy": (gba_toy_config(), 512, (20,)),
 }
 #: Variants whose config has neither k nor target_l0 set their own L0: trained once per data set.
-DEFAULT_VARIANTS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
+DEFAULT_VARIANTS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu", "gated")
 
 
 def config_fields(arch: str) -> set[str]:

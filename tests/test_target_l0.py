@@ -13,6 +13,7 @@ import torch
 
 from saelab.app.cli import main
 from saelab.sae.base import TrainContext
+from saelab.sae.gated import GatedConfig
 from saelab.sae.jumprelu import JumpReLUConfig
 from saelab.sae.registry import build_sae
 from saelab.sae.relu import ReLUConfig
@@ -78,19 +79,19 @@ def fit_recording_warnings(sae, cfg, source):
 @pytest.fixture(scope="module")
 def relu_run():
     """ReLU + L1 at its defaults with target L0 8 on planted data (3 active of 48 features per row), a short run
-    logged every 10 steps."""
+    logged every 10 steps (the controller starts after lambda's ramp, the first 30%)."""
     source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=21))
     sae = build_sae(ReLUConfig(d_in=16, d_sae=128, target_l0=8.0), torch.Generator().manual_seed(2))
-    cfg = TrainerConfig(total_tokens=500 * 512, batch_size=512, device="cpu", log_every=10)
+    cfg = TrainerConfig(total_tokens=800 * 512, batch_size=512, device="cpu", log_every=10)
     return fit_recording_warnings(sae, cfg, source), source
 
 
 def test_l0_settles_at_the_target_and_the_coefficient_stops_moving(relu_run):
-    """Over the last 40% of the run the logged L0 (each a single batch of 512 rows) averages within 10% of the
+    """Over the last 30% of the run the logged L0 (each a single batch of 512 rows) averages within 10% of the
     target, no batch strays past 20% (no oscillation), and lambda varies by under 20%; the saved SAE's L0 on unseen
     rows is within 10% too."""
     result, source = relu_run
-    late = [row for row in result.history if row["step"] > 0.6 * result.steps]
+    late = [row for row in result.history if row["step"] > 0.7 * result.steps]
     l0s = [row["l0"] for row in late]
     coefficients = [row["l1_coefficient"] for row in late]
     assert sum(l0s) / len(l0s) == pytest.approx(8.0, rel=0.1), l0s
@@ -107,7 +108,26 @@ def test_l0_settles_at_the_target_and_the_coefficient_stops_moving(relu_run):
 def test_relu_at_its_target_recovers_the_planted_features(relu_run):
     result, source = relu_run
     rec = recovery_metrics(source.features, result.sae.W_dec.detach())
-    assert rec["frac_recovered"] >= 0.85 and rec["mmcs"] >= 0.95, rec  # 89.6% and 0.966 with these seeds
+    assert rec["frac_recovered"] >= 0.9 and rec["mmcs"] >= 0.97, rec  # 100% and 0.989 with these seeds
+
+
+def test_a_gated_sae_lands_at_its_target_from_either_side():
+    """Gated at target L0 8 and 24 on planted data (3 active of 48 features per row) from the same start lambda 5:
+    with the fixed lambda 5 the saved SAE's L0 is ~6, so lambda must fall to reach 8 and fall much further for 24;
+    the saved SAE's L0 on unseen rows lands within 10% of each target, and the run does not warn."""
+    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=21))
+    x = source.batch(10**6, 4096)
+    coefficients = {}
+    for target in (8.0, 24.0):
+        sae = build_sae(GatedConfig(d_in=16, d_sae=128, target_l0=target), torch.Generator().manual_seed(2))
+        cfg = TrainerConfig(total_tokens=500 * 512, batch_size=512, device="cpu", log_every=50)
+        result = fit_recording_warnings(sae, cfg, source)
+        with torch.no_grad():
+            z = result.sae.encode(x)
+        assert (z > 0).sum(dim=1).double().mean().item() == pytest.approx(target, rel=0.1), target
+        assert not [text for text in result.warned if "target_l0" in text], result.warned
+        coefficients[target] = result.history[-1]["l1_coefficient"]
+    assert coefficients[24.0] < coefficients[8.0] < 5.0, coefficients
 
 
 @pytest.fixture(scope="module")
@@ -193,9 +213,10 @@ def test_a_skip_transcoder_warns_when_no_coefficient_reaches_its_target(variant)
     assert stated == pytest.approx(l0, rel=0.15), (stated, l0)
 
 
-def test_target_l0_null_keeps_the_coefficient_fixed_from_the_cli(tmp_path):
+@pytest.mark.parametrize("variant", ["relu", "gated"])
+def test_target_l0_null_keeps_the_coefficient_fixed_from_the_cli(tmp_path, variant):
     main([
-        "train", "sae=relu", "sae.target_l0=null", "sae.l1_coefficient=3.0", "sae.d_sae=64", "source.d_in=16",
+        "train", f"sae={variant}", "sae.target_l0=null", "sae.l1_coefficient=3.0", "sae.d_sae=64", "source.d_in=16",
         "source.n_features=32", "trainer.total_tokens=8192", "trainer.batch_size=512", "trainer.device=cpu",
         "trainer.log_every=4", "logging.progress=false", f"hydra.run.dir={tmp_path}",
     ])  # fmt: skip

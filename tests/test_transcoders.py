@@ -141,7 +141,7 @@ def test_gated_sae_training_pass_equals_the_float64_reference():
     from saelab.sae.gated import GatedConfig, GatedSAE
 
     torch.manual_seed(4)
-    sae = GatedSAE(GatedConfig(d_in=D_IN, d_sae=N, dtype="float64"))
+    sae = GatedSAE(GatedConfig(d_in=D_IN, d_sae=N, dtype="float64", target_l0=None))  # the fixed lambda
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_(0, 0.4)

@@ -15,10 +15,11 @@ magnitudes). The step function passes no gradient; the gate path is trained by t
 (sg: stop-gradient; the auxiliary term makes the gate's pre-activations themselves reconstruct x through the
 frozen decoder, as in the paper). Squared errors are summed over d and averaged over rows, inputs scaled to
 E||x|| = sqrt(d_in) by the trainer (the ReLU SAE's convention), decoder rows kept at unit norm (as in the paper
-and dictionary_learning's GatedSAETrainer) so the L1 cannot be lowered by growing them. lambda (default 5:
-on planted features 98.6% recovered at L0 9.8, BENCHMARKS.md "Gated SAE") ramps up
-linearly over the first `l1_warmup_frac` of training; it is a fixed coefficient: `l1_coefficient_at` is where
-an adaptive controller (a target L0) takes over. Init: tied unit-norm weights, r_mag and biases 0, b_dec =
+and dictionary_learning's GatedSAETrainer) so the L1 cannot be lowered by growing them. lambda ramps up
+linearly over the first `l1_warmup_frac` of training from 0 to `l1_coefficient`; by default it then adapts so that
+the running L0 reaches `target_l0` (`saelab.sae.target_l0`, the ReLU SAE's asymmetric controller: an L1 on the
+gate silences latents as a ReLU SAE's does); `target_l0: null` keeps it fixed (lambda 5 gave L0 9.8 on planted
+features, 98.6% recovered, BENCHMARKS.md "Gated SAE"). Init: tied unit-norm weights, r_mag and biases 0, b_dec =
 geometric median of the first batch, then W_enc (with b_gate, b_mag) scaled by the least-squares scale of the
 initial reconstruction, as TopK scales its encoder.
 
@@ -37,22 +38,26 @@ from torch import Tensor, nn
 
 from saelab.core.checks import check_number
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
-from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained, warmup_factor
+from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained
 from saelab.sae.registry import register
+from saelab.sae.target_l0 import TargetL0Controller, check_reachable, check_target_l0
 
 
 @dataclass
 class GatedConfig(SAEConfig):
-    """l1_coefficient: lambda, the weight of the gate's L1 penalty against the squared error.
-    l1_warmup_frac: fraction of steps over which lambda ramps up from 0."""
+    """target_l0: the L0 that lambda adapts to reach during training (`saelab.sae.target_l0`; None: lambda fixed at
+    l1_coefficient). l1_coefficient: lambda, the weight of the gate's L1 penalty against the squared error, or its
+    starting value with a target. l1_warmup_frac: fraction of steps over which lambda ramps up from 0."""
 
     architecture: str = "gated"
+    target_l0: float | None = 32.0
     l1_coefficient: float = 5.0
     l1_warmup_frac: float = 0.05
 
     def validate(self) -> None:
         super().validate()
-        check_number("sae.l1_coefficient", self.l1_coefficient, low=0)
+        check_target_l0(self.target_l0)
+        check_number("sae.l1_coefficient", self.l1_coefficient, low=0, low_open=self.target_l0 is not None)
         check_number("sae.l1_warmup_frac", self.l1_warmup_frac, low=0, high=1)
 
 
@@ -67,6 +72,10 @@ class GatedSAE(SAE):
     saelens_reads = ("gated",)
     dictionary_learning_class = "GatedAutoEncoder"
     dictionary_learning_trainer = "GatedSAETrainer"
+
+    def __init__(self, cfg: GatedConfig, generator: torch.Generator | None = None):
+        super().__init__(cfg, generator)
+        self.sparsity_control = TargetL0Controller(cfg.target_l0, cfg.l1_coefficient, cfg.l1_warmup_frac)
 
     def create_parameters(self, dtype: torch.dtype) -> None:
         """W_enc [d_in, n], W_dec [n, d_in], b_dec [d_in], and per latent b_gate, b_mag, r_mag [n] (no b_enc)."""
@@ -87,7 +96,9 @@ class GatedSAE(SAE):
     @torch.no_grad()
     def initialize_from_sample(self, x: Tensor) -> None:
         """b_dec = geometric median of x [N, d_in]; then the codes are scaled by the least-squares s > 0 of the
-        initial reconstruction of x - b_dec (`scale_codes`, as TopK scales its encoder)."""
+        initial reconstruction of x - b_dec (`scale_codes`, as TopK scales its encoder). Checks first that
+        target_l0 is reachable."""
+        check_reachable(self.cfg.target_l0, self.d_sae)
         super().initialize_from_sample(x)
         self.scale_encoder_to_fit(x, self.encode_rows(x) @ self.W_dec)
 
@@ -112,10 +123,10 @@ class GatedSAE(SAE):
         return (self.gate_pre_activations(x) > 0) * self.pre_activations(x).relu()
 
     # ------------------------------------------------------------ training
-    def l1_coefficient_at(self, step: int, total_steps: int) -> float:
-        """lambda after the linear warm-up over the first l1_warmup_frac * total_steps steps. A fixed coefficient:
-        an adaptive one (a controller steering L0 to a target) replaces this method."""
-        return self.cfg.l1_coefficient * warmup_factor(step, total_steps, self.cfg.l1_warmup_frac)
+    def missed_target_l0(self, l0: float) -> str | None:
+        """The controller's warning (`TargetL0Controller.missed_target`); saturated when lambda is spent."""
+        control = self.sparsity_control
+        return control.missed_target(l0, control.spent() if control.target is not None else None)
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         centred = x - self.input_bias
@@ -131,11 +142,13 @@ class GatedSAE(SAE):
         if ctx.skip is not None:
             via_gate = via_gate + ctx.skip.detach()
         aux = (target - via_gate).pow(2).sum(dim=-1).mean()
-        loss = sq_error + self.l1_coefficient_at(ctx.step, ctx.total_steps) * l1_penalty + aux
         fired, l0 = dense_activity(z > 0)
+        coefficient = self.sparsity_control.coefficient(l0, ctx)
+        loss = sq_error + coefficient * l1_penalty + aux
         metrics = {
             "sq_error": sq_error.detach(),
             "l1_penalty": l1_penalty.detach(),
+            "l1_coefficient": torch.as_tensor(coefficient, dtype=torch.float32, device=x.device),
             "gate_aux": aux.detach(),
             "fvu": fraction_of_variance_unexplained(target, x_hat.detach()),
         }

@@ -17,11 +17,15 @@ Metrics on held-out rows, all of the trained SAE's inference encoder (BatchTopK 
 L0, FVU, dead fraction (latents that never fire on the held-out rows); MMCS and the fraction of planted features
 recovered at cosine >= 0.9 (hierarchical: also parents and children apart); training samples/s.
 
+`--set FIELD=VALUE ...` and `--lr-mult` change the planted runs' SAE settings (after the recipe and the matched L0)
+and learning rate: the tuning runs of BENCHMARKS.md, on seeds the reported runs do not use.
+
 `--real CACHE` instead trains each variant on a `saelab harvest` cache (one hook of a language model) at
 `--real-l0`, saves it, and judges it as `scripts/bench_real.py` does: CE loss recovered, KL and FVU with the SAE
 spliced into the live model on text after the cache, FVU and dead fraction on `--dead-tokens` more rows.
 
     python scripts/bench_recovery.py --steps 3000 --batch-size 512 --seed 3 --json recovery.json
+    python scripts/bench_recovery.py --variants relu --l0 8 --seed 11 --planted-seed 11 --set l1_warmup_frac=0.05
     python scripts/bench_recovery.py --real caches/smol --hook blocks.6.hook_resid_post --out runs/rec --json real.json
 """
 
@@ -111,9 +115,16 @@ def planted_recipe(arch: str, l0: int) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k in config_fields(arch) and k not in matched}
 
 
-def build(arch: str, d_in: int, width: int, l0: int, seed: int, planted: bool = True) -> Any:
+def build(
+    arch: str, d_in: int, width: int, l0: int, seed: int, planted: bool = True, overrides: dict | None = None
+) -> Any:
+    """The variant at its defaults, its planted recipe (when `planted`), the matched L0 and then `overrides`."""
     cls = get_sae_class(arch)
-    fields = {**(planted_recipe(arch, l0) if planted else {}), **sparsity_setting(arch, l0)}
+    fields = {
+        **(planted_recipe(arch, l0) if planted else {}),
+        **sparsity_setting(arch, l0),
+        **(overrides or {}),
+    }
     return cls(cls.config_class(d_in=d_in, d_sae=width, **fields), generator(seed, "sae.init"))
 
 
@@ -126,16 +137,24 @@ def run_one(
     eval_rows: int,
     seed: int,
     data_seed: int | None,
+    overrides: dict[str, Any] | None = None,
+    lr_mult: float = 1.0,
 ) -> dict[str, Any]:
     data_cfg, width, _ = DATASETS[dataset]
     if data_seed is not None:
         data_cfg = dataclasses.replace(data_cfg, seed=data_seed)
     source = SyntheticSource(data_cfg)
-    sae = build(arch, data_cfg.d_in, width, l0, seed)
+    sae = build(arch, data_cfg.d_in, width, l0, seed, overrides=overrides)
+    lr = None if lr_mult == 1.0 else lr_mult * sae.default_lr(batch_size)
     trainer = Trainer(
         sae,
         TrainerConfig(
-            total_tokens=steps * batch_size, batch_size=batch_size, device="cpu", log_every=steps, seed=seed
+            total_tokens=steps * batch_size,
+            batch_size=batch_size,
+            device="cpu",
+            log_every=steps,
+            seed=seed,
+            lr=lr,
         ),
     )
     start = time.perf_counter()
@@ -154,7 +173,7 @@ def run_one(
         "dataset": dataset,
         "variant": arch,
         "matched_l0": l0 if sparsity_setting(arch, l0) else None,
-        "setting": {**planted_recipe(arch, l0), **sparsity_setting(arch, l0)},
+        "setting": {**planted_recipe(arch, l0), **sparsity_setting(arch, l0), **(overrides or {})},
         "lr": trainer.lr,
         **metrics,
         "summary_dead_frac": result.dead_fraction,
@@ -163,6 +182,9 @@ def run_one(
 
 
 def planted(args: argparse.Namespace) -> list[dict[str, Any]]:
+    overrides = OmegaConf.to_container(
+        OmegaConf.from_dotlist(args.set)
+    )  # e.g. l1_warmup_frac=0.3 target_l0=null
     rows = []
     for dataset in args.datasets:
         levels = args.l0 or DATASETS[dataset][2]
@@ -178,6 +200,8 @@ def planted(args: argparse.Namespace) -> list[dict[str, Any]]:
                         args.eval_rows,
                         args.seed,
                         args.planted_seed,
+                        overrides,
+                        args.lr_mult,
                     )
                 )
                 print(json.dumps(rows[-1]), flush=True)
@@ -366,6 +390,15 @@ def main() -> None:
     parser.add_argument("--lm-batch-size", type=int, default=8)
     parser.add_argument("--dead-tokens", type=int, default=32768, help="--real: held-out rows for FVU / dead")
     parser.add_argument("--no-pursuit", action="store_true", help="skip the MP pursuit timing table")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="planted runs: SAE config FIELD=VALUE on top of the defaults (tuning)",
+    )
+    parser.add_argument(
+        "--lr-mult", type=float, default=1.0, help="planted runs: a factor on the default rate"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -172,7 +172,7 @@ def run_one(
     return {
         "dataset": dataset,
         "variant": arch,
-        "matched_l0": l0 if sparsity_setting(arch, l0) else None,
+        "matched_l0": l0 if sparsity_setting(arch, l0).keys() - (overrides or {}).keys() else None,
         "setting": {**planted_recipe(arch, l0), **sparsity_setting(arch, l0), **(overrides or {})},
         "lr": trainer.lr,
         **metrics,
@@ -182,9 +182,8 @@ def run_one(
 
 
 def planted(args: argparse.Namespace) -> list[dict[str, Any]]:
-    overrides = OmegaConf.to_container(
-        OmegaConf.from_dotlist(args.set)
-    )  # e.g. l1_warmup_frac=0.3 target_l0=null
+    # --set's FIELD=VALUE items, e.g. l1_warmup_frac=0.3 target_l0=null (YAML values: null is None)
+    overrides = OmegaConf.to_container(OmegaConf.from_dotlist(args.set))
     rows = []
     for dataset in args.datasets:
         levels = args.l0 or DATASETS[dataset][2]

@@ -18,11 +18,11 @@ E||x|| = sqrt(d_in) by the trainer (the ReLU SAE's convention), decoder rows kep
 and dictionary_learning's GatedSAETrainer) so the L1 cannot be lowered by growing them. lambda ramps up
 linearly over the first `l1_warmup_frac` of training (30%, as the ReLU SAE's: planted recovery on the tuning set
 94% -> 99% against 5%) from 0 to `l1_coefficient`; by default it then adapts so that the running L0 reaches
-`target_l0` (`saelab.sae.target_l0`, the ReLU SAE's asymmetric controller: an L1 on the
-gate silences latents as a ReLU SAE's does); `target_l0: null` keeps it fixed (lambda 5 with a 5% ramp gave L0
-9.8 on planted features, 98.6% recovered, BENCHMARKS.md "Gated SAE"). Init: tied unit-norm weights, r_mag and biases 0, b_dec =
-geometric median of the first batch, then W_enc (with b_gate, b_mag) scaled by the least-squares scale of the
-initial reconstruction, as TopK scales its encoder.
+`target_l0` (`saelab.sae.target_l0`, the ReLU SAE's asymmetric controller: an L1 on the gate silences latents as
+a ReLU SAE's does); `target_l0: null` keeps it fixed (lambda 5 with a 5% ramp gave L0 9.8 on planted features,
+98.6% recovered, BENCHMARKS.md "Gated SAE"). Init: tied unit-norm weights, r_mag and biases 0, b_dec = geometric
+median of the first batch, then W_enc (with b_gate, b_mag) scaled by the least-squares scale of the initial
+reconstruction, as TopK scales its encoder.
 
 Files: SAELens's `gated` (W_enc, W_dec, b_dec, b_gate, b_mag, r_mag) and dictionary_learning's
 `GatedAutoEncoder` (encoder.weight, decoder.weight, decoder_bias, gate_bias, mag_bias, r_mag) compute the same
@@ -125,9 +125,8 @@ class GatedSAE(SAE):
 
     # ------------------------------------------------------------ training
     def missed_target_l0(self, l0: float) -> str | None:
-        """The controller's warning (`TargetL0Controller.missed_target`); saturated when lambda is spent."""
-        control = self.sparsity_control
-        return control.missed_target(l0, control.spent() if control.target is not None else None)
+        """The controller's warning (`TargetL0Controller.missed_target_or_spent`)."""
+        return self.sparsity_control.missed_target_or_spent(l0)
 
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         centred = x - self.input_bias

@@ -74,9 +74,8 @@ class ReLUSAE(SAE):
         return self.pre_activations(x).relu()
 
     def missed_target_l0(self, l0: float) -> str | None:
-        """The controller's warning (`TargetL0Controller.missed_target`); saturated when lambda is spent."""
-        control = self.sparsity_control
-        return control.missed_target(l0, control.spent() if control.target is not None else None)
+        """The controller's warning (`TargetL0Controller.missed_target_or_spent`)."""
+        return self.sparsity_control.missed_target_or_spent(l0)
 
     def default_lr(self, batch_size: int) -> float:
         """2.5x the base rate: decoder rows start at norm 0.1 and are not renormalised, so at the TopK rate the

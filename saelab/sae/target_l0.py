@@ -129,6 +129,11 @@ class TargetL0Controller(nn.Module):
             f"the sparsity coefficient {'higher' if l0 > self.target else 'lower'}."
         )
 
+    def missed_target_or_spent(self, l0: float) -> str | None:
+        """`missed_target` with a spent lambda (`spent`) as the evidence: the warning of ReLU and gated, whose
+        penalty saturates only when lambda has fallen away."""
+        return self.missed_target(l0, self.spent() if self.target is not None else None)
+
     def spent(self) -> str | None:
         """The evidence for `missed_target` when lambda ended under SPENT times its start, else None."""
         lam = float(self.log_coefficient.exp())

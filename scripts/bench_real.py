@@ -201,6 +201,30 @@ def heldout_rows(source: ModelSource, skip_contexts: int, rows: int) -> Tensor:
     )
 
 
+def heldout_evaluation(
+    cache: ActivationCache,
+    hook: str,
+    lm_batch_size: int,
+    eval_tokens: int,
+    dead_tokens: int,
+    device: torch.device,
+) -> tuple[ModelSource, EvalConfig, Tensor | None]:
+    """What every saved SAE is judged on: the cache's live model source, the EvalConfig splicing an SAE into it on
+    `eval_tokens` tokens of the text after the cache's (its start_batch: `heldout_start_batch`), and `dead_tokens`
+    held-out activation rows from there (None for 0)."""
+    source = model_source_of(cache, hook, device)
+    start = heldout_start_batch(cache, lm_batch_size)
+    eval_cfg = EvalConfig(
+        total_tokens=eval_tokens,
+        lm_batch_size=lm_batch_size,
+        start_batch=start,
+        cooccurrence_latents=0,
+        plots=False,
+    )
+    rows = heldout_rows(source, start * lm_batch_size, dead_tokens) if dead_tokens else None
+    return source, eval_cfg, rows
+
+
 @torch.no_grad()
 def activation_metrics(sae: SAE, rows: Tensor, batch: int) -> dict[str, float]:
     """FVU and dead fraction (silent on every row) of `sae` on held-out rows [N, d_in]."""
@@ -318,16 +342,10 @@ def main() -> None:
         for r in trained[expansion].values():
             r["latents"] = shape.latents
 
-    source = model_source_of(cache_src.cache, cache_src.hook_name, device)
-    start = heldout_start_batch(cache_src.cache, args.lm_batch_size)
-    eval_cfg = EvalConfig(
-        total_tokens=args.eval_tokens,
-        lm_batch_size=args.lm_batch_size,
-        start_batch=start,
-        cooccurrence_latents=0,
-        plots=False,
+    source, eval_cfg, rows = heldout_evaluation(
+        cache_src.cache, cache_src.hook_name, args.lm_batch_size, args.eval_tokens, args.dead_tokens, device
     )
-    rows = heldout_rows(source, start * args.lm_batch_size, args.dead_tokens) if args.dead_tokens else None
+    start = eval_cfg.start_batch
     for expansion, runs in trained.items():
         for name, r in runs.items():
             print(f"evaluating {expansion}x {name}", file=sys.stderr, flush=True)

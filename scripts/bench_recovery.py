@@ -245,7 +245,6 @@ def real(args: argparse.Namespace) -> list[dict[str, Any]]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_real
 
-    from saelab.eval.config import EvalConfig
     from saelab.sources.harvested import CacheSource, CacheSourceConfig
 
     cache = CacheSource(CacheSourceConfig(path=args.real, hook_name=args.hook, seed=args.data_seed))
@@ -273,16 +272,14 @@ def real(args: argparse.Namespace) -> list[dict[str, Any]]:
             }
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    source = bench_real.model_source_of(cache.cache, cache.hook_name, torch.device("cpu"))
-    start_batch = bench_real.heldout_start_batch(cache.cache, args.lm_batch_size)
-    eval_cfg = EvalConfig(
-        total_tokens=args.eval_tokens,
-        lm_batch_size=args.lm_batch_size,
-        start_batch=start_batch,
-        cooccurrence_latents=0,
-        plots=False,
+    source, eval_cfg, held = bench_real.heldout_evaluation(
+        cache.cache,
+        cache.hook_name,
+        args.lm_batch_size,
+        args.eval_tokens,
+        args.dead_tokens,
+        torch.device("cpu"),
     )
-    held = bench_real.heldout_rows(source, start_batch * args.lm_batch_size, args.dead_tokens)
     for row in rows:
         print(f"evaluating {row['variant']}", file=sys.stderr, flush=True)
         row.update(

@@ -111,6 +111,98 @@ def test_relu_at_its_target_recovers_the_planted_features(relu_run):
     assert rec["frac_recovered"] >= 0.9 and rec["mmcs"] >= 0.97, rec  # 100% and 0.989 with these seeds
 
 
+def sorted_shift_bracket(pre: torch.Tensor, norms: torch.Tensor, target: float) -> tuple[float, float]:
+    """float64 reference for ReLU's calibration on pre [B, n] and decoder norms [n]: the soft thresholds delta on
+    the weighted codes pre_i * norm_i that leave exactly target * B of them above delta, [lowest, highest]."""
+    score = (pre.double() * norms.double())[pre > 0].sort(descending=True).values
+    above = round(target * pre.shape[0])
+    return score[above].item(), score[above - 1].item()
+
+
+def relu_with_decoder_norms(d_in: int, norms: torch.Tensor, target: float) -> torch.nn.Module:
+    """A ReLU SAE (random weights, seed 4) whose decoder rows have the given norms [n]."""
+    sae = build_sae(
+        ReLUConfig(d_in=d_in, d_sae=norms.numel(), target_l0=target), torch.Generator().manual_seed(4)
+    )
+    with torch.no_grad():
+        sae.W_dec.mul_((norms / sae.W_dec.norm(dim=1)).unsqueeze(1))
+        sae.b_enc.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(5))
+    return sae
+
+
+def test_the_relu_calibration_shift_is_the_sorted_soft_threshold():
+    """One batch's delta lies between the two weighted codes that bound target * B of them (a float64 sort),
+    and is 0 when the batch already fires at most target latents per row."""
+    gen = torch.Generator().manual_seed(3)
+    norms = 0.5 + 1.5 * torch.rand(32, generator=gen)
+    sae = relu_with_decoder_norms(8, norms, target=5.0)
+    pre = torch.randn(64, 32, generator=gen)
+    low, high = sorted_shift_bracket(pre, norms, 5.0)
+    assert low * (1 - 1e-6) <= sae.calibration_shift(pre).item() <= high * (1 + 1e-6), (low, high)
+    sparse = pre - 10.0 * (torch.rand(64, 32, generator=gen) < 0.9)  # ~3 positive per row
+    assert sae.calibration_shift(sparse).item() == 0.0
+
+
+def test_the_last_steps_average_the_shift_and_the_last_lowers_the_biases():
+    """Through training_forward over a 20-step run on fixed weights: the last CALIBRATION_BATCHES (16) steps'
+    deltas (each bracketed by the float64 sort) are averaged and the last step lowers b_enc by mean / norm_i; the
+    earlier steps leave it alone."""
+    gen = torch.Generator().manual_seed(6)
+    norms = 0.5 + 1.5 * torch.rand(48, generator=gen)
+    sae = relu_with_decoder_norms(12, norms, target=4.0)
+    bias = sae.b_enc.detach().clone()
+    batches = [torch.randn(128, 12, generator=gen) for _ in range(20)]
+    brackets = []
+    for step, x in enumerate(batches):
+        with torch.no_grad():
+            pre = sae.pre_activations(x)
+        if step >= 4:
+            brackets.append(sorted_shift_bracket(pre, norms, 4.0))
+        ctx = TrainContext(step, 20, torch.zeros(48, dtype=torch.bool), any_dead=False)
+        out = sae.training_forward(x, ctx)
+        if step < 19:
+            assert torch.equal(sae.b_enc.detach(), bias) and "bias_calibration" not in out.metrics
+    low = sum(b[0] for b in brackets) / 16
+    high = sum(b[1] for b in brackets) / 16
+    shift = out.metrics["bias_calibration"].item()
+    assert low * (1 - 1e-6) <= shift <= high * (1 + 1e-6), (low, shift, high)
+    torch.testing.assert_close(sae.b_enc.detach().double(), bias.double() - shift / norms.double())
+    assert out.metrics["l0_before_calibration"].item() == (pre > 0).sum(1).double().mean().item()
+
+
+@pytest.mark.parametrize(
+    ("steps", "warns"),
+    [(340, False), (300, True)],
+    ids=["overshoot-by-a-third", "overshoot-by-three-quarters"],
+)
+def test_a_relu_run_that_ends_above_its_target_is_calibrated_onto_it(steps, warns):
+    """ReLU at target L0 8 on planted data, runs too short for the controller: without the calibration the saved
+    SAE fires 10.75 and 13.8 latents per unseen row (1.34 and 1.73 times the target); with it, within 10% of the
+    target. The run past LARGE_CALIBRATION (1.5x) warns that the calibration cost reconstruction; the other does
+    not warn."""
+    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=21))
+    x = source.batch(10**6, 4096)
+    cfg = TrainerConfig(total_tokens=steps * 512, batch_size=512, device="cpu", log_every=50)
+    result = fit_recording_warnings(
+        build_sae(ReLUConfig(d_in=16, d_sae=128, target_l0=8.0), torch.Generator().manual_seed(2)),
+        cfg,
+        source,
+    )
+    sae = result.sae
+    shift = result.history[-1]["bias_calibration"]
+    with torch.no_grad():
+        calibrated = (sae.encode(x) > 0).sum(1).double().mean().item()
+        sae.b_enc.add_(shift / sae.W_dec.norm(dim=1) / sae.cfg.metadata["input_scale_folded"])
+        uncalibrated = (sae.encode(x) > 0).sum(1).double().mean().item()
+    assert calibrated == pytest.approx(8.0, rel=0.1), calibrated
+    assert uncalibrated > (1.6 if warns else 1.2) * 8.0, uncalibrated
+    notes = [text for text in result.warned if "sae.target_l0=8" in text]
+    if warns:
+        assert len(notes) == 1 and "the end-of-run calibration" in notes[0], result.warned
+    else:
+        assert not notes, result.warned
+
+
 def test_a_gated_sae_lands_at_its_target_from_either_side():
     """Gated at target L0 8 and 24 on planted data (3 active of 48 features per row) from the same start lambda 5:
     with the fixed lambda 5 the saved SAE's L0 is ~6, so lambda must fall to reach 8 and fall much further for 24;

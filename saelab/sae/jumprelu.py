@@ -53,19 +53,16 @@ from saelab.sae.losses import (
 )
 from saelab.sae.registry import register
 from saelab.sae.target_l0 import (
+    CALIBRATION_BATCHES,
     SYMMETRIC,
     TARGET_TOLERANCE,
     TargetL0Controller,
+    calibration_level,
     check_reachable,
     check_target_l0,
 )
 
 SPARSITY_LOSSES = ("l0", "tanh")
-#: Threshold calibration (`JumpReLUSAE.calibration_log_scale`): over the last CALIBRATION_BATCHES steps, each a
-#: bisection on log c within [-CALIBRATION_RANGE, CALIBRATION_RANGE] in CALIBRATION_HALVINGS halvings.
-CALIBRATION_BATCHES = 16
-CALIBRATION_RANGE = 8.0
-CALIBRATION_HALVINGS = 32
 
 
 @dataclass
@@ -295,8 +292,8 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def calibration_log_scale(self, pre: Tensor) -> Tensor:
         """log c for one batch (pre [B, n]): the one factor c > 0 on every threshold at which the global batch's
-        L0 under the inference rule (z_i != 0 where pre_i > max(c * threshold_i, 0)) is target_l0, by bisection
-        on log c in [-CALIBRATION_RANGE, CALIBRATION_RANGE] (a scalar tensor; no host sync).
+        L0 under the inference rule (z_i != 0 where pre_i > max(c * threshold_i, 0)) is target_l0: the
+        `calibration_level` of log pre_i - log threshold_i (a scalar tensor; no host sync).
 
         The last `calibration_steps` of a run with a target average it and the last one scales the thresholds by
         the mean's exp, so the saved SAE's L0 is the target. The controller steers the running L0 while lr lets
@@ -304,16 +301,9 @@ class JumpReLUSAE(SAE):
         thresholds of a TopK-trained encoder, whose marginal activations are noise) while lr decays to 0, which
         left the L0 10-40% off the target (planted data, SmolLM2: docs/variants.md). One common factor keeps each
         latent's threshold relative to the others; averaging over batches evens out one batch's L0 noise."""
-        positive = pre > 0
-        threshold = self.threshold.to(pre.dtype)
-        low = torch.full((), -CALIBRATION_RANGE, device=pre.device)
-        high = torch.full((), CALIBRATION_RANGE, device=pre.device)
-        for _ in range(CALIBRATION_HALVINGS):
-            middle = (low + high) / 2
-            active = positive & (pre > middle.exp().to(pre.dtype) * threshold)
-            dense = global_batch.mean(active.sum(dim=1, dtype=torch.float32).mean()) > self.cfg.target_l0
-            low, high = torch.where(dense, middle, low), torch.where(dense, high, middle)
-        return (low + high) / 2
+        pre = pre.float()
+        log_score = torch.where(pre > 0, pre.log() - self.threshold.float().log(), -math.inf)
+        return calibration_level(log_score, self.cfg.target_l0)
 
     def missed_target_l0(self, l0: float) -> str | None:
         """The controller's warning (`TargetL0Controller.missed_target`); saturated when even thresholds at 0

@@ -66,6 +66,12 @@ RUNNING_DECAY = 0.9
 TARGET_TOLERANCE = 0.1
 #: A coefficient below this fraction of its start counts as spent: the penalty no longer shapes the codes.
 SPENT = 1e-2
+#: End-of-run calibration (`calibration_level`; JumpReLU's thresholds, ReLU's encoder biases): over the last
+#: CALIBRATION_BATCHES steps of a run with a target, each a bisection on a log level within
+#: [-CALIBRATION_RANGE, CALIBRATION_RANGE] in CALIBRATION_HALVINGS halvings.
+CALIBRATION_BATCHES = 16
+CALIBRATION_RANGE = 8.0
+CALIBRATION_HALVINGS = 32
 
 
 class TargetL0Controller(nn.Module):
@@ -164,6 +170,22 @@ def check_reachable(target: float | None, d_sae: int) -> None:
             f"sae.target_l0={target} is more than the SAE's {d_sae} latents (sae.d_sae); lower the target or "
             "widen the SAE."
         )
+
+
+@torch.no_grad()
+def calibration_level(log_score: Tensor, target: float) -> Tensor:
+    """The level m in [-CALIBRATION_RANGE, CALIBRATION_RANGE] at which the global batch's rows have `target` entries
+    of log_score [B, n] above m on average, by bisection (a scalar float32 tensor; no host sync). An entry of -inf
+    never counts (an inactive latent), +inf always does; past the range's ends m stops at the end. The variant
+    turns the level into its calibration: a common factor exp(m) on JumpReLU's thresholds, a common soft
+    threshold exp(m) on ReLU's weighted codes."""
+    low = torch.full((), -CALIBRATION_RANGE, device=log_score.device)
+    high = torch.full((), CALIBRATION_RANGE, device=log_score.device)
+    for _ in range(CALIBRATION_HALVINGS):
+        middle = (low + high) / 2
+        dense = global_batch.mean((log_score > middle).sum(dim=1, dtype=torch.float32).mean()) > target
+        low, high = torch.where(dense, middle, low), torch.where(dense, high, middle)
+    return (low + high) / 2
 
 
 @torch.no_grad()

@@ -170,6 +170,23 @@ def test_the_last_steps_average_the_shift_and_the_last_lowers_the_biases():
     assert out.metrics["l0_before_calibration"].item() == (pre > 0).sum(1).double().mean().item()
 
 
+def test_a_zero_decoder_row_leaves_the_calibrated_biases_finite():
+    """A latent whose decoder row is 0 would take a bias of -inf from delta / ||W_dec,i||; its bias stays finite
+    and the latent silent."""
+    norms = torch.ones(16)
+    norms[3] = 0.0
+    sae = relu_with_decoder_norms(8, norms, target=2.0)
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(7))
+    for step in range(16):
+        out = sae.training_forward(
+            x, TrainContext(step, 16, torch.zeros(16, dtype=torch.bool), any_dead=False)
+        )
+    assert out.metrics["bias_calibration"].item() > 0
+    assert torch.isfinite(sae.b_enc).all(), sae.b_enc
+    with torch.no_grad():
+        assert (sae.pre_activations(x)[:, 3] < 0).all()
+
+
 @pytest.mark.parametrize(
     ("steps", "warns"),
     [(340, False), (300, True)],

@@ -41,6 +41,8 @@ from saelab.sae.target_l0 import (
 #: The calibration warns when the controller alone ended above this many times the target (its soft threshold then
 #: shrinks every code far enough to cost reconstruction; on SmolLM2 an overshoot of 29% cost 6% more FVU).
 LARGE_CALIBRATION = 1.5
+#: The calibration's floor on a decoder row's norm (`ReLUSAE.calibration_norms`).
+NORM_FLOOR = 1e-6
 
 
 @dataclass
@@ -118,6 +120,11 @@ class ReLUSAE(SAE):
         """How many last steps of the run estimate the calibration (0 without a target)."""
         return 0 if self.cfg.target_l0 is None else min(CALIBRATION_BATCHES, ctx.total_steps)
 
+    def calibration_norms(self) -> Tensor:
+        """||W_dec,i|| [n] in float32, floored at NORM_FLOOR: a zero decoder row would otherwise turn its latent's
+        shifted bias into -inf (the floor silences such a latent instead, with a finite bias)."""
+        return self.W_dec.detach().float().norm(dim=1).clamp_min(NORM_FLOOR)
+
     @torch.no_grad()
     def calibration_shift(self, pre: Tensor) -> Tensor:
         """delta for one batch (pre [B, n]): the soft threshold on the weighted codes z_i ||W_dec,i|| at which the
@@ -125,7 +132,7 @@ class ReLUSAE(SAE):
         at or below the target already (a scalar tensor; no host sync)."""
         pre = pre.float()
         positive = pre > 0
-        log_score = torch.where(positive, pre.log() + self.W_dec.float().norm(dim=1).log(), -math.inf)
+        log_score = torch.where(positive, pre.log() + self.calibration_norms().log(), -math.inf)
         dense = global_batch.mean(positive.sum(dim=1, dtype=torch.float32).mean()) > self.cfg.target_l0
         return torch.where(dense, calibration_level(log_score, self.cfg.target_l0).exp(), 0.0)
 
@@ -144,7 +151,7 @@ class ReLUSAE(SAE):
             shift = self.calibration_shift_sum / calibration
             with torch.no_grad():
                 self.uncalibrated_l0 = global_batch.mean((pre > 0).sum(dim=1, dtype=torch.float32).mean())
-                self.b_enc.sub_((shift / self.W_dec.float().norm(dim=1)).to(self.b_enc.dtype))
+                self.b_enc.sub_((shift / self.calibration_norms()).to(self.b_enc.dtype))
             pre = self.pre_activations(x)
         z = pre.relu()
         x_hat = ctx.output(self.decode(z))

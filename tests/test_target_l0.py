@@ -62,6 +62,10 @@ def test_without_a_target_the_coefficient_is_fixed_after_its_ramp():
         assert controller.coefficient(torch.tensor(99.0), ctx) == pytest.approx(want)
 
 
+#: The planted data of the ReLU and gated runs: 3 active of 48 features per row, d_in 16.
+PLANTED = SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=21)
+
+
 def fit_recording_warnings(sae, cfg, source):
     """Train on one torch thread; the result carries the warnings' texts as `warned`."""
     threads = torch.get_num_threads()
@@ -80,7 +84,7 @@ def fit_recording_warnings(sae, cfg, source):
 def relu_run():
     """ReLU + L1 at its defaults with target L0 8 on planted data (3 active of 48 features per row), a short run
     logged every 10 steps (the controller starts after lambda's ramp, the first 30%)."""
-    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=21))
+    source = SyntheticSource(PLANTED)
     sae = build_sae(ReLUConfig(d_in=16, d_sae=128, target_l0=8.0), torch.Generator().manual_seed(2))
     cfg = TrainerConfig(total_tokens=800 * 512, batch_size=512, device="cpu", log_every=10)
     return fit_recording_warnings(sae, cfg, source), source
@@ -197,7 +201,7 @@ def test_a_relu_run_that_ends_above_its_target_is_calibrated_onto_it(steps, warn
     SAE fires 10.75 and 13.8 latents per unseen row (1.34 and 1.73 times the target); with it, within 10% of the
     target. The run past LARGE_CALIBRATION (1.5x) warns that the calibration cost reconstruction; the other does
     not warn."""
-    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=21))
+    source = SyntheticSource(PLANTED)
     x = source.batch(10**6, 4096)
     cfg = TrainerConfig(total_tokens=steps * 512, batch_size=512, device="cpu", log_every=50)
     result = fit_recording_warnings(
@@ -224,7 +228,7 @@ def test_a_gated_sae_lands_at_its_target_from_either_side():
     """Gated at target L0 8 and 24 on planted data (3 active of 48 features per row) from the same start lambda 5:
     with the fixed lambda 5 the saved SAE's L0 is ~6, so lambda must fall to reach 8 and fall much further for 24;
     the saved SAE's L0 on unseen rows lands within 10% of each target, and the run does not warn."""
-    source = SyntheticSource(SyntheticConfig(d_in=16, n_features=48, mean_active=3.0, seed=21))
+    source = SyntheticSource(PLANTED)
     x = source.batch(10**6, 4096)
     coefficients = {}
     for target in (8.0, 24.0):

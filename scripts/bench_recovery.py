@@ -18,7 +18,8 @@ L0, FVU, dead fraction (latents that never fire on the held-out rows); MMCS and 
 recovered at cosine >= 0.9 (hierarchical: also parents and children apart); training samples/s.
 
 `--set FIELD=VALUE ...` and `--lr-mult` change the planted runs' SAE settings (after the recipe and the matched L0)
-and learning rate: the tuning runs of BENCHMARKS.md, on seeds the reported runs do not use.
+and learning rate: the tuning runs of BENCHMARKS.md, on seeds the reported runs do not use. `--start-at-planted`
+starts each SAE at the planted dictionary (`plant_dictionary`), to see whether its objective keeps it.
 
 `--real CACHE` instead trains each variant on a `saelab harvest` cache (one hook of a language model) at
 `--real-l0`, saves it, and judges it as `scripts/bench_real.py` does: CE loss recovered, KL and FVU with the SAE
@@ -44,6 +45,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
 import saelab
 from saelab.core.atomic import atomic_file
@@ -128,6 +130,21 @@ def build(
     return cls(cls.config_class(d_in=d_in, d_sae=width, **fields), generator(seed, "sae.init"))
 
 
+@torch.no_grad()
+def plant_dictionary(sae: Any, features: Tensor) -> None:
+    """Start the SAE at the answer: its first F decoder rows and encoder columns take the planted directions
+    features [F, d_in], each keeping its initial norm; the other latents stay as initialised. A diagnostic: training
+    from there shows whether the variant's objective keeps the planted dictionary or leaves it (absorption)."""
+    n_features = features.shape[0]
+    if n_features > sae.d_sae:
+        raise SystemExit(
+            f"--start-at-planted needs d_sae >= the {n_features} planted features (d_sae={sae.d_sae})."
+        )
+    directions = features.to(sae.W_dec.dtype)
+    sae.W_dec[:n_features] = directions * sae.W_dec[:n_features].norm(dim=1, keepdim=True)
+    sae.W_enc[:, :n_features] = directions.T * sae.W_enc[:, :n_features].norm(dim=0, keepdim=True)
+
+
 def run_one(
     dataset: str,
     arch: str,
@@ -139,12 +156,15 @@ def run_one(
     data_seed: int | None,
     overrides: dict[str, Any] | None = None,
     lr_mult: float = 1.0,
+    start_at_planted: bool = False,
 ) -> dict[str, Any]:
     data_cfg, width, _ = DATASETS[dataset]
     if data_seed is not None:
         data_cfg = dataclasses.replace(data_cfg, seed=data_seed)
     source = SyntheticSource(data_cfg)
     sae = build(arch, data_cfg.d_in, width, l0, seed, overrides=overrides)
+    if start_at_planted:
+        plant_dictionary(sae, source.features)
     lr = None if lr_mult == 1.0 else lr_mult * sae.default_lr(batch_size)
     trainer = Trainer(
         sae,
@@ -174,6 +194,7 @@ def run_one(
         "variant": arch,
         "matched_l0": l0 if sparsity_setting(arch, l0).keys() - (overrides or {}).keys() else None,
         "setting": {**planted_recipe(arch, l0), **sparsity_setting(arch, l0), **(overrides or {})},
+        "start": "planted dictionary" if start_at_planted else "init",
         "lr": trainer.lr,
         **metrics,
         "summary_dead_frac": result.dead_fraction,
@@ -201,6 +222,7 @@ def planted(args: argparse.Namespace) -> list[dict[str, Any]]:
                         args.planted_seed,
                         overrides,
                         args.lr_mult,
+                        args.start_at_planted,
                     )
                 )
                 print(json.dumps(rows[-1]), flush=True)
@@ -394,6 +416,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--lr-mult", type=float, default=1.0, help="planted runs: a factor on the default rate"
+    )
+    parser.add_argument(
+        "--start-at-planted",
+        action="store_true",
+        help="planted runs: start from the planted dictionary (does the objective keep it?)",
     )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()

@@ -16,10 +16,12 @@ Extra saelab variants test hypotheses: `--variant NAME:field=value,...` sets Tra
 fields (and `lr_mult`, a factor on the default lr). `--saelab-variants batchtopk jumprelu ...` adds saelab's other
 SAE variants at their defaults and their planted-data recipe (`scripts/bench_recovery.py`), at the rung's L0
 (k, or target_l0 for the target-L0 variants); they report the SAE's inference encoder (BatchTopK: its threshold).
+`ARCH:field=value;field=value` changes config fields of one of them (`matryoshka:group_fractions=[1.0]`).
 
 Metrics, the same for every library, on a held-out window (`--heldout-rows`, batches never trained on):
 FVU (float64), dead = latents that fire on none of those rows; MMCS and the fraction of planted features
-whose best decoder row has cosine >= 0.9. Also saelab's own training-time dead report. Wall time counts
+whose best decoder row has cosine >= 0.9 (the JSON also splits it by frequency: the planted features' four
+quarters, most frequent first). Also saelab's own training-time dead report. Wall time counts
 training steps only (batches are generated once per step and fed to every library).
 The data stream and the SAE initialisations use separate seeds (`--data-seed`, `--init-seed`), each expanded
 into named streams (`saelab.core.seeds.derive_seed`: features, batch i, each library's init), so no two coincide;
@@ -39,10 +41,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import benchutil
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor
 
 from saelab.core.seeds import derive_seed, generator
@@ -230,13 +234,22 @@ class SAELens(Library):
 
 class SaelabVariant(Library):
     """Another saelab variant (`overrides["architecture"]`) at its defaults and planted-data recipe, with the rung's
-    k as its L0; trained by `Trainer.train_step` as `Trainer.fit` does."""
+    k as its L0 and then `overrides["settings"]` (config fields); trained by `Trainer.train_step` as `Trainer.fit`
+    does."""
 
     def __init__(self, rung: Rung, first: Tensor, device: torch.device, overrides: dict) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_recovery import build
 
-        sae = build(str(overrides["architecture"]), rung.d_in, rung.latents, rung.k, int(overrides["seed"]))
+        settings = dict(overrides.get("settings", {}))
+        sae = build(
+            str(overrides["architecture"]),
+            rung.d_in,
+            rung.latents,
+            rung.k,
+            int(overrides["seed"]),
+            overrides=settings,
+        )
         cfg = TrainerConfig(
             total_tokens=rung.steps * rung.batch, batch_size=rung.batch, device=str(device), log_every=10**9
         )
@@ -276,6 +289,21 @@ LIBRARIES: dict[str, Callable[..., Library]] = {
 }
 
 
+def parse_variant_settings(text: str) -> tuple[str, dict[str, Any]]:
+    """`ARCH` or `ARCH:field=value;field=value` (config fields of ARCH, each value read as YAML, e.g.
+    `matryoshka:group_fractions=[0.5, 0.5]`) -> (ARCH, settings)."""
+    arch, _, fields = text.partition(":")
+    settings: dict[str, Any] = {}
+    for item in filter(None, fields.split(";")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(
+                f"--saelab-variants {text!r}: write each setting as field=value, separated by ';'."
+            )
+        settings[key.strip()] = yaml.safe_load(value)
+    return arch, settings
+
+
 @torch.no_grad()
 def best_cosines(features: Tensor, decoder: Tensor, chunk: int = 8192) -> Tensor:
     """For each planted feature [F, d], its max cosine with any decoder row [n, d]; [F], float32 on the
@@ -301,9 +329,12 @@ def evaluate(lib: Library, data: PlantedData, held_out: list[Tensor]) -> dict[st
         error += (x.double() - x_hat.double()).pow(2).sum().item()
         total += (x.double() - mean).pow(2).sum().item()
     best = best_cosines(data.features, lib.decoder().detach().float())
+    recovered = (best >= 0.9).double()
     return {
         "mmcs": best.mean().item(),
-        "recovered": (best >= 0.9).double().mean().item(),
+        "recovered": recovered.mean().item(),
+        # the features are in decreasing order of frequency: recovery of each quarter, most frequent first
+        "recovered_by_frequency_quarter": [part.mean().item() for part in recovered.chunk(4)],
         "fvu": error / total,
         "dead_heldout": (fires == 0).double().mean().item(),
         "l0": (fires.sum() / (len(held_out) * held_out[0].shape[0])).item(),
@@ -359,7 +390,10 @@ def main() -> None:
     p.add_argument("--libs", nargs="+", default=["saelab", "sparsify"], choices=sorted(LIBRARIES))
     p.add_argument("--variant", nargs="*", default=[], help="extra saelab runs: NAME:field=value,...")
     p.add_argument(
-        "--saelab-variants", nargs="*", default=[], help="saelab's other SAE variants at their defaults"
+        "--saelab-variants",
+        nargs="*",
+        default=[],
+        help="saelab's other SAE variants at their defaults: ARCH, or ARCH:field=value;field=value (YAML values)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
@@ -374,8 +408,12 @@ def main() -> None:
     for text in args.variant:
         name, overrides = benchutil.parse_variant(text)
         runs[f"saelab[{name}]"] = ("saelab", overrides)
-    for arch in args.saelab_variants:
-        runs[f"saelab {arch}"] = ("saelab_variant", {"architecture": arch, "seed": args.init_seed})
+    for text in args.saelab_variants:
+        arch, settings = parse_variant_settings(text)
+        runs[f"saelab {text}"] = (
+            "saelab_variant",
+            {"architecture": arch, "seed": args.init_seed, "settings": settings},
+        )
     results = []
     for name in args.rungs:
         rung = RUNGS[name]

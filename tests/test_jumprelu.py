@@ -162,6 +162,71 @@ def test_loss_gradients_match_a_float64_formula(gen, penalty):
     torch.testing.assert_close(out.l0, (z > 0).double().sum(1).mean().float())
 
 
+def test_dead_pre_act_loss_and_its_gradients_match_a_float64_formula(gen):
+    """With dead latents the loss gains c * mean_b sum_{i dead} ReLU(threshold_i - pre_bi) ||W_dec,i||: its value
+    and its share of d loss / d threshold and d loss / d b_enc, against the same training step without it."""
+    from saelab.sae.base import TrainContext
+
+    c = 0.7
+    x = torch.randn(32, D_IN, generator=gen, dtype=torch.float64) * 1.5
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
+    runs = []
+    for coef in (0.0, c):
+        sae = training_sae(torch.Generator().manual_seed(5), pre_act_coef=coef, aux_k_coef=0.0)
+        out = sae.training_forward(x, TrainContext(step=0, total_steps=10, dead_mask=dead, any_dead=True))
+        out.loss.backward()
+        runs.append((sae, out))
+    (plain, plain_out), (sae, out) = runs
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        norms = sae.W_dec.norm(dim=1)
+        below = (
+            sae.threshold > pre
+        ).double() * dead  # [B, n]: rows where a dead latent sits below its threshold
+        want = (
+            sum(
+                max(float(sae.threshold[i] - pre[b, i]), 0.0) * float(norms[i])
+                for b in range(x.shape[0])
+                for i in range(D_SAE)
+                if dead[i]
+            )
+            / x.shape[0]
+        )
+        B = x.shape[0]
+    assert 0 < below.sum() < below.numel()
+    torch.testing.assert_close(out.metrics["dead_pre_act"], torch.tensor(want, dtype=torch.float64))
+    torch.testing.assert_close(out.loss.detach(), plain_out.loss.detach() + c * want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sae.threshold.grad - plain.threshold.grad, c / B * (below * norms).sum(0))
+    torch.testing.assert_close(sae.b_enc.grad - plain.b_enc.grad, -c / B * (below * norms).sum(0))
+
+
+def test_the_pre_act_loss_revives_latents_whose_threshold_is_out_of_reach():
+    """16 latents start with thresholds above all their pre-activations by more than the STE kernel reaches, so
+    the FVU and the L0 term never move them (nor AuxK, off here): without the pre-act loss none of them fires in
+    the whole run, with the default most fire again (whether they then stay alive is up to the FVU and the L0 term: here the other
+    latents already cover the planted features)."""
+    source = SyntheticSource(SOURCE)
+    revived = {}
+    for coef in (0.0, JumpReLUConfig.pre_act_coef):
+        cfg = JumpReLUConfig(d_in=SOURCE.d_in, d_sae=128, target_l0=None, pre_act_coef=coef, aux_k_coef=0.0)
+        sae = build_sae(cfg, torch.Generator().manual_seed(4))
+        trainer = Trainer(
+            sae, TrainerConfig(total_tokens=1500 * 128, batch_size=128, device="cpu", dead_window_tokens=2560)
+        )
+        trainer.prepare(source.batch(0, 128))
+        with torch.no_grad():
+            pre = sae.pre_activations(source.batch(1, 32768) * trainer.input_scale)
+            sae.threshold[:16] = pre[:, :16].max(dim=0).values + 0.6  # the STE kernel's half-width is 0.14
+        fired = torch.zeros(16, dtype=torch.bool)
+        for step in range(1500):
+            fired |= trainer.train_step(source.batch(step, 128)).fired[:16]
+            trainer.periodic_checks()
+        revived[coef] = int(fired.sum())
+    assert revived[0.0] == 0
+    assert revived[JumpReLUConfig.pre_act_coef] >= 12
+
+
 def test_a_fixed_sparsity_coefficient_warms_up_linearly():
     from saelab.sae.base import TrainContext
 

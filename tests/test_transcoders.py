@@ -155,6 +155,43 @@ def test_gated_sae_training_pass_equals_the_float64_reference():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
 
 
+def test_gated_dead_latents_pre_act_term_equals_the_float64_reference():
+    """With dead latents the gated loss gains pre_act_coef * mean_b sum_{i dead} ReLU(-pi_gate_bi) ||W_dec,i||,
+    written out here with a loop over rows and latents; loss and every gradient match."""
+    from saelab.sae.gated import GatedConfig, GatedSAE
+
+    torch.manual_seed(4)
+    c = 0.3
+    sae = GatedSAE(GatedConfig(d_in=D_IN, d_sae=N, dtype="float64", target_l0=None, pre_act_coef=c))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.4)
+    data = rows(4)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[1::4] = True
+    got = sae.training_forward(
+        data[:, :D_IN], TrainContext(step=0, total_steps=100, dead_mask=dead, any_dead=True)
+    )
+    x = data[:, :D_IN]
+    gate_pre = (x - sae.b_dec) @ sae.W_enc + sae.b_gate
+    term = (
+        sum(
+            (-gate_pre[b, i]).clamp_min(0) * sae.W_dec[i].norm()
+            for b in range(x.shape[0])
+            for i in range(N)
+            if dead[i]
+        )
+        / x.shape[0]
+    )
+    want = reference_loss(sae, data, 0, 100) + c * term
+    assert float(term) > 0
+    assert float(got.metrics["dead_pre_act"]) == pytest.approx(float(term), rel=1e-10)
+    assert float(got.loss) == pytest.approx(float(want), rel=1e-10)
+    params = list(sae.parameters())
+    for g, w in zip(torch.autograd.grad(got.loss, params), torch.autograd.grad(want, params), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
 def test_auxk_fits_the_residual_of_the_target():
     """TopK's AuxK on a transcoder: dead latents' codes of x, decoded, fit y's residual after the prediction."""
     sae = make("topk", True)

@@ -24,6 +24,12 @@ a ReLU SAE's does); `target_l0: null` keeps it fixed (lambda 5 with a 5% ramp ga
 median of the first batch, then W_enc (with b_gate, b_mag) scaled by the least-squares scale of the initial
 reconstruction, as TopK scales its encoder.
 
+Dead latents: the L1 silences gates for good (a gate shut on every row gets no gradient), so latents the trainer
+counts as dead also feel `pre_act_coef` times the mean over rows of sum_i ReLU(-pi_gate_i) ||W_dec,i||
+(`saelab.sae.losses.dead_pre_act_loss`, as JumpReLU's with threshold 0), which pulls their gates back open. On the
+ladder's d256 rung (900 steps) it took the dead latents from 59% to 19% and recovered 5 more points of the planted
+features (docs/transcoders.md, "Gated SAEs").
+
 Files: SAELens's `gated` (W_enc, W_dec, b_dec, b_gate, b_mag, r_mag) and dictionary_learning's
 `GatedAutoEncoder` (encoder.weight, decoder.weight, decoder_bias, gate_bias, mag_bias, r_mag) compute the same
 function and load and export both ways.
@@ -39,7 +45,7 @@ from torch import Tensor, nn
 
 from saelab.core.checks import check_number
 from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
-from saelab.sae.losses import dense_activity, fraction_of_variance_unexplained
+from saelab.sae.losses import dead_pre_act_loss, dense_activity, fraction_of_variance_unexplained
 from saelab.sae.registry import register
 from saelab.sae.target_l0 import TargetL0Controller, check_reachable, check_target_l0
 
@@ -48,18 +54,21 @@ from saelab.sae.target_l0 import TargetL0Controller, check_reachable, check_targ
 class GatedConfig(SAEConfig):
     """target_l0: the L0 that lambda adapts to reach during training (`saelab.sae.target_l0`; None: lambda fixed at
     l1_coefficient). l1_coefficient: lambda, the weight of the gate's L1 penalty against the squared error, or its
-    starting value with a target. l1_warmup_frac: fraction of steps over which lambda ramps up from 0."""
+    starting value with a target. l1_warmup_frac: fraction of steps over which lambda ramps up from 0.
+    pre_act_coef: weight of the dead latents' pre-activation loss on the gate (module docstring; 0 disables it)."""
 
     architecture: str = "gated"
     target_l0: float | None = 32.0
     l1_coefficient: float = 5.0
     l1_warmup_frac: float = 0.3
+    pre_act_coef: float = 0.01
 
     def validate(self) -> None:
         super().validate()
         check_target_l0(self.target_l0)
         check_number("sae.l1_coefficient", self.l1_coefficient, low=0, low_open=self.target_l0 is not None)
         check_number("sae.l1_warmup_frac", self.l1_warmup_frac, low=0, high=1)
+        check_number("sae.pre_act_coef", self.pre_act_coef, low=0, hint="0 disables the pre-activation loss.")
 
 
 @register("gated")
@@ -152,6 +161,10 @@ class GatedSAE(SAE):
             "gate_aux": aux.detach(),
             "fvu": fraction_of_variance_unexplained(target, x_hat.detach()),
         }
+        if self.cfg.pre_act_coef > 0 and ctx.any_dead:
+            pre_act = dead_pre_act_loss(gate_pre, 0.0, self.W_dec, ctx.dead_mask)
+            loss = loss + self.cfg.pre_act_coef * pre_act
+            metrics["dead_pre_act"] = pre_act.detach()
         return TrainOutput(loss=loss, x_hat=x_hat, fired=fired, l0=l0, metrics=metrics)
 
     # ------------------------------------------------------------ interop

@@ -50,6 +50,7 @@ from saelab.sae.base import SAE, SAEConfig, TrainContext, TrainOutput
 from saelab.sae.batchtopk import BatchTopKSAE
 from saelab.sae.losses import (
     auxiliary_k,
+    dead_pre_act_loss,
     dead_residual_loss,
     dense_activity,
     dense_auxk_reconstruction,
@@ -332,14 +333,6 @@ class JumpReLUSAE(SAE):
             return torch.tanh(self.cfg.tanh_scale * z).sum(dim=-1, dtype=wide).mean()
         return gate.sum(dim=-1, dtype=wide).mean()
 
-    def dead_pre_act_loss(self, pre: Tensor, dead_mask: Tensor) -> Tensor:
-        """Mean over rows of sum_i ReLU(threshold_i - pre_i) ||W_dec,i|| over the dead latents (dead_mask [n]), from
-        pre [B, n]: it pulls a dead latent's pre-activations up to its threshold (and the threshold down to them),
-        where the FVU and the sparsity penalty reach the latent again."""
-        gap = (self.threshold.to(pre.dtype) - pre).relu()
-        weight = self.W_dec.norm(dim=1).to(pre.dtype) * dead_mask
-        return (gap * weight).sum(dim=-1, dtype=torch.promote_types(pre.dtype, torch.float32)).mean()
-
     def training_forward(self, x: Tensor, ctx: TrainContext) -> TrainOutput:
         pre = self.pre_activations(x)
         warmup = self.warmup_steps(ctx)
@@ -380,7 +373,7 @@ class JumpReLUSAE(SAE):
             if calibrated:
                 metrics["threshold_calibration"] = scale
             if self.cfg.pre_act_coef > 0 and ctx.any_dead:
-                pre_act = self.dead_pre_act_loss(pre, ctx.dead_mask)
+                pre_act = dead_pre_act_loss(pre, self.threshold, self.W_dec, ctx.dead_mask)
                 loss = loss + self.cfg.pre_act_coef * pre_act
                 metrics["dead_pre_act"] = pre_act.detach()
         if self.cfg.aux_k_coef > 0 and ctx.any_dead:

@@ -1,5 +1,6 @@
 """Loss terms and step statistics shared by the variants: batch-normalised FVU (exact under data parallelism),
-the auxiliary dead-latent reconstruction (AuxK and MP's revival term), and fired / L0 of a batch's codes."""
+the auxiliary dead-latent reconstruction (AuxK and MP's revival term), the dead latents' pre-activation loss
+(JumpReLU, gated), and fired / L0 of a batch's codes."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def warmup_factor(step: int, total_steps: int, warmup_frac: float) -> float:
     steps (warmup), then 1; 1 throughout when that is under one step."""
     warmup = warmup_frac * total_steps
     return min(1.0, (step + 1) / warmup) if warmup >= 1 else 1.0
+
+
+def dead_pre_act_loss(pre: Tensor, threshold: Tensor | float, W_dec: Tensor, dead_mask: Tensor) -> Tensor:
+    """Mean over rows of sum_i ReLU(threshold_i - pre_i) ||W_dec,i|| over the dead latents (dead_mask [n]), from
+    pre-activations pre [B, n] and the thresholds they must pass to fire (threshold [n], or 0 for a gate):
+    Anthropic's pre-act loss (January 2025), here only on latents the trainer counts as dead. A latent whose
+    pre-activations all sit below its threshold gets no gradient from the reconstruction; this pulls them up to it
+    (and a learned threshold down to them) until the latent fires and the other terms reach it again."""
+    gap = (torch.as_tensor(threshold, dtype=pre.dtype, device=pre.device) - pre).relu()
+    weight = W_dec.norm(dim=1).to(pre.dtype) * dead_mask
+    return (gap * weight).sum(dim=-1, dtype=at_least_float32(pre)).mean()
 
 
 def auxiliary_k(configured: int, d_in: int, d_sae: int) -> int:

@@ -46,7 +46,7 @@ from typing import Any
 import benchutil
 import torch
 import torch.nn.functional as F
-import yaml
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from saelab.core.seeds import derive_seed, generator
@@ -290,18 +290,13 @@ LIBRARIES: dict[str, Callable[..., Library]] = {
 
 
 def parse_variant_settings(text: str) -> tuple[str, dict[str, Any]]:
-    """`ARCH` or `ARCH:field=value;field=value` (config fields of ARCH, each value read as YAML, e.g.
-    `matryoshka:group_fractions=[0.5, 0.5]`) -> (ARCH, settings)."""
+    """`ARCH` or `ARCH:field=value;field=value` (config fields of ARCH, values read as bench_recovery's `--set`
+    reads them, e.g. `matryoshka:group_fractions=[0.5, 0.5]`) -> (ARCH, settings)."""
     arch, _, fields = text.partition(":")
-    settings: dict[str, Any] = {}
-    for item in filter(None, fields.split(";")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(
-                f"--saelab-variants {text!r}: write each setting as field=value, separated by ';'."
-            )
-        settings[key.strip()] = yaml.safe_load(value)
-    return arch, settings
+    items = [item.strip() for item in fields.split(";") if item.strip()]
+    if any(not key.strip() or not sep for key, sep, _ in (item.partition("=") for item in items)):
+        raise SystemExit(f"--saelab-variants {text!r}: write each setting as field=value, separated by ';'.")
+    return arch, OmegaConf.to_container(OmegaConf.from_dotlist(items))
 
 
 @torch.no_grad()
